@@ -1,0 +1,231 @@
+"""The registry of foundation models: which encoder a weights file holds and how to load it.
+
+The model is chosen from the weights file name (case-insensitive): ``MIRAGE-Base.pth``
+-> ``mirage-base``. To add a model, subclass :class:`FoundModel` in this file with a
+``name``, the ``keywords`` to match in file names, and ``build`` / ``load_weights``;
+defining the subclass registers it (see docs/segmentation_tuning.md, "Adding a model").
+
+Public API, for users who want features::
+
+    from fm_seg_config import load_backbone
+    bb = load_backbone("MIRAGE-Base.pth", input_size=1024)   # eval mode, on the CPU
+    tokens = bb(images)   # (B, 1, 1024, 1024) in [0, 1] -> (B, 32*32 + 1, 768)
+
+``bb`` exposes ``in_chans``, ``embed_dim``, ``grid_size`` and ``num_global_tokens``.
+"""
+from abc import ABC, abstractmethod
+from collections import Counter
+from pathlib import Path
+
+import torch
+from timm.layers import resample_patch_embed
+
+from mirage.checkpoint import load_file
+from mirage.errors import UserError
+from mirage.input_adapters import resample_pos_embed
+from mirage.model import MirageEncoder
+
+REGISTRY = {}  # keyword -> FoundModel subclass
+
+
+class FoundModel(ABC):
+    """A foundation-model family: how to build its encoder and read its checkpoint."""
+
+    name = ""          # for messages, e.g. "MIRAGE-Base"
+    keywords = ()      # lower-case strings matched in the weights file name
+    in_chans = 1       # channels the encoder takes
+    norm = "minmax"    # input normalisation: "minmax" ([0, 1] per image) or "imagenet"
+    default_patch_size = 32
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for keyword in cls.keywords:
+            REGISTRY[keyword.lower()] = cls
+
+    @abstractmethod
+    def build(self, input_size, patch_size, num_global_tokens, drop_path_rate=0.0,
+              learnable_pos_emb=False):
+        """A randomly initialised encoder for ``input_size`` = (h, w)."""
+
+    @abstractmethod
+    def load_weights(self, backbone, checkpoint, source):
+        """Copy the checkpoint's tensors into ``backbone``; return a one-line report.
+
+        Must raise UserError naming the key when a tensor the encoder needs is missing
+        or mis-shaped: the encoder is never left at random initialisation.
+        """
+
+    def num_global_tokens_in(self, checkpoint):
+        """Global tokens stored in the checkpoint (used when the caller gives none)."""
+        return 1
+
+
+# ----------------------------------------------------------------------------- MIRAGE
+def _unwrap_state_dict(checkpoint):
+    """The weights of a MIRAGE file: under 'model' (torch.save) or top level
+    (safetensors), with an optional 'model.' / 'module.' prefix on every key."""
+    state = checkpoint.get("model", checkpoint)
+    if not isinstance(state, dict):
+        return {}
+    for prefix in ("model.", "module."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+class MirageFamily(FoundModel):
+    """MIRAGE encoders (MultiMAE-style ViT; B-scan input adapter, patch 32)."""
+
+    embed_dim, depth, num_heads = 768, 12, 12
+    pretrain_input_size = 512
+    # checkpoint key prefix -> parameter prefix in MirageEncoder
+    KEY_MAP = (("input_adapters.bscan.", "input_adapter."), ("encoder.", "blocks."),
+               ("global_tokens", "global_tokens"))
+
+    def build(self, input_size, patch_size, num_global_tokens, drop_path_rate=0.0,
+              learnable_pos_emb=False):
+        return MirageEncoder(image_size=input_size, patch_size=patch_size, in_chans=1,
+                             embed_dim=self.embed_dim, depth=self.depth,
+                             num_heads=self.num_heads, num_global_tokens=num_global_tokens,
+                             drop_path_rate=drop_path_rate,
+                             learnable_pos_emb=learnable_pos_emb)
+
+    def num_global_tokens_in(self, checkpoint):
+        tokens = _unwrap_state_dict(checkpoint).get("global_tokens")
+        return tokens.shape[1] if torch.is_tensor(tokens) and tokens.ndim == 3 else 1
+
+    @classmethod
+    def to_checkpoint_key(cls, name):
+        for ckpt_prefix, param_prefix in cls.KEY_MAP:
+            if name.startswith(param_prefix):
+                return ckpt_prefix + name[len(param_prefix):]
+        return name
+
+    @classmethod
+    def from_checkpoint_key(cls, key):
+        for ckpt_prefix, param_prefix in cls.KEY_MAP:
+            if key.startswith(ckpt_prefix):
+                return param_prefix + key[len(ckpt_prefix):]
+        return None
+
+    def load_weights(self, backbone, checkpoint, source):
+        state = _unwrap_state_dict(checkpoint)
+        mapped, ignored = {}, []
+        for key, tensor in state.items():
+            name = self.from_checkpoint_key(key)
+            if name is None or not torch.is_tensor(tensor):
+                ignored.append(key)
+            else:
+                mapped[name] = tensor
+        expected = backbone.state_dict()
+        extra = sorted(set(mapped) - set(expected))
+        if extra:
+            raise UserError(f"{source}: tensor {self.to_checkpoint_key(extra[0])} does not "
+                            f"exist in {self.name} ({self.depth} blocks, width "
+                            f"{self.embed_dim}); does the file name match the model?")
+        loaded = {}
+        for name, target in expected.items():
+            key = self.to_checkpoint_key(name)
+            if name not in mapped:
+                raise UserError(f"{source}: encoder tensor {key} is missing; is this a "
+                                f"{self.name} checkpoint?")
+            tensor = self._fit(name, mapped[name], target.shape)
+            if tuple(tensor.shape) != tuple(target.shape):
+                hint = " (set --num_global_tokens to match)" if name == "global_tokens" else ""
+                raise UserError(f"{source}: tensor {key} has shape {tuple(mapped[name].shape)}"
+                                f" but {self.name} needs {tuple(target.shape)}{hint}")
+            loaded[name] = tensor.to(target.dtype)
+        backbone.load_state_dict(loaded, strict=True)
+        groups = Counter(".".join(k.split(".")[:2]) for k in ignored)
+        summary = ", ".join(f"{g} ({n})" for g, n in sorted(groups.items()))
+        return (f"loaded {len(loaded)} encoder tensors from {source}; ignored "
+                f"{len(ignored)} not used for B-scan segmentation"
+                + (f": {summary}" if summary else ""))
+
+    @staticmethod
+    def _fit(name, tensor, shape):
+        """Resample the position embedding / patch projection to the tuning geometry."""
+        if name == "input_adapter.pos_emb" and tensor.ndim == 4 \
+                and tensor.shape[:2] == shape[:2]:
+            return resample_pos_embed(tensor, shape[-2:])
+        if name == "input_adapter.proj.weight" and tensor.ndim == 4 \
+                and tensor.shape[:2] == shape[:2] and tensor.shape[-2:] != shape[-2:]:
+            return resample_patch_embed(tensor, list(shape[-2:]))
+        return tensor
+
+    def checkpoint_from(self, backbone):
+        """The published MIRAGE layout of ``backbone``'s weights (for tests and the demo)."""
+        return {"model": {self.to_checkpoint_key(n): t.detach().clone()
+                          for n, t in backbone.state_dict().items()}}
+
+
+class MirageBase(MirageFamily):
+    name, keywords = "MIRAGE-Base", ("mirage-base",)
+    embed_dim, depth, num_heads = 768, 12, 12
+
+
+class MirageLarge(MirageFamily):
+    name, keywords = "MIRAGE-Large", ("mirage-large",)
+    embed_dim, depth, num_heads = 1024, 24, 16
+
+
+class MirageTiny(MirageFamily):
+    """Same structure at toy width and depth: for the demo and the tests."""
+
+    name, keywords = "MIRAGE-Tiny", ("mirage-tiny",)
+    embed_dim, depth, num_heads = 128, 4, 4
+
+
+# ----------------------------------------------------------------------------- lookup
+def find_model(weights):
+    """The registered :class:`FoundModel` whose keyword appears in the file name."""
+    file_name = Path(weights).name.lower()
+    for keyword in sorted(REGISTRY, key=len, reverse=True):
+        if keyword in file_name:
+            return REGISTRY[keyword]()
+    known = ", ".join(sorted(REGISTRY))
+    raise UserError(f"--weights {weights}: the file name matches no known model; rename "
+                    f"it to contain one of: {known} (case-insensitive), or add a "
+                    "FoundModel subclass in fm_seg_config.py")
+
+
+def _pair(size):
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def build_backbone(weights, input_size, patch_size=None, num_global_tokens=None,
+                   drop_path_rate=0.0, learnable_pos_emb=False, fm=None):
+    """Build the encoder named by ``weights`` and load its tensors.
+
+    Returns ``(backbone, fm, report)`` where ``report`` is a one-line loading summary.
+    """
+    weights = Path(weights)
+    if not weights.is_file():
+        raise UserError(f"--weights {weights}: file not found")
+    fm = fm if fm is not None else find_model(weights)
+    if isinstance(fm, type):
+        fm = fm()
+    checkpoint = load_file(weights)
+    input_size = _pair(input_size)
+    patch_size = _pair(patch_size if patch_size is not None else fm.default_patch_size)
+    if input_size[0] % patch_size[0] or input_size[1] % patch_size[1]:
+        raise UserError(f"input size {input_size} is not divisible by the patch size "
+                        f"{patch_size}")
+    if num_global_tokens is None:
+        num_global_tokens = fm.num_global_tokens_in(checkpoint)
+    backbone = fm.build(input_size, patch_size, num_global_tokens, drop_path_rate,
+                        learnable_pos_emb)
+    report = fm.load_weights(backbone, checkpoint, str(weights))
+    return backbone, fm, report
+
+
+def load_backbone(weights, input_size=1024, fm=None, patch_size=None):
+    """The pretrained encoder of ``weights`` in eval mode, on the CPU.
+
+    ``bb(images)``: (B, in_chans, H, W) normalised the model's way (MIRAGE: 1 channel,
+    per-image min-max to [0, 1]) -> (B, N + G, D) tokens, N patch tokens in row-major
+    order then G global tokens. ``input_size`` is an int or (h, w); the stored position
+    embedding is resampled bicubically to the new grid.
+    """
+    backbone, _, _ = build_backbone(weights, input_size, patch_size, fm=fm)
+    return backbone.eval()

@@ -1,0 +1,377 @@
+"""Command-line options: built-in defaults < YAML config (``-c FILE``) < command line.
+
+Every option is declared once in ``OPTIONS``; the argparse parser, the YAML validation
+and the saved ``config.yaml`` are all derived from that table. Option names and meanings
+follow the original MIRAGE tuning script so existing shell scripts keep working.
+"""
+import argparse
+import difflib
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mirage.errors import UserError
+
+DEVICE_AUTO = "auto"
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "_cfgs" / "demo.yaml"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: ``--name`` on the command line, ``name:`` in YAML."""
+
+    name: str
+    default: object
+    help: str
+    kind: str = "str"  # str | int | float | bool | size | floats | path
+    choices: tuple = ()
+    nullable: bool = False  # may be null / None
+    short: str = ""
+    group: str = "training"
+    aliases: tuple = field(default=())
+
+
+def _default_workers():
+    return min(8, os.cpu_count() or 1)
+
+
+OPTIONS = (
+    # --- training
+    Option("batch_size", 8, "Batch size per GPU (per process).", "int"),
+    Option("epochs", 200, "Number of training epochs.", "int"),
+    Option("save_ckpt_freq", 20, "Save checkpoint-<epoch>.pth every this many epochs "
+           "(and at the end).", "int"),
+    Option("seed", 42, "Random seed.", "int"),
+    Option("aug_name", "simple", "Training augmentation: 'simple' = horizontal flip, "
+           "resize to 1.1x input, random crop; 'none' = resize only.", "str",
+           choices=("simple", "none")),
+    # --- task
+    Option("in_domains", "bscan", "Input domains, separated by hyphens. The benchmark "
+           "layout provides 'bscan' only.", group="task"),
+    Option("mapping_fn", None, "Class table (INFO.json format) mapping mask values to "
+           "classes; default <data_path>/INFO.json.", "path", nullable=True, group="task"),
+    Option("ignore_index", None, "Class index left out of CE-ignore-bg and of the "
+           "validation mIoU; -1 = none; default: the class labelled background/bg.",
+           "int", nullable=True, group="task"),
+    # --- model
+    Option("num_global_tokens", 1, "Number of global tokens appended to the patch tokens.",
+           "int", group="model"),
+    Option("patch_size", 32, "Patch size: an int, 'H W', or in YAML a per-domain mapping "
+           "{bscan: [32, 32]}.", "size", group="model"),
+    Option("input_size", 1024, "Input size the B-scans are resized to: an int, 'H W', or in "
+           "YAML a per-domain mapping {bscan: [1024, 1024]}.", "size", group="model"),
+    Option("drop_path_encoder", 0.1, "Stochastic depth rate of the encoder blocks (acts "
+           "in frozen blocks too while training).", "float", group="model"),
+    Option("learnable_pos_emb", False, "Train the position embedding.", "bool",
+           group="model"),
+    Option("freeze_encoder", True, "Freeze the transformer blocks (the patch projector, "
+           "global tokens and decoder still train).", "bool", group="model"),
+    Option("output_adapter", "convnext", "Segmentation decoder.", choices=(
+        "convnext", "linear", "dpt", "segmenter"), group="model"),
+    Option("decoder_interpolate_mode", "bilinear", "Upsampling of the decoder output.",
+           choices=("bilinear", "nearest"), group="model"),
+    Option("decoder_main_tasks", "bscan", "Domains whose tokens the decoder reads, "
+           "separated by hyphens.", group="model"),
+    Option("loss", "CE-ignore-bg", "Loss: CE, CE ignoring the background class, or "
+           "0.5 CE + 0.5 generalised Dice.", choices=("CE", "CE-ignore-bg", "CEGDice"),
+           group="model"),
+    Option("minmax", False, "Force per-image min-max normalisation to [0, 1] for models "
+           "whose own normalisation differs.", "bool", group="model"),
+    # --- optimiser
+    Option("opt", "adamw", "Optimiser ('sgd' is Nesterov momentum SGD, 'momentum' plain "
+           "momentum SGD).", choices=("adamw", "adam", "sgd", "momentum"), group="optimiser"),
+    Option("opt_eps", 1e-8, "Optimiser epsilon.", "float", group="optimiser"),
+    Option("opt_betas", [0.9, 0.999], "Optimiser betas.", "floats", group="optimiser"),
+    Option("clip_grad", None, "Clip the gradient norm to this value (none = no clipping).",
+           "float", nullable=True, group="optimiser"),
+    Option("momentum", 0.9, "SGD momentum.", "float", group="optimiser"),
+    Option("weight_decay", 0.05, "Weight decay.", "float", group="optimiser"),
+    Option("weight_decay_end", None, "Final weight decay of the cosine schedule "
+           "(default: constant weight_decay).", "float", nullable=True, group="optimiser"),
+    Option("decoder_decay", None, "Multiplier of the weight decay for decoder parameters.",
+           "float", nullable=True, group="optimiser"),
+    Option("no_lr_scale_list", "", "Parameter-name substrings, separated by hyphens, "
+           "exempt from layer-wise LR decay.", group="optimiser"),
+    Option("lr", 1e-4, "Peak learning rate.", "float", group="optimiser"),
+    Option("warmup_lr", 1e-6, "Learning rate at the start of the warmup.", "float",
+           group="optimiser"),
+    Option("min_lr", 0.0, "Final learning rate of the cosine schedule.", "float",
+           group="optimiser"),
+    Option("layer_decay", 0.75, "Layer-wise LR decay: block i gets "
+           "lr * layer_decay^(L - i); 1 = off.", "float", group="optimiser"),
+    Option("warmup_epochs", 1, "Linear warmup epochs.", "int", group="optimiser"),
+    Option("warmup_steps", -1, "Linear warmup steps (overrides warmup_epochs if > 0).",
+           "int", group="optimiser"),
+    # --- data and evaluation
+    Option("test_data_path", None, "Another dataset to test/predict on (its test/ split, "
+           "or bscan/ for evaluation-only layouts); predictions go to preds_<name>/.",
+           "path", nullable=True, group="data"),
+    Option("eval_freq", 1, "Validate every this many epochs.", "int", group="data"),
+    Option("num_workers", _default_workers(), "DataLoader worker processes.", "int",
+           group="data"),
+    Option("pin_mem", True, "Pin host memory in the DataLoader (CUDA only).", "bool",
+           group="data"),
+    # --- runtime
+    Option("base_output_dir", "./__output/seg", "Root of the run directories.", "path",
+           group="runtime"),
+    Option("device", DEVICE_AUTO, "Device: 'auto' (CUDA if available, else CPU), 'cpu', "
+           "'cuda' or 'cuda:N'.", group="runtime"),
+    Option("resume", "", "Resume training from this checkpoint file.", "path",
+           group="runtime"),
+    Option("auto_resume", True, "Continue an interrupted run from its latest "
+           "checkpoint-<epoch>.pth.", "bool", group="runtime"),
+    Option("save_ckpt", True, "Save checkpoints.", "bool", group="runtime"),
+    Option("start_epoch", 0, "Epoch to start from (set by resuming).", "int",
+           group="runtime"),
+    Option("infer_only", False, "With --test: only write the test predictions as PNGs.",
+           "bool", group="runtime"),
+    Option("test", False, "Test the run's best checkpoint instead of training.", "bool",
+           group="runtime"),
+    Option("fp16", True, "Mixed precision with float16 autocast and a grad scaler "
+           "(CUDA only; CPU runs in float32).", "bool", group="runtime"),
+    Option("bf16", False, "Mixed precision with bfloat16 autocast instead of float16 "
+           "(CUDA only).", "bool", group="runtime"),
+    Option("log_images", False, "Save input | truth | prediction panels during "
+           "validation.", "bool", group="runtime"),
+    Option("log_images_freq", 5, "Save image panels every this many epochs.", "int",
+           group="runtime"),
+    Option("show_user_warnings", False, "Show Python UserWarnings.", "bool",
+           group="runtime"),
+    Option("version", "v1", "Experiment version: a folder level of the run directory.",
+           short="-v", group="runtime"),
+    Option("weights", None, "Foundation-model weights file; its name selects the model "
+           "(e.g. MIRAGE-Base.pth). Required.", "path", nullable=True, group="required"),
+    Option("data_path", None, "Dataset folder in the benchmark layout. Required.", "path",
+           nullable=True, group="required"),
+)
+OPTION_BY_NAME = {opt.name: opt for opt in OPTIONS}
+POSITIVE_INTS = ("batch_size", "epochs", "save_ckpt_freq", "eval_freq", "log_images_freq",
+                 "num_global_tokens")
+
+
+# ----------------------------------------------------------------------------- values
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _coerce(opt, value, where):
+    """Check and convert a YAML or command-line value of ``opt``; UserError if invalid."""
+    def fail(expected):
+        raise UserError(f"{where}: {opt.name} = {value!r} is not valid; expected {expected}")
+
+    if value is None:
+        if opt.nullable:
+            return None
+        fail("a value (null is not allowed here)")
+    kind = opt.kind
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        fail("true or false")
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        fail("an integer")
+    if kind == "float":
+        if _is_number(value):
+            return float(value)
+        if isinstance(value, str):
+            try:  # PyYAML reads 1e-4 (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        fail("a number")
+    if kind == "floats":
+        items = value if isinstance(value, (list, tuple)) else [value]
+        try:
+            if items and not any(isinstance(v, bool) for v in items):
+                return [float(v) for v in items]
+        except (TypeError, ValueError):
+            pass
+        fail("a list of numbers")
+    if kind == "size":
+        return _coerce_size(opt, value, where)
+    if kind in ("str", "path"):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = str(value)
+        else:
+            fail("a string")
+        if opt.choices and value not in opt.choices:
+            close = difflib.get_close_matches(value, opt.choices, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            fail(f"one of {', '.join(opt.choices)}{hint}")
+        return value
+    raise AssertionError(kind)
+
+
+def _coerce_size(opt, value, where):
+    """int | [h, w] | {domain: int | [h, w]}  ->  the same, checked (ints > 0)."""
+    def pair(v):
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+        if isinstance(v, str) and v.isdigit() and int(v) > 0:
+            return int(v)
+        if isinstance(v, (list, tuple)) and len(v) in (1, 2):
+            items = [pair(x) for x in v]
+            if all(isinstance(x, int) for x in items):
+                return items[0] if len(items) == 1 else items
+        raise UserError(f"{where}: {opt.name} = {value!r} is not valid; expected a positive "
+                        "int, [height, width], or a mapping {bscan: [height, width]}")
+
+    if isinstance(value, dict):
+        if not value:
+            pair(None)
+        return {str(domain): pair(v) for domain, v in value.items()}
+    return pair(value)
+
+
+def per_domain(value, domains):
+    """Expand an int / [h, w] / {domain: ...} size to ``{domain: (h, w)}`` for ``domains``."""
+    result = {}
+    for domain in domains:
+        v = value.get(domain) if isinstance(value, dict) else value
+        if v is None:
+            raise UserError(f"no size given for domain {domain!r} in {value!r}; add "
+                            f"{domain}: [height, width]")
+        result[domain] = (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+    return result
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser():
+    """The argparse parser; ``-h`` lists every option with its built-in default."""
+    parser = argparse.ArgumentParser(
+        prog="run_seg_tuning.py",
+        description="Tune a segmentation decoder on a frozen retinal-OCT foundation model. "
+                    "Precedence: built-in defaults < YAML config (-c) < command line.",
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-c", "--config", metavar="FILE.yaml",
+                        help="YAML file with option values (keys = option names).")
+    parser.add_argument("--demo", action="store_true",
+                        help="Run the whole pipeline on a synthetic OCT dataset and a tiny "
+                             "random MIRAGE-layout model (CPU, a few minutes, no download).")
+    groups = {}
+    for opt in OPTIONS:
+        group = groups.get(opt.group) or groups.setdefault(
+            opt.group, parser.add_argument_group(f"{opt.group} options"))
+        flags = [f"--{opt.name}"] + ([opt.short] if opt.short else [])
+        default = opt.default if opt.default not in ("", None) else "none"
+        text = f"{opt.help} (default: {default})"
+        if opt.kind == "bool":
+            group.add_argument(*flags, dest=opt.name, action="store_const", const=True,
+                               help=text)
+            group.add_argument(f"--no_{opt.name}", dest=opt.name, action="store_const",
+                               const=False, help=f"Disable --{opt.name}.")
+        elif opt.kind in ("size", "floats"):
+            group.add_argument(*flags, dest=opt.name, nargs="+", metavar="N", help=text)
+        else:
+            metavar = "{" + ",".join(opt.choices) + "}" if opt.choices else opt.name.upper()
+            group.add_argument(*flags, dest=opt.name, metavar=metavar, help=text)
+    return parser
+
+
+def load_yaml(path):
+    """Read a YAML config into a checked ``{option: value}`` dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config {path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        first_line = str(err).splitlines()[0] if str(err) else "syntax error"
+        raise UserError(f"--config {path}: not valid YAML ({first_line})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"--config {path}: expected a mapping of option: value")
+    values = {}
+    for key, value in raw.items():
+        opt = OPTION_BY_NAME.get(str(key))
+        if opt is None:
+            close = difflib.get_close_matches(str(key), OPTION_BY_NAME, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(f"--config {path}: unknown option {key!r}{hint} "
+                            "(run with -h for the list)")
+        values[opt.name] = _coerce(opt, value, f"--config {path}")
+    return values
+
+
+def parse_config(argv=None):
+    """Parse ``argv`` into ``(config dict of every option, demo flag, YAML path or None)``.
+
+    Layers, each overriding the one before: built-in defaults, ``_cfgs/demo.yaml`` (with
+    ``--demo``), the ``-c`` YAML file, the command line.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    given = vars(build_parser().parse_args(argv))
+    demo = given.pop("demo", False)
+    config_file = given.pop("config", None)
+    config = {opt.name: opt.default for opt in OPTIONS}
+    if demo:
+        config.update(load_yaml(DEMO_CONFIG))
+    if config_file:
+        config.update(load_yaml(config_file))
+    for name, value in given.items():
+        opt = OPTION_BY_NAME[name]
+        if opt.kind == "size" and len(value) > 2:
+            raise UserError(f"--{name}: give one size or two (height width)")
+        config[name] = _coerce(opt, value, "command line")
+    return config, demo, config_file
+
+
+def check_config(config):
+    """Validate option combinations; raises UserError naming the option."""
+    for name in POSITIVE_INTS:
+        if config[name] < 1:
+            raise UserError(f"--{name} must be at least 1 (got {config[name]})")
+    if config["num_workers"] < 0:
+        raise UserError("--num_workers must be 0 or more")
+    for name in ("weights", "data_path"):
+        if not config[name]:
+            raise UserError(f"--{name} is required (give it on the command line or as "
+                            f"'{name}:' in the YAML config)")
+    if config["infer_only"] and not config["test"]:
+        raise UserError("--infer_only needs --test (predict the test split of the run's "
+                        "best checkpoint)")
+    if not 0.0 <= config["drop_path_encoder"] < 1.0:
+        raise UserError("--drop_path_encoder must be in [0, 1)")
+    if len(config["opt_betas"]) != 2:
+        raise UserError("--opt_betas needs two values, e.g. --opt_betas 0.9 0.999")
+    domains = domains_of(config)
+    input_size = per_domain(config["input_size"], domains)
+    patch_size = per_domain(config["patch_size"], domains)
+    for domain in domains:
+        (h, w), (ph, pw) = input_size[domain], patch_size[domain]
+        if h % ph or w % pw:
+            raise UserError(f"--input_size {h}x{w} is not divisible by --patch_size "
+                            f"{ph}x{pw} for {domain}; choose a multiple of the patch size")
+    unknown = [d for d in config["decoder_main_tasks"].split("-") if d not in domains]
+    if unknown:
+        raise UserError(f"--decoder_main_tasks {config['decoder_main_tasks']}: "
+                        f"{unknown[0]!r} is not an input domain ({config['in_domains']})")
+
+
+def domains_of(config):
+    domains = [d for d in config["in_domains"].split("-") if d]
+    if domains != ["bscan"]:
+        raise UserError(f"--in_domains {config['in_domains']}: the benchmark layout provides "
+                        "B-scans only; use --in_domains bscan")
+    return domains
+
+
+def yaml_text(config):
+    """The options as YAML that ``-c`` reads back (reproduces the run)."""
+    return yaml.safe_dump({opt.name: config[opt.name] for opt in OPTIONS},
+                          sort_keys=False, default_flow_style=None)

@@ -1,0 +1,77 @@
+"""Optimiser parameter groups (layer-wise LR decay, no-decay sets) and cosine schedules.
+
+Layer ids: 0 for the input adapter and global tokens, i + 1 for encoder block i, L + 1 for
+the decoder. A parameter at layer id ``n`` learns at ``lr * layer_decay ** (L + 1 - n)``.
+"""
+import math
+
+import numpy as np
+import torch
+
+
+def param_groups(model, weight_decay, layer_decay=1.0, decoder_decay=None,
+                 no_lr_scale=()):
+    """Group the trainable parameters of a SegmentationModel for the optimiser.
+
+    Each group carries ``lr_scale`` (multiplies the scheduled LR) and ``wd_scale``
+    (multiplies the scheduled weight decay; 0 for biases, 1-D tensors, position
+    embeddings and global tokens; ``decoder_decay`` for decoder weights).
+    """
+    num_layers = model.backbone.depth
+    skip = model.no_weight_decay()
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = model.layer_id(name)
+        if param.ndim <= 1 or name.endswith(".bias") or name in skip:
+            wd_scale = 0.0
+        elif name.startswith("decoder.") and decoder_decay is not None:
+            wd_scale = decoder_decay
+        else:
+            wd_scale = 1.0
+        lr_scale = layer_decay ** (num_layers + 1 - layer)
+        if any(pattern and pattern in name for pattern in no_lr_scale):
+            lr_scale = 1.0
+        key = (layer, wd_scale, lr_scale)
+        group = groups.setdefault(key, {"params": [], "names": [], "layer_id": layer,
+                                        "lr_scale": lr_scale, "wd_scale": wd_scale,
+                                        "weight_decay": weight_decay * wd_scale})
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(groups, opt, lr, eps=1e-8, betas=(0.9, 0.999), momentum=0.9):
+    """``--opt``: adamw | adam | sgd (Nesterov momentum) | momentum (plain momentum)."""
+    if opt == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, eps=eps, betas=tuple(betas))
+    if opt == "adam":
+        return torch.optim.Adam(groups, lr=lr, eps=eps, betas=tuple(betas))
+    if opt in ("sgd", "momentum"):
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=opt == "sgd")
+    raise ValueError(f"unknown optimiser {opt!r}")
+
+
+def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0,
+                    warmup_steps=-1, warmup_start=0.0):
+    """Per-step values: linear warmup from ``warmup_start`` to ``base``, then a cosine
+    from ``base`` to ``final``. ``warmup_steps > 0`` overrides ``warmup_epochs``.
+
+    Returns a float array of length ``epochs * steps_per_epoch``.
+    """
+    total = epochs * steps_per_epoch
+    warmup = warmup_steps if warmup_steps > 0 else warmup_epochs * steps_per_epoch
+    warmup = min(warmup, total)
+    ramp = np.linspace(warmup_start, base, warmup, endpoint=False) if warmup else np.empty(0)
+    steps = np.arange(total - warmup)
+    decay = final + 0.5 * (base - final) * (1 + np.cos(math.pi * steps / max(len(steps), 1)))
+    return np.concatenate([ramp, decay])
+
+
+def apply_schedule(optimizer, lr, weight_decay):
+    """Set every group's LR and weight decay for the current step."""
+    lr, weight_decay = float(lr), float(weight_decay)  # no numpy scalars in checkpoints
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+        group["weight_decay"] = weight_decay * group["wd_scale"]

@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny datasets in the benchmark layout and tiny MIRAGE-layout weights."""
+import argparse
+import json
+import sys
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
+sys.path.insert(0, str(REPO))
+
+from mirage import checkpoint as ckpt  # noqa: E402
+
+VALUES = (0, 100, 200)
+LABELS = ("Background", "Layer", "Fluid")
+
+
+def write_info(root, values=VALUES, labels=LABELS):
+    info = {str(i): {"value": v, "label": l} for i, (v, l) in enumerate(zip(values, labels))}
+    (root / "INFO.json").write_text(json.dumps(info))
+
+
+def band_pair(rng, size, values=VALUES):
+    """A B-scan whose intensity follows its mask: horizontal bands plus noise."""
+    h, w = size
+    rows = np.arange(h)[:, None]
+    top = h // 3 + rng.integers(-3, 4)
+    bottom = 2 * h // 3 + rng.integers(-3, 4)
+    index = np.zeros((h, w), np.uint8)
+    index[(rows >= top) & (rows < bottom) & np.ones((1, w), bool)] = 1
+    cy, cx = (top + bottom) // 2, rng.integers(w // 4, 3 * w // 4)
+    yy, xx = np.mgrid[:h, :w]
+    if rng.random() < 0.7:
+        index[((yy - cy) / 4.0) ** 2 + ((xx - cx) / 8.0) ** 2 < 1] = 2
+    brightness = np.array([30, 180, 90], np.float32)[index]
+    image = np.clip(brightness + rng.normal(0, 10, (h, w)), 0, 255).astype(np.uint8)
+    mask = np.asarray(values, np.uint16 if max(values) > 255 else np.uint8)[index]
+    return image, mask
+
+
+def make_dataset(root, name="Tiny", splits=None, size=(64, 96), seed=0, values=VALUES,
+                 labels=LABELS):
+    """Write a small dataset in the benchmark layout; returns its folder."""
+    splits = splits or {"train": 8, "val": 2, "test": 3}
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / name
+    folder.mkdir(parents=True)
+    write_info(folder, values, labels)
+    for split, count in splits.items():
+        for sub in ("bscan", "semseg"):
+            (folder / split / sub).mkdir(parents=True)
+        for i in range(count):
+            image, mask = band_pair(rng, size, values)
+            stem = f"{split}vol{i // 4}_{i % 4}"
+            cv2.imwrite(str(folder / split / "bscan" / f"{stem}.png"), image)
+            cv2.imwrite(str(folder / split / "semseg" / f"{stem}.png"), mask)
+    return folder
+
+
+def write_mirage_checkpoint(path, fm, seed=0, input_size=512, extra=None):
+    """A random encoder of registry family ``fm`` saved in the MIRAGE layout."""
+    torch.manual_seed(seed)
+    encoder = fm.build((input_size, input_size), (32, 32), num_global_tokens=1)
+    payload = fm.checkpoint_from(encoder)
+    payload["model"].update(extra or {})
+    payload["epoch"] = 0
+    ckpt.save(path, payload)
+    return path
+
+
+def reference_tensor(name, shape):
+    """The deterministic MIRAGE-Base tensor the reference tokens were computed with."""
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    if name.endswith(("norm1.weight", "norm2.weight")):
+        values = 1.0 + 0.1 * rng.standard_normal(shape)
+    elif name.endswith("pos_emb"):
+        values = rng.uniform(-1.0, 1.0, size=shape)
+    else:
+        values = 0.02 * rng.standard_normal(shape)
+    return torch.from_numpy(np.asarray(values, dtype=np.float32))
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    return make_dataset(tmp_path / "datasets")
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    from fm_seg_config import MirageTiny
+    path = tmp_path_factory.mktemp("weights") / "MIRAGE-Tiny.pth"
+    return write_mirage_checkpoint(path, MirageTiny(), extra={
+        "output_adapters.bscan.out_proj.weight": torch.zeros(4, 4),
+        "input_adapters.slo.proj.bias": torch.zeros(MirageTiny.embed_dim)})
+
+
+@pytest.fixture(scope="session")
+def base_layout_checkpoint(tmp_path_factory):
+    """A checkpoint with every key and shape of the published MIRAGE-Base file."""
+    spec = json.loads((DATA / "mirage_base_keys.json").read_text())
+    path = tmp_path_factory.mktemp("base") / "MIRAGE-Base.pth"
+    model = {k: reference_tensor(k, tuple(s)) for k, s in spec["model"].items()}
+    ckpt.save(path, {"model": model, "epoch": 1599, "optimizer": {}, "scaler": {},
+                     "args": argparse.Namespace(model="miragepre", input_size=512,
+                                                patch_size=32)})
+    return path
+
