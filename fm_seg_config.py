@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from timm.layers import resample_patch_embed
 
+from mirage.backbones import (build_sam_encoder, build_vit_encoder, load_sam_weights,
+                              load_vit_weights)
 from mirage.checkpoint import load_file
 from mirage.errors import UserError
 from mirage.input_adapters import resample_pos_embed
@@ -174,6 +176,127 @@ class MirageTiny(MirageFamily):
 
     name, keywords = "MIRAGE-Tiny", ("mirage-tiny",)
     embed_dim, depth, num_heads = 128, 4, 4
+
+
+# ------------------------------------------------------ other families (mirage/backbones.py)
+class TimmViTFamily(FoundModel):
+    """Models that are a timm VisionTransformer: 3 channels, ImageNet mean/std.
+
+    Each family has a fixed number of global tokens (class token, registers); the
+    ``num_global_tokens`` asked for is ignored (the load report says so).
+    """
+
+    in_chans, norm, default_patch_size = 3, "imagenet", 16
+    timm_name = ""
+    timm_kwargs = {}        # extra timm arguments (the tests shrink width and depth here)
+    drop = ()               # key prefixes of the published file that are not the encoder
+    dinov2_layout = False   # DINOv2 names (register_tokens, SwiGLU mlp.w12 / mlp.w3)
+    global_tokens = 1       # class token (+ registers)
+
+    def build(self, input_size, patch_size, num_global_tokens, drop_path_rate=0.0,
+              learnable_pos_emb=False):
+        return build_vit_encoder(self.timm_name, input_size, patch_size, drop_path_rate,
+                                 learnable_pos_emb, **self.timm_kwargs)
+
+    def load_weights(self, backbone, checkpoint, source):
+        return load_vit_weights(backbone, checkpoint, source, self.name, self.drop,
+                                self.dinov2_layout)
+
+    def num_global_tokens_in(self, checkpoint):
+        return self.global_tokens
+
+
+class RetFound(TimmViTFamily):
+    """RETFound (MAE, ViT-L/16): weights under 'model'; the MAE decoder is dropped."""
+
+    name, keywords = "RETFound (MAE ViT-L/16)", ("retfound_mae", "retfound")
+    timm_name = "vit_large_patch16_224"
+    drop = ("mask_token", "decoder_", "head.")
+
+
+class RetFoundDinov2(TimmViTFamily):
+    """RETFound's DINOv2 variant (ViT-L/14): DINOv2 names under 'teacher', 'backbone.'."""
+
+    name, keywords = "RETFound-DINOv2 (ViT-L/14)", ("retfound_dinov2", "retfound-dinov2")
+    timm_name, default_patch_size = "vit_large_patch14_dinov2", 14
+    drop, dinov2_layout = ("mask_token",), True
+
+
+class Dinov2Family(TimmViTFamily):
+    """The official DINOv2 files (plain state dicts); ``_reg`` variants: 4 registers."""
+
+    default_patch_size, drop, dinov2_layout = 14, ("mask_token",), True
+
+
+class Dinov2Small(Dinov2Family):
+    name, keywords, timm_name = "DINOv2 ViT-S/14", ("dinov2_vits14",), "vit_small_patch14_dinov2"
+
+
+class Dinov2Base(Dinov2Family):
+    name, keywords, timm_name = "DINOv2 ViT-B/14", ("dinov2_vitb14",), "vit_base_patch14_dinov2"
+
+
+class Dinov2Large(Dinov2Family):
+    name, keywords, timm_name = "DINOv2 ViT-L/14", ("dinov2_vitl14",), "vit_large_patch14_dinov2"
+
+
+class Dinov2Giant(Dinov2Family):
+    name, keywords, timm_name = "DINOv2 ViT-g/14", ("dinov2_vitg14",), "vit_giant_patch14_dinov2"
+
+
+class Dinov2SmallReg(Dinov2Family):
+    name, keywords = "DINOv2 ViT-S/14 reg4", ("dinov2_vits14_reg",)
+    timm_name, global_tokens = "vit_small_patch14_reg4_dinov2", 5
+
+
+class Dinov2BaseReg(Dinov2Family):
+    name, keywords = "DINOv2 ViT-B/14 reg4", ("dinov2_vitb14_reg",)
+    timm_name, global_tokens = "vit_base_patch14_reg4_dinov2", 5
+
+
+class Dinov2LargeReg(Dinov2Family):
+    name, keywords = "DINOv2 ViT-L/14 reg4", ("dinov2_vitl14_reg",)
+    timm_name, global_tokens = "vit_large_patch14_reg4_dinov2", 5
+
+
+class Dinov2GiantReg(Dinov2Family):
+    name, keywords = "DINOv2 ViT-g/14 reg4", ("dinov2_vitg14_reg",)
+    timm_name, global_tokens = "vit_giant_patch14_reg4_dinov2", 5
+
+
+class VisionFM(TimmViTFamily):
+    """VisionFM (iBOT ViT-B/16): 'teacher', 'module.'/'backbone.' stripped; head dropped."""
+
+    name, keywords = "VisionFM (ViT-B/16)", ("visionfm",)
+    timm_name = "vit_base_patch16_224"
+    drop = ("masked_embed", "head.")
+
+
+class SamViTB(FoundModel):
+    """SAM ViT-B image encoder (no neck, no class token), ImageNet mean/std at 3 channels."""
+
+    name, keywords = "SAM ViT-B", ("sam_vit_b",)
+    in_chans, norm, default_patch_size = 3, "imagenet", 16
+    timm_name = "samvit_base_patch16"
+    timm_kwargs = {}
+
+    def build(self, input_size, patch_size, num_global_tokens, drop_path_rate=0.0,
+              learnable_pos_emb=False):
+        return build_sam_encoder(self.timm_name, input_size, patch_size, drop_path_rate,
+                                 learnable_pos_emb, **self.timm_kwargs)
+
+    def load_weights(self, backbone, checkpoint, source):
+        return load_sam_weights(backbone, checkpoint, source, self.name)
+
+    def num_global_tokens_in(self, checkpoint):
+        return 0
+
+
+class MedSam(SamViTB):
+    """MedSAM: SAM ViT-B fine-tuned on medical images; its preprocessing is per-image
+    min-max to [0, 1] at 3 channels. "medsam_vit_b" outranks SAM's "sam_vit_b"."""
+
+    name, keywords, norm = "MedSAM ViT-B", ("medsam_vit_b", "medsam"), "minmax"
 
 
 # ----------------------------------------------------------------------------- lookup

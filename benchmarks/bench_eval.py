@@ -5,7 +5,8 @@ Fluid), predictions that differ from the truth like a trained model's (boundarie
 a pixel or two, fluid pockets shifted or missed, a few stray blobs). Measured:
 
 * ``evaluate_seconds``: mirage.evaluation.evaluate_run (decoding every PNG, all metrics,
-  writing the CSVs) with --workers 2 and 1, after imports; target < 8 s on 2 cores.
+  writing the CSVs) with --workers 2 and 1, after imports, best of two; target < 8 s
+  on 2 cores. ``load_average``: the machine's 1-minute load before the timings.
 * ``cli_seconds``: the same through ``python run_seg_eval.py`` (with interpreter start-up).
 * ``hd95_backends``: milliseconds per B-scan (8 classes) for the boundary distances with
   the search used (nearby offsets, KD-tree for the rest), a KD-tree for every point (what
@@ -242,12 +243,15 @@ def main():
         start = time.perf_counter()
         datasets, run_dir, pairs = write_case(Path(tmp), args.slices)
         report["setup_seconds"] = round(time.perf_counter() - start, 2)
+        report["load_average"] = round(os.getloadavg()[0], 2)
         report["evaluate_seconds"] = {}
         for workers in (2, 1):
-            start = time.perf_counter()
-            evaluation = evaluate_run(run_dir, datasets, workers=workers, quiet=True)
-            report["evaluate_seconds"][f"workers_{workers}"] = round(
-                time.perf_counter() - start, 2)
+            times = []
+            for _ in range(2):  # best of two: other processes may share the cores
+                start = time.perf_counter()
+                evaluation = evaluate_run(run_dir, datasets, workers=workers, quiet=True)
+                times.append(time.perf_counter() - start)
+            report["evaluate_seconds"][f"workers_{workers}"] = round(min(times), 2)
         report["target_seconds"] = 8.0
         report["meets_target"] = report["evaluate_seconds"]["workers_2"] < 8.0
         start = time.perf_counter()

@@ -245,6 +245,7 @@ class SegmentationDataset:
         self.slices = list(slices)
         self.has_masks = all(s.mask is not None for s in self.slices)
         self.transform = transform
+        self.class_table = class_table
         self.lut = class_table.value_to_index()
         self.original_sizes = original_sizes  # (h, w) per slice, as check_split returns
 

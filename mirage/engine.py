@@ -165,8 +165,12 @@ def main(config):
     # --- test with the best checkpoint
     test_split = dataset.split_dir("test")
     if (test_split / "semseg").is_dir() and (run_dir / ckpt.BEST).is_file():
-        test_with_best(model, run_dir, dataset, config, input_size, norm, fm, criterion,
-                       precision, device, ignore_index, dist_info, log)
+        slices = find_split(test_split, need_masks=True)
+        check_split(slices, classes, workers=max(config["num_workers"], 2))
+        test_set = SegmentationDataset(slices, classes, SegmentationTransform(
+            input_size, norm=norm, in_chans=fm.in_chans))
+        score_best_checkpoint(model, test_set, run_dir, dataset.root, config, criterion,
+                              precision, device, ignore_index, dist_info, log)
     distributed.shutdown()
     return run_dir
 
@@ -289,53 +293,43 @@ def test_or_infer(config, fm, dataset, run_dir, device, dist_info, input_size, p
 
     model, report = build_model(config, fm, classes.num_classes, input_size, patch_size)
     log(f">> {fm.name}: {report}")
-    epoch = load_model_weights(model, best)
     model.to(device)
     precision = Precision(device, config["fp16"], config["bf16"], log)
     test_set = SegmentationDataset(slices, classes, SegmentationTransform(
         input_size, norm=norm, in_chans=fm.in_chans), original_sizes=sizes)
-    log(f">> {best.name} (epoch {epoch}) on {len(test_set)} B-scans of {split_dir}")
     if config["infer_only"]:
         if dist_info.is_main:
+            epoch = load_model_weights(model, best)
+            log(f">> {best.name} (epoch {epoch}) on {len(test_set)} B-scans of {split_dir}")
             predict(model, make_loader(test_set, config, distributed.DistInfo(), train=False),
                     out_dir, classes, precision, device)
             write_text(run_dir / f"config_infer_{target.name}.yaml", yaml_text(config))
             log(f">> wrote {len(test_set)} predictions to {out_dir}")
     else:
-        criterion = build_loss(config["loss"], ignore_index)
-        stats = evaluate(model, make_loader(test_set, config, dist_info, train=False),
-                         criterion, precision, device, classes.num_classes, ignore_index,
-                         dist_info, desc="test")
+        score_best_checkpoint(model, test_set, run_dir, target.root, config,
+                              build_loss(config["loss"], ignore_index), precision, device,
+                              ignore_index, dist_info, log)
         if dist_info.is_main:
-            record = {"test_epoch": epoch, "test_data": str(target.root),
-                      **{f"test/{k}": v for k, v in stats.items()}}
-            append_log(run_dir / "log.txt", record)
             write_text(run_dir / f"config_test_{target.name}.yaml", yaml_text(config))
-        log(f">> test: mIoU {100 * stats['mIoU']:.2f}  aAcc {100 * stats['aAcc']:.2f}  "
-            f"mAcc {100 * stats['mAcc']:.2f}  loss {stats['loss']:.4f}")
     distributed.barrier(dist_info)
     distributed.shutdown()
     return run_dir
 
 
-def test_with_best(model, run_dir, dataset, config, input_size, norm, fm, criterion,
-                   precision, device, ignore_index, dist_info, log):
-    """After training: reload ``checkpoint-best.pth`` and log its test-split metrics."""
-    classes = dataset.class_table
-    slices = find_split(dataset.split_dir("test"), need_masks=True)
-    check_split(slices, classes, workers=max(config["num_workers"], 2))
+def score_best_checkpoint(model, test_set, run_dir, data_root, config, criterion, precision,
+                          device, ignore_index, dist_info, log):
+    """Load ``checkpoint-best.pth`` from disk, score ``test_set`` and log the test line."""
     epoch = load_model_weights(model, run_dir / ckpt.BEST)
-    test_set = SegmentationDataset(slices, classes, SegmentationTransform(
-        input_size, norm=norm, in_chans=fm.in_chans))
+    num_classes = test_set.class_table.num_classes
     stats = evaluate(model, make_loader(test_set, config, dist_info, train=False), criterion,
-                     precision, device, classes.num_classes, ignore_index, dist_info,
-                     desc="test")
+                     precision, device, num_classes, ignore_index, dist_info, desc="test")
     if dist_info.is_main:
-        append_log(run_dir / "log.txt", {"test_epoch": epoch, "test_data": str(dataset.root),
+        append_log(run_dir / "log.txt", {"test_epoch": epoch, "test_data": str(data_root),
                                          **{f"test/{k}": v for k, v in stats.items()}})
-    log(f">> test with the best checkpoint (epoch {epoch}): mIoU "
-        f"{100 * stats['mIoU']:.2f}  aAcc {100 * stats['aAcc']:.2f}  "
-        f"mAcc {100 * stats['mAcc']:.2f}")
+    log(f">> test of the best checkpoint (epoch {epoch}) on {len(test_set)} B-scans of "
+        f"{data_root}: mIoU {100 * stats['mIoU']:.2f}  aAcc {100 * stats['aAcc']:.2f}  "
+        f"mAcc {100 * stats['mAcc']:.2f}  loss {stats['loss']:.4f}")
+    return stats
 
 
 # ============================================================================ helpers

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
@@ -285,7 +286,8 @@ def resize_nearest(labels, shape):
 
 def _to_classes(image, lut, path, table_source):
     """Pixel values -> class indices; UserError naming the file and the unknown values."""
-    classes = lut[image]
+    # OpenCV's table look-up is ~5x faster than numpy indexing for 8-bit images.
+    classes = cv2.LUT(image, lut[:256]) if image.dtype == np.uint8 else np.take(lut, image)
     unknown = classes == UNKNOWN_CLASS
     if unknown.any():
         values = np.unique(image[unknown])
@@ -311,8 +313,8 @@ def score_slice(paths, plan, empty_sets_nan=True):
         # Where the truth is invalid the prediction is made invalid too: never counted.
         where = plan.invalid[truth]
         pred[where] = truth[where]
-    k = plan.num_classes
-    confusion = np.bincount(truth.ravel().astype(np.intp) * k + pred.ravel(),
+    k = plan.num_classes  # <= 255, so truth * k + pred fits in 16 bits
+    confusion = np.bincount((truth.astype(np.uint16) * k + pred).ravel(),
                             minlength=k * k).reshape(k, k)
     height, width = truth.shape
     one_empty = float("nan") if empty_sets_nan else math.sqrt(height ** 2 + width ** 2)
@@ -384,17 +386,21 @@ def volume_scores(plan, slice_results, empty_volume="zero"):
     return rows
 
 
+def _check_options(empty_volume, workers):
+    if empty_volume not in EMPTY_VOLUME_MODES:
+        raise UserError(f"--empty_volume must be one of {', '.join(EMPTY_VOLUME_MODES)}, "
+                        f"not {empty_volume!r}")
+    if int(workers) < 1:
+        raise UserError(f"--workers must be at least 1, not {workers}")
+
+
 def evaluate_prepared(inputs, empty_sets_nan=True, empty_volume="zero", workers=1,
                       quiet=False):
     """Score every volume of ``inputs`` (a RunInputs); returns the rows as a RunEvaluation.
 
     Writes nothing; see evaluate_run.
     """
-    if empty_volume not in EMPTY_VOLUME_MODES:
-        raise UserError(f"--empty_volume must be one of {', '.join(EMPTY_VOLUME_MODES)}, "
-                        f"not {empty_volume!r}")
-    if int(workers) < 1:
-        raise UserError(f"--workers must be at least 1, not {workers}")
+    _check_options(empty_volume, workers)
     plan = inputs.plan
     tasks = [(gt, pred) for slices in inputs.volumes.values() for _, gt, pred in slices]
     score = partial(score_slice, plan=plan, empty_sets_nan=empty_sets_nan)
@@ -550,6 +556,7 @@ def evaluate_runs(model_paths, datasets_path, external=None, ignore_bg=True,
     at once. Each run's CSVs are written when that run is done; ``summary`` (a CSV path)
     is written at the end.
     """
+    _check_options(empty_volume, workers)
     prepared = [prepare_run(path, datasets_path, external, ignore_bg) for path in model_paths]
     evaluations = []
     for inputs in prepared:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from mirage.errors import UserError
 from mirage.evaluation import evaluate_run, resize_nearest
 from run_seg_eval import main
 
@@ -177,6 +178,17 @@ def test_rows_match_per_slice_reference_and_csv_layout(tmp_path):
     assert list(layers["ID"]) == ["scanA", "scanA", "scanB", "scanB"]
     assert list(lesions["Class"]) == ["Fluid"] * 2
     assert not (run_dir / "results.csv").exists()
+
+
+def test_16_bit_masks_read_like_8_bit(tmp_path):
+    datasets, run_dir, truths, preds = make_run(tmp_path)
+    write_images(datasets / "Tiny_DME" / "test" / "semseg",
+                 {k: t.astype(np.uint16) for k, t in truths.items()})
+    assert cv2.imread(str(datasets / "Tiny_DME/test/semseg/scanA_0.png"),
+                      cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    evaluation = evaluate_run(run_dir, datasets, quiet=True)
+    assert_rows_match(evaluation.rows, reference_rows(truths, preds, [40, 80, 120]),
+                      label_values(TINY_INFO))
 
 
 def test_parallel_workers_give_identical_rows(tmp_path):
@@ -393,6 +405,14 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, case):
         assert (run_dir / "results_layers.csv").read_text() == "previous results\n"
         assert not (run_dir / "results_lesions.csv").exists()
         assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_bad_options_are_one_line_errors(tmp_path, capsys):
+    datasets, run_dir, _, _ = make_run(tmp_path)
+    code, _, err = run_cli(["-d", datasets, "-m", run_dir, "--workers", "0"], capsys)
+    assert code == 2 and err.startswith("error: --workers must be at least 1")
+    with pytest.raises(UserError, match="--empty_volume"):
+        evaluate_run(run_dir, datasets, empty_volume="skip", quiet=True)
 
 
 def test_missing_prediction_error_lists_the_first_names(tmp_path, capsys):

@@ -82,7 +82,7 @@ def test_train_writes_run_directory(tiny_dataset, tiny_weights, tmp_path, capsys
     saved, _, _ = parse_config(["-c", str(run_dir / "config.yaml")])
     assert saved["output_adapter"] == "convnext" and saved["epochs"] == 2
     lines = capsys.readouterr().out
-    assert "epoch 2/2" in lines and "test with the best checkpoint" in lines
+    assert "epoch 2/2" in lines and "test of the best checkpoint" in lines
 
     # a finished run is skipped
     run(*argv(tiny_dataset, tiny_weights, out, "--epochs", 2, "--output_adapter",
@@ -164,7 +164,7 @@ def test_infer_without_masks_and_on_an_external_dataset(tiny_dataset, tiny_weigh
 def test_test_mode_logs_metrics(tiny_dataset, tiny_weights, tmp_path, capsys):
     run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 1))
     run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 1, "--test"))
-    assert ">> test: mIoU" in capsys.readouterr().out
+    assert ">> test of the best checkpoint" in capsys.readouterr().out
     log = (run_dir_of(tmp_path) / "log.txt").read_text().splitlines()
     assert sum("test/mIoU" in line for line in log) == 2
 
