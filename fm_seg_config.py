@@ -229,19 +229,23 @@ class Dinov2Family(TimmViTFamily):
 
 
 class Dinov2Small(Dinov2Family):
-    name, keywords, timm_name = "DINOv2 ViT-S/14", ("dinov2_vits14",), "vit_small_patch14_dinov2"
+    name, keywords = "DINOv2 ViT-S/14", ("dinov2_vits14",)
+    timm_name = "vit_small_patch14_dinov2"
 
 
 class Dinov2Base(Dinov2Family):
-    name, keywords, timm_name = "DINOv2 ViT-B/14", ("dinov2_vitb14",), "vit_base_patch14_dinov2"
+    name, keywords = "DINOv2 ViT-B/14", ("dinov2_vitb14",)
+    timm_name = "vit_base_patch14_dinov2"
 
 
 class Dinov2Large(Dinov2Family):
-    name, keywords, timm_name = "DINOv2 ViT-L/14", ("dinov2_vitl14",), "vit_large_patch14_dinov2"
+    name, keywords = "DINOv2 ViT-L/14", ("dinov2_vitl14",)
+    timm_name = "vit_large_patch14_dinov2"
 
 
 class Dinov2Giant(Dinov2Family):
-    name, keywords, timm_name = "DINOv2 ViT-g/14", ("dinov2_vitg14",), "vit_giant_patch14_dinov2"
+    name, keywords = "DINOv2 ViT-g/14", ("dinov2_vitg14",)
+    timm_name = "vit_giant_patch14_dinov2"
 
 
 class Dinov2SmallReg(Dinov2Family):

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import (GluMlp, resample_abs_pos_embed, resample_abs_pos_embed_nhwc,
                          resample_patch_embed)
-from timm.models.vision_transformer_sam import checkpoint_filter_fn as sam_checkpoint_filter_fn
+from timm.models.vision_transformer_sam import \
+    checkpoint_filter_fn as sam_checkpoint_filter_fn
 from torch import nn
 
 from mirage.errors import UserError
@@ -79,7 +80,8 @@ class TimmViTEncoder(nn.Module):
         return len(self.vit.blocks)
 
     def forward_layers(self, x, indices):
-        """Normalised tokens (B, N + G, D) after each block in ``indices`` (0-based, ascending)."""
+        """Normalised tokens (B, N + G, D) after each block in ``indices`` (0-based,
+        ascending)."""
         _check_input(x, self.in_chans, self.vit.patch_embed.img_size)
         outputs = self.vit.forward_intermediates(
             x, indices=list(indices), return_prefix_tokens=True, norm=True, stop_early=True,
@@ -260,7 +262,8 @@ def _fit_patch_embed(state, target, notes):
     weight = state.get("patch_embed.proj.weight")
     if weight is not None and weight.ndim == 4 and weight.shape[:2] == target.shape[:2] \
             and weight.shape[-2:] != target.shape[-2:]:
-        state["patch_embed.proj.weight"] = resample_patch_embed(weight, list(target.shape[-2:]))
+        state["patch_embed.proj.weight"] = resample_patch_embed(weight,
+                                                                list(target.shape[-2:]))
         notes.append(f"patch projection resampled {_size(weight.shape[-2:])} -> "
                      f"{_size(target.shape[-2:])}")
 
@@ -284,7 +287,7 @@ def fit_vit_geometry(state, vit):
         if side * side == pos.shape[1] - prefix and (side, side) != grid:
             state["pos_embed"] = resample_abs_pos_embed(
                 pos, new_size=list(grid), old_size=[side, side], num_prefix_tokens=prefix,
-                interpolation="bicubic", antialias=False, align_corners=False)
+                interpolation="bicubic", antialias=False)  # align_corners=False
             notes.append(f"position embedding resampled {side}x{side} -> {_size(grid)}")
     _fit_patch_embed(state, vit.patch_embed.proj.weight, notes)
     return notes
@@ -330,8 +333,8 @@ def load_strict(module, tensors, source, model_name, key_of):
     expected = module.state_dict()
     extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise UserError(f"{source}: tensor {key_of(extra[0])} does not exist in {model_name}; "
-                        "does the file name match the model?")
+        raise UserError(f"{source}: tensor {key_of(extra[0])} does not exist in "
+                        f"{model_name}; does the file name match the model?")
     for name, target in expected.items():
         if name not in tensors:
             raise UserError(f"{source}: encoder tensor {key_of(name)} is missing; is this a "

@@ -23,8 +23,7 @@ from fm_seg_config import build_backbone, find_model
 from mirage import checkpoint as ckpt
 from mirage import distributed
 from mirage.config import check_config, domains_of, per_domain, yaml_text
-from mirage.data import (SegmentationDataset, check_split, find_split, open_dataset,
-                         read_class_table)
+from mirage.data import SegmentationDataset, check_split, find_split, open_dataset
 from mirage.errors import UserError
 from mirage.fileio import write_png, write_text
 from mirage.losses import build_loss
@@ -72,7 +71,11 @@ def main(config):
     # --- data: checked before anything trains
     train_slices = find_split(dataset.split_dir("train"), need_masks=True)
     val_slices = find_split(dataset.split_dir("val"), need_masks=True)
-    check_split(train_slices + val_slices, classes, workers=max(config["num_workers"], 2))
+    test_split = dataset.split_dir("test")  # tested after training if it has masks
+    test_slices = (find_split(test_split, need_masks=True)
+                   if (test_split / "semseg").is_dir() else [])
+    check_split(train_slices + val_slices + test_slices, classes,
+                workers=max(config["num_workers"], 2))
     train_set = SegmentationDataset(train_slices, classes, SegmentationTransform(
         input_size, train=True, aug_name=config["aug_name"], norm=norm, in_chans=fm.in_chans))
     val_set = SegmentationDataset(val_slices, classes, SegmentationTransform(
@@ -163,11 +166,8 @@ def main(config):
     distributed.barrier(dist_info)
 
     # --- test with the best checkpoint
-    test_split = dataset.split_dir("test")
-    if (test_split / "semseg").is_dir() and (run_dir / ckpt.BEST).is_file():
-        slices = find_split(test_split, need_masks=True)
-        check_split(slices, classes, workers=max(config["num_workers"], 2))
-        test_set = SegmentationDataset(slices, classes, SegmentationTransform(
+    if test_slices and (run_dir / ckpt.BEST).is_file():
+        test_set = SegmentationDataset(test_slices, classes, SegmentationTransform(
             input_size, norm=norm, in_chans=fm.in_chans))
         score_best_checkpoint(model, test_set, run_dir, dataset.root, config, criterion,
                               precision, device, ignore_index, dist_info, log)

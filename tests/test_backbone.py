@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA, write_mirage_checkpoint
+from conftest import DATA
 from fm_seg_config import (MirageBase, MirageLarge, MirageTiny, build_backbone, find_model,
                            load_backbone)
 from mirage import checkpoint as ckpt

@@ -232,3 +232,13 @@ def test_script_reports_errors_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error: ") and "missing" in result.stderr
+
+
+def test_predictions_are_16_bit_when_info_values_exceed_255(tmp_path, tiny_weights):
+    dataset = make_dataset(tmp_path / "datasets", values=(0, 1000, 60000))
+    run(*argv(dataset, tiny_weights, tmp_path, "--epochs", 1))
+    run(*argv(dataset, tiny_weights, tmp_path, "--epochs", 1, "--infer_only", "--test"))
+    for path in (run_dir_of(tmp_path) / "preds").iterdir():
+        pred = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        assert pred.dtype == np.uint16 and pred.shape == (64, 96)
+        assert set(np.unique(pred)) <= {0, 1000, 60000}
