@@ -1,7 +1,10 @@
 """The registry of foundation models: which encoder a weights file holds and how to load it.
 
-The model is chosen from the weights file name (case-insensitive): ``MIRAGE-Base.pth``
--> ``mirage-base``. To add a model, subclass :class:`FoundModel` in this file with a
+The model is chosen from the weights file name (case-insensitive, the longest matching
+keyword wins): ``MIRAGE-Base.pth`` -> ``mirage-base``. Registered: MIRAGE-Base/Large (and
+a toy MIRAGE-Tiny), RETFound (MAE and DINOv2), DINOv2 ViT-S/B/L/g (with or without
+registers), SAM ViT-B, MedSAM and VisionFM (their encoders in mirage/backbones.py). To add
+a model, subclass :class:`FoundModel` in this file with a
 ``name``, the ``keywords`` to match in file names, and ``build`` / ``load_weights``;
 defining the subclass registers it (see docs/segmentation_tuning.md, "Adding a model").
 
@@ -12,6 +15,8 @@ Public API, for users who want features::
     tokens = bb(images)   # (B, 1, 1024, 1024) in [0, 1] -> (B, 32*32 + 1, 768)
 
 ``bb`` exposes ``in_chans``, ``embed_dim``, ``grid_size`` and ``num_global_tokens``.
+Other families take the input their authors used (``FoundModel.in_chans`` and ``.norm``:
+e.g. 3 channels with ImageNet mean/std for RETFound and DINOv2).
 """
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -336,8 +341,9 @@ def build_backbone(weights, input_size, patch_size=None, num_global_tokens=None,
     input_size = _pair(input_size)
     patch_size = _pair(patch_size if patch_size is not None else fm.default_patch_size)
     if input_size[0] % patch_size[0] or input_size[1] % patch_size[1]:
-        raise UserError(f"input size {input_size} is not divisible by the patch size "
-                        f"{patch_size}")
+        raise UserError(f"--input_size {input_size[0]}x{input_size[1]} is not divisible by "
+                        f"the patch size {patch_size[0]}x{patch_size[1]} of {fm.name}; "
+                        "choose a multiple of it (or set --patch_size)")
     if num_global_tokens is None:
         num_global_tokens = fm.num_global_tokens_in(checkpoint)
     backbone = fm.build(input_size, patch_size, num_global_tokens, drop_path_rate,

@@ -59,8 +59,10 @@ OPTIONS = (
     # --- model
     Option("num_global_tokens", 1, "Number of global tokens appended to the patch tokens.",
            "int", group="model"),
-    Option("patch_size", 32, "Patch size: an int, 'H W', or in YAML a per-domain mapping "
-           "{bscan: [32, 32]}.", "size", group="model"),
+    Option("patch_size", None, "Patch size: an int, 'H W', or in YAML a per-domain mapping "
+           "{bscan: [32, 32]}; default: the model's pretraining patch size (MIRAGE: 32; "
+           "another size resamples the patch projection).", "size", nullable=True,
+           group="model"),
     Option("input_size", 1024, "Input size the B-scans are resized to: an int, 'H W', or in "
            "YAML a per-domain mapping {bscan: [1024, 1024]}.", "size", group="model"),
     Option("drop_path_encoder", 0.1, "Stochastic depth rate of the encoder blocks (acts "
@@ -351,6 +353,8 @@ def check_config(config):
         raise UserError("--opt_betas needs two values, e.g. --opt_betas 0.9 0.999")
     domains = domains_of(config)
     input_size = per_domain(config["input_size"], domains)
+    if config["patch_size"] is None:  # the model's own; build_backbone checks it
+        return
     patch_size = per_domain(config["patch_size"], domains)
     for domain in domains:
         (h, w), (ph, pw) = input_size[domain], patch_size[domain]

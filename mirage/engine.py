@@ -52,7 +52,8 @@ def main(config):
     ignore_index = resolve_ignore_index(config["ignore_index"], classes)
     domain = domains_of(config)[0]
     input_size = per_domain(config["input_size"], [domain])[domain]
-    patch_size = per_domain(config["patch_size"], [domain])[domain]
+    patch_size = (per_domain(config["patch_size"], [domain])[domain]
+                  if config["patch_size"] is not None else None)  # None: the model's own
     norm = "minmax" if config["minmax"] else fm.norm
     run_dir = run_directory(config, dataset.name)
     log(f">> run directory: {run_dir}")

@@ -154,3 +154,9 @@ def test_pickle_error_type_is_what_torch_raises(tmp_path):
     torch.save({"evil": Payload()}, path)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)
+
+
+def test_input_size_must_fit_the_models_own_patch_size(tiny_weights):
+    with pytest.raises(UserError, match="--input_size 100x100 is not divisible by the patch "
+                                        "size 32x32 of MIRAGE-Tiny"):
+        build_backbone(tiny_weights, input_size=100)

@@ -74,7 +74,7 @@ def test_missing_config_file():
 @pytest.mark.parametrize("argv, match", [
     ([], "--weights is required"),
     (["--weights", "w.pth"], "--data_path is required"),
-    (["--input_size", "1000", *REQUIRED], "not divisible by --patch_size"),
+    (["--input_size", "1000", "--patch_size", "32", *REQUIRED], "not divisible by --patch_size"),
     (["--batch_size", "0", *REQUIRED], "--batch_size must be at least 1"),
     (["--infer_only", *REQUIRED], "--infer_only needs --test"),
     (["--in_domains", "bscan-slo", *REQUIRED], "--in_domains"),

@@ -22,7 +22,7 @@ from run_seg_eval import main
 
 monai_metrics = pytest.importorskip("monai.metrics", reason="MONAI is the HD95 reference")
 
-EVAL_EXAMPLE = Path(__file__).resolve().parents[2] / "shared/specs/reference/eval_example"
+EVAL_EXAMPLE = Path(__file__).resolve().parent / "data" / "eval_example"  # see data/README.md
 
 # A Duke-DME-like table: background, two layers, one lesion class.
 TINY_INFO = {"0": {"value": 0, "label": "Background"}, "1": {"value": 40, "label": "ILM-IPL"},
@@ -151,8 +151,6 @@ def run_cli(argv, capsys):
 
 # ----------------------------------------------------------------------------- values
 def test_eval_example_reproduces_the_original_tool(tmp_path):
-    if not EVAL_EXAMPLE.is_dir():
-        pytest.skip(f"reference data {EVAL_EXAMPLE} not present in this checkout")
     shutil.copytree(EVAL_EXAMPLE, tmp_path / "ex")  # the run directory gets written into
     run_dir = next((tmp_path / "ex" / "run" / "Synth_DME").iterdir())
     evaluation = evaluate_run(run_dir, tmp_path / "ex" / "datasets", quiet=True)
