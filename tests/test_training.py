@@ -242,3 +242,17 @@ def test_predictions_are_16_bit_when_info_values_exceed_255(tmp_path, tiny_weigh
         pred = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         assert pred.dtype == np.uint16 and pred.shape == (64, 96)
         assert set(np.unique(pred)) <= {0, 1000, 60000}
+
+
+def test_resume_from_a_given_checkpoint(tiny_dataset, tiny_weights, tmp_path, capsys):
+    run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 2, "--save_ckpt_freq", 1))
+    first = run_dir_of(tmp_path) / "checkpoint-0.pth"
+    run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 2, "--version", "v2",
+              "--resume", first))
+    assert "continuing at epoch 1" in capsys.readouterr().out
+    log = (tmp_path / "v2" / "Tiny" / run_dir_of(tmp_path).name / "log.txt").read_text()
+    assert [json.loads(x).get("epoch") for x in log.splitlines()][:1] == [1]
+    with pytest.raises(SystemExit):
+        run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 2, "--version", "v3",
+                  "--resume", run_dir_of(tmp_path) / "checkpoint-best.pth"))
+    assert "not a training checkpoint" in capsys.readouterr().err
