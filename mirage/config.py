@@ -8,7 +8,7 @@ import argparse
 import difflib
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -31,7 +31,6 @@ class Option:
     nullable: bool = False  # may be null / None
     short: str = ""
     group: str = "training"
-    aliases: tuple = field(default=())
 
 
 def _default_workers():

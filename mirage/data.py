@@ -120,10 +120,6 @@ def parse_slice_name(stem, path=None):
     return scan_id, int(number)
 
 
-def slice_sort_key(stem):
-    """Sort key that orders slices by volume, then numerically by slice number."""
-    return parse_slice_name(stem)
-
 
 # ----------------------------------------------------------------------------- splits
 @dataclass(frozen=True)

@@ -69,20 +69,16 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def broadcast_object(obj, info):
-    """Rank 0's ``obj`` on every process."""
-    if not info.enabled:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+def device_type(requested):
+    """"cuda" or "cpu" for ``--device`` ("auto" = CUDA if available)."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if str(requested).startswith("cuda") else "cpu"
 
 
 def device_for(requested, info):
-    """The torch.device for ``--device`` (auto = CUDA if available) and this process."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+    """The torch.device for ``--device`` and this process (its GPU under torchrun)."""
+    device = torch.device(device_type(requested) if requested == "auto" else requested)
     if device.type == "cuda" and info.enabled and device.index is None:
         device = torch.device("cuda", info.local_rank)
     return device

@@ -38,7 +38,7 @@ from mirage.transforms import SegmentationTransform
 def main(config):
     """Train (default), test (``--test``) or predict (``--infer_only --test``) one run."""
     check_config(config)
-    dist_info = distributed.init_from_env(_device_type(config["device"]))
+    dist_info = distributed.init_from_env(distributed.device_type(config["device"]))
     device = resolve_device(config["device"], dist_info)
     log = _logger(dist_info)
     if not config["show_user_warnings"]:
@@ -422,9 +422,10 @@ def save_checkpoint(path, model, optimizer, scaler, epoch, state, config, classe
     ckpt.save(path, payload)
 
 
-def load_model_weights(model, path):
-    """Load a checkpoint of this tool into ``model`` (strictly); returns its epoch."""
-    payload = ckpt.load_file(path, what="checkpoint")
+def load_model_weights(model, path, payload=None):
+    """Load a checkpoint of this tool (or its already-read ``payload``) into ``model``,
+    strictly; returns its epoch."""
+    payload = ckpt.load_file(path, what="checkpoint") if payload is None else payload
     state_dict = payload.get("model")
     if not isinstance(state_dict, dict):
         raise UserError(f"checkpoint {path}: no 'model' weights in it")
@@ -439,8 +440,8 @@ def load_model_weights(model, path):
 
 def resume(path, model, optimizer, scaler):
     """Restore model, optimiser, scaler and position from a checkpoint of this tool."""
-    epoch = load_model_weights(model, path)
     payload = ckpt.load_file(path, what="--resume")
+    epoch = load_model_weights(model, path, payload)
     if "optimizer" not in payload or epoch is None:
         raise UserError(f"--resume {path}: not a training checkpoint (no optimizer state); "
                         "use a checkpoint-<epoch>.pth file")
@@ -562,12 +563,6 @@ def resolve_device(requested, dist_info):
                             "device(s) present")
         torch.cuda.set_device(device)
     return device
-
-
-def _device_type(requested):
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if str(requested).startswith("cuda") else "cpu"
 
 
 def seed_everything(seed):
