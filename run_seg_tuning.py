@@ -6,20 +6,10 @@
     python run_seg_tuning.py ... --infer_only --test     # write test predictions as PNGs
     python run_seg_tuning.py --demo                        # everything on synthetic data
 
-Options: ``-h``; documentation: docs/segmentation_tuning.md.
+Options: ``-h``; documentation: docs/segmentation_tuning.md. The work is done in
+mirage/cli.py (which imports torch only once the options are read) and mirage/engine.py.
 """
-from mirage import demo, engine
-from mirage.config import parse_config
-from mirage.errors import exit_on_user_error
-
-
-@exit_on_user_error
-def main(argv=None):
-    config, run_demo, _ = parse_config(argv)
-    if run_demo:
-        return demo.run(config)
-    return engine.main(config)
-
+from mirage.cli import tune as main
 
 if __name__ == "__main__":
     main()

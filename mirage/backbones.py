@@ -9,9 +9,11 @@ that every decoder can take ``tokens[:, :N]``.
 Loading (``load_vit_weights`` / ``load_sam_weights``) accepts a file exactly as published:
 it unwraps ``'teacher'`` / ``'model'``, strips ``module.`` / ``backbone.`` / ``model.``,
 sets aside what the family does not use (and reports it), resamples the position
-embedding (and the patch projection) to the tuning geometry, then loads strictly: a
-missing, unknown or mis-shaped encoder tensor is a UserError naming its key.
+embedding by the family's own rule (``POS_EMBED_RULES``; SAM's relative-position tables
+linearly, as SAM does) and the patch projection to the tuning geometry, then loads
+strictly: a missing, unknown or mis-shaped encoder tensor is a UserError naming its key.
 """
+import operator
 from collections import Counter
 from functools import partial
 from math import isqrt
@@ -19,16 +21,41 @@ from math import isqrt
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import (GluMlp, resample_abs_pos_embed, resample_abs_pos_embed_nhwc,
-                         resample_patch_embed)
+from timm.layers import GluMlp, resample_patch_embed
 from timm.models.vision_transformer_sam import \
     checkpoint_filter_fn as sam_checkpoint_filter_fn
 from torch import nn
 
 from mirage.errors import UserError
+from mirage.input_adapters import POS_EMBED_RULES, resample_pos_embed
 
 WRAPPERS = ("teacher", "model")              # DINO/iBOT teacher first, then torch.save dicts
 PREFIXES = ("module.", "backbone.", "model.")  # DDP, DINO/iBOT backbone, Hugging Face copies
+
+
+def check_layer_indices(indices, depth):
+    """The block indices a ``forward_layers`` call asked for, as a list of ints; UserError
+    unless they are strictly ascending integers in [0, depth - 1]."""
+    try:
+        indices = [operator.index(i) for i in indices]
+    except TypeError:
+        indices = list(indices)
+        raise UserError(f"layer indices {indices}: block indices must be integers "
+                        f"from 0 to {depth - 1}") from None
+    if indices and 0 <= indices[0] and indices[-1] < depth \
+            and all(a < b for a, b in zip(indices, indices[1:])):
+        return indices
+    raise UserError(f"layer indices {indices}: this encoder has {depth} blocks; give "
+                    f"strictly ascending block indices from 0 to {depth - 1}")
+
+
+def fused_attention_layers(module):
+    """``(fused, total)``: the attention layers under ``module`` (timm's, which carry a
+    ``fused_attn`` switch: MIRAGE, ViT, DINOv2, SAM windowed and global) and how many of
+    them run F.scaled_dot_product_attention. timm turns it on wherever PyTorch has it
+    unless TIMM_FUSED_ATTN=0 is set; SAM's relative positions go in as its attention mask."""
+    layers = [m for m in module.modules() if hasattr(m, "fused_attn")]
+    return sum(bool(m.fused_attn) for m in layers), len(layers)
 
 
 def _check_input(x, in_chans, image_size):
@@ -82,9 +109,10 @@ class TimmViTEncoder(nn.Module):
     def forward_layers(self, x, indices):
         """Normalised tokens (B, N + G, D) after each block in ``indices`` (0-based,
         ascending)."""
+        indices = check_layer_indices(indices, self.depth)
         _check_input(x, self.in_chans, self.vit.patch_embed.img_size)
         outputs = self.vit.forward_intermediates(
-            x, indices=list(indices), return_prefix_tokens=True, norm=True, stop_early=True,
+            x, indices=indices, return_prefix_tokens=True, norm=True, stop_early=True,
             output_fmt="NLC", intermediates_only=True)
         if self.num_global_tokens:  # timm returns (patch tokens, prefix tokens) pairs
             return [torch.cat([patches, prefix], dim=1) for patches, prefix in outputs]
@@ -154,8 +182,9 @@ class SamEncoder(nn.Module):
 
     def forward_layers(self, x, indices):
         """Tokens (B, N, D) after each block in ``indices`` (0-based, ascending)."""
+        indices = check_layer_indices(indices, self.depth)
         _check_input(x, self.in_chans, self.sam.patch_embed.img_size)
-        maps = self.sam.forward_intermediates(x, indices=list(indices), norm=False,
+        maps = self.sam.forward_intermediates(x, indices=indices, norm=False,
                                               stop_early=True, intermediates_only=True)
         return [m.flatten(2).transpose(1, 2) for m in maps]  # (B, D, gh, gw) -> (B, N, D)
 
@@ -268,14 +297,20 @@ def _fit_patch_embed(state, target, notes):
                      f"{_size(target.shape[-2:])}")
 
 
-def fit_vit_geometry(state, vit):
+def _rule_note(rule):
+    return f"({POS_EMBED_RULES[rule]})"
+
+
+def fit_vit_geometry(state, vit, rule="bicubic"):
     """Resample ``pos_embed`` (and the patch projection) to ``vit``'s grid; returns notes.
 
-    The stored grid is square (every published model was pretrained on square images).
-    Bicubic, ``align_corners=False``, no antialiasing: what MAE/RETFound fine-tuning and
-    DINOv2 do, and what MIRAGE does in this project. (timm's ``checkpoint_filter_fn``
-    is not used for this: it infers the stored grid from the token count and leaves a
-    square 16x16 embedding as it is for an 8x32 tuning grid.)
+    ``rule`` is the family's own resampling (a key of
+    :data:`mirage.input_adapters.POS_EMBED_RULES`); the position embeddings of the class
+    token (when it has one) are kept. Resampling once at load time for the fixed tuning
+    size gives what the authors' code computes at run time at that size. The stored grid
+    is square (every published model was pretrained on square images). (timm's
+    ``checkpoint_filter_fn`` is not used: it infers the stored grid from the token count
+    and leaves a square 16x16 embedding as it is for an 8x32 tuning grid.)
     """
     notes = []
     pos, target = state.get("pos_embed"), vit.pos_embed
@@ -285,31 +320,35 @@ def fit_vit_geometry(state, vit):
             and pos.shape[1] > prefix:
         side = isqrt(pos.shape[1] - prefix)
         if side * side == pos.shape[1] - prefix and (side, side) != grid:
-            state["pos_embed"] = resample_abs_pos_embed(
-                pos, new_size=list(grid), old_size=[side, side], num_prefix_tokens=prefix,
-                interpolation="bicubic", antialias=False)  # align_corners=False
-            notes.append(f"position embedding resampled {side}x{side} -> {_size(grid)}")
+            patches = pos[:, prefix:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+            patches = resample_pos_embed(patches, grid, rule)
+            state["pos_embed"] = torch.cat([pos[:, :prefix],
+                                            patches.flatten(2).transpose(1, 2)], dim=1)
+            notes.append(f"position embedding resampled {side}x{side} -> {_size(grid)} "
+                         + _rule_note(rule))
     _fit_patch_embed(state, vit.patch_embed.proj.weight, notes)
     return notes
 
 
 def resample_rel_pos(table, length):
-    """A (L, C) relative-position table resampled linearly to (length, C), as SAM itself
-    does at run time when the attention grid differs from the one it was trained on."""
+    """A (L, C) relative-position table resampled linearly (``align_corners=False``) to
+    (length, C): SAM's own ``get_rel_pos`` rule when the attention grid differs from the
+    one it was trained on."""
     resized = F.interpolate(table.float().T[None], size=length, mode="linear")
     return resized[0].T.to(table.dtype)
 
 
-def fit_sam_geometry(state, sam):
-    """Resample SAM's NHWC ``pos_embed`` (bicubic, as timm's SAM does when run at another
-    size) and the global-attention relative-position tables to ``sam``'s grid."""
+def fit_sam_geometry(state, sam, rule="bicubic_antialias"):
+    """Resample SAM's NHWC ``pos_embed`` by ``rule`` and the global-attention
+    relative-position tables (SAM's linear rule) to ``sam``'s grid; returns notes."""
     notes, expected = [], sam.state_dict()
     pos, target = state.get("pos_embed"), expected["pos_embed"]
     if pos is not None and pos.ndim == 4 and pos.shape[-1] == target.shape[-1] \
             and pos.shape[1:3] != target.shape[1:3]:
-        state["pos_embed"] = resample_abs_pos_embed_nhwc(pos, list(target.shape[1:3]))
+        nchw = resample_pos_embed(pos.permute(0, 3, 1, 2), tuple(target.shape[1:3]), rule)
+        state["pos_embed"] = nchw.permute(0, 2, 3, 1)
         notes.append(f"position embedding resampled {_size(pos.shape[1:3])} -> "
-                     f"{_size(target.shape[1:3])}")
+                     f"{_size(target.shape[1:3])} " + _rule_note(rule))
     resampled = 0
     for name, table in list(state.items()):
         want = expected.get(name)
@@ -319,7 +358,7 @@ def fit_sam_geometry(state, sam):
             state[name] = resample_rel_pos(table, want.shape[0])
             resampled += 1
     if resampled:
-        notes.append(f"{resampled} relative-position tables resampled")
+        notes.append(f"{resampled} relative-position tables resampled (linear, as SAM)")
     _fit_patch_embed(state, expected["patch_embed.proj.weight"], notes)
     return notes
 
@@ -363,11 +402,13 @@ def load_report(count, source, ignored, notes, num_global_tokens, model_name):
     return "; ".join(parts)
 
 
-def load_vit_weights(encoder, checkpoint, source, model_name, drop=(), dinov2=False):
+def load_vit_weights(encoder, checkpoint, source, model_name, drop=(), dinov2=False,
+                     rule="bicubic"):
     """Load a RETFound / DINOv2 / VisionFM file into a :class:`TimmViTEncoder`.
 
     ``drop``: key prefixes (after unwrapping) that are not part of the encoder, e.g. MAE's
-    ``decoder_*``; ``dinov2``: the file uses DINOv2 names (:func:`from_dinov2_layout`).
+    ``decoder_*``; ``dinov2``: the file uses DINOv2 names (:func:`from_dinov2_layout`);
+    ``rule``: the family's position-embedding resampling (:func:`fit_vit_geometry`).
     """
     state, prefix, ignored = unwrap_checkpoint(checkpoint)
     if "norm.weight" not in state and "fc_norm.weight" in state:
@@ -378,7 +419,7 @@ def load_vit_weights(encoder, checkpoint, source, model_name, drop=(), dinov2=Fa
     ignored += dropped
     if dinov2:
         state = from_dinov2_layout(state)
-    notes = fit_vit_geometry(state, encoder.vit)
+    notes = fit_vit_geometry(state, encoder.vit, rule)
     if isinstance(encoder.vit.norm, nn.Identity):
         notes.append("no final norm (the file has fc_norm only: pooled features)")
     swiglu = isinstance(encoder.vit.blocks[0].mlp, GluMlp)  # timm's SwiGLUPacked
@@ -390,7 +431,7 @@ def load_vit_weights(encoder, checkpoint, source, model_name, drop=(), dinov2=Fa
     return load_report(count, source, ignored, notes, encoder.num_global_tokens, model_name)
 
 
-def load_sam_weights(encoder, checkpoint, source, model_name):
+def load_sam_weights(encoder, checkpoint, source, model_name, rule="bicubic_antialias"):
     """Load a SAM / MedSAM file into a :class:`SamEncoder`: ``image_encoder.*`` without
     ``neck.*``; ``prompt_encoder.*`` and ``mask_decoder.*`` are ignored."""
     state, prefix, ignored = unwrap_checkpoint(checkpoint)
@@ -398,7 +439,7 @@ def load_sam_weights(encoder, checkpoint, source, model_name):
               if k.startswith("image_encoder.") and not k.startswith("image_encoder.neck.")}
     ignored += [k for k in state if k not in wanted]
     tensors = sam_checkpoint_filter_fn(wanted, encoder.sam)  # strips image_encoder., lin->fc
-    notes = fit_sam_geometry(tensors, encoder.sam)
+    notes = fit_sam_geometry(tensors, encoder.sam, rule)
 
     def key_of(name):
         return f"{prefix}image_encoder.{name.replace('.mlp.fc', '.mlp.lin')}"

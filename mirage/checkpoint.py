@@ -6,9 +6,11 @@ training arguments in a Namespace). Saving writes a temporary file and renames i
 run killed mid-save leaves every earlier checkpoint intact.
 """
 import argparse
+import contextlib
 import pathlib
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -55,9 +57,32 @@ def load_file(path, what="--weights"):
 
 
 def save(path, payload):
-    """``torch.save(payload)`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    """``torch.save(payload)`` to ``path`` atomically; a full disk is a UserError."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    except RuntimeError as err:  # torch reports a failed write as a RuntimeError
+        raise disk_error(path, err) from None
+
+
+def disk_error(path, err):
+    """A one-line UserError for a write that failed: full disk, or not writable."""
+    folder = Path(path).parent
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(folder).free < (64 << 20):
+            return UserError(f"no space left on {folder} while writing {Path(path).name}; "
+                             "free some space (e.g. delete old runs) and resume")
+    return UserError(f"cannot write {path}: {str(err).strip().splitlines()[0]}")
+
+
+def prune_epoch_checkpoints(run_dir, keep):
+    """Delete all but the ``keep`` newest ``checkpoint-<epoch>.pth`` (called right after a
+    new one is safely on disk, so a run can always resume)."""
+    found = epoch_checkpoints(run_dir)
+    for epoch in sorted(found)[:-keep] if keep > 0 else []:
+        with contextlib.suppress(FileNotFoundError):
+            found[epoch].unlink()
 
 
 def epoch_checkpoints(run_dir):

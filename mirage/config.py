@@ -6,13 +6,16 @@ follow the original MIRAGE tuning script so existing shell scripts keep working.
 """
 import argparse
 import difflib
+import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from mirage import decoders
 from mirage.errors import UserError
 
 DEVICE_AUTO = "auto"
@@ -45,17 +48,22 @@ OPTIONS = (
            "(and at the end).", "int"),
     Option("seed", 42, "Random seed.", "int"),
     Option("aug_name", "simple", "Training augmentation: 'simple' = horizontal flip, "
-           "resize to 1.1x input, random crop; 'none' = resize only.", "str",
-           choices=("simple", "none")),
+           "resize to 1.1x input, random crop; 'flip' = resize, then horizontal flip "
+           "(p 0.5); 'none' = resize only.", "str", choices=("simple", "flip", "none")),
     # --- task
     Option("in_domains", "bscan", "Input domains, separated by hyphens. The benchmark "
            "layout provides 'bscan' only.", group="task"),
     Option("mapping_fn", None, "Class table (INFO.json format) mapping mask values to "
            "classes; default <data_path>/INFO.json.", "path", nullable=True, group="task"),
     Option("ignore_index", None, "Class index left out of CE-ignore-bg and of the "
-           "validation mIoU; -1 = none; default: the class labelled background/bg.",
+           "validation mIoU_fg; -1 = none; default: the first class whose label contains "
+           "'background' or 'bg'.",
            "int", nullable=True, group="task"),
     # --- model
+    Option("fm", None, "Foundation model of --weights, named explicitly (e.g. "
+           "dinov2_vitb14, visionfm_oct, mirage-base); wins over the file name, so any "
+           "file name works. Default: chosen from the file name.", nullable=True,
+           group="model"),
     Option("num_global_tokens", 1, "Number of global tokens appended to the patch tokens.",
            "int", group="model"),
     Option("patch_size", None, "Patch size: an int, 'H W', or in YAML a per-domain mapping "
@@ -70,10 +78,15 @@ OPTIONS = (
            group="model"),
     Option("freeze_encoder", True, "Freeze the transformer blocks (the patch projector, "
            "global tokens and decoder still train).", "bool", group="model"),
-    Option("output_adapter", "convnext", "Segmentation decoder.", choices=(
-        "convnext", "linear", "dpt", "segmenter"), group="model"),
+    Option("freeze_patch_embed", False, "Fully-frozen protocol: freeze the whole backbone "
+           "(patch projector, position embedding and global tokens too) and run it without "
+           "a graph, so the backward pass stops at the decoder; needs --freeze_encoder.",
+           "bool", group="model"),
+    Option("output_adapter", decoders.DEFAULT, "Segmentation decoder: a module of "
+           "mirage/decoders/ ('convnext' is the paper's).", choices=decoders.Choices(),
+           group="model"),
     Option("decoder_interpolate_mode", "bilinear", "Upsampling of the decoder output.",
-           choices=("bilinear", "nearest"), group="model"),
+           choices=decoders.INTERPOLATE_MODES, group="model"),
     Option("decoder_main_tasks", "bscan", "Domains whose tokens the decoder reads, "
            "separated by hyphens.", group="model"),
     Option("loss", "CE-ignore-bg", "Loss: CE, CE ignoring the background class, or "
@@ -97,8 +110,8 @@ OPTIONS = (
     Option("no_lr_scale_list", "", "Parameter-name substrings, separated by hyphens, "
            "exempt from layer-wise LR decay.", group="optimiser"),
     Option("lr", 1e-4, "Peak learning rate.", "float", group="optimiser"),
-    Option("warmup_lr", 1e-6, "Learning rate at the start of the warmup.", "float",
-           group="optimiser"),
+    Option("warmup_lr", 0.0, "Learning rate at the start of the warmup (the original "
+           "code always starts at 0).", "float", group="optimiser"),
     Option("min_lr", 0.0, "Final learning rate of the cosine schedule.", "float",
            group="optimiser"),
     Option("layer_decay", 0.75, "Layer-wise LR decay: block i gets "
@@ -111,6 +124,10 @@ OPTIONS = (
            "or bscan/ for evaluation-only layouts); predictions go to preds_<name>/.",
            "path", nullable=True, group="data"),
     Option("eval_freq", 1, "Validate every this many epochs.", "int", group="data"),
+    Option("select_metric", "mIoU_all", "Validation metric that selects "
+           "checkpoint-best.pth: 'mIoU_all' (the paper's: mean IoU over all classes, "
+           "background included) or 'mIoU_fg' (without the --ignore_index class).",
+           choices=("mIoU_all", "mIoU_fg"), group="data"),
     Option("num_workers", _default_workers(), "DataLoader worker processes.", "int",
            group="data"),
     Option("pin_mem", True, "Pin host memory in the DataLoader (CUDA only).", "bool",
@@ -125,16 +142,37 @@ OPTIONS = (
     Option("auto_resume", True, "Continue an interrupted run from its latest "
            "checkpoint-<epoch>.pth.", "bool", group="runtime"),
     Option("save_ckpt", True, "Save checkpoints.", "bool", group="runtime"),
+    Option("keep_ckpts", 1, "Keep this many of the newest checkpoint-<epoch>.pth files "
+           "(older ones are deleted once a newer one is safely on disk; "
+           "checkpoint-best.pth is always kept).", "int", group="runtime"),
     Option("start_epoch", 0, "Epoch to start from (set by resuming).", "int",
            group="runtime"),
     Option("infer_only", False, "With --test: only write the test predictions as PNGs.",
            "bool", group="runtime"),
     Option("test", False, "Test the run's best checkpoint instead of training.", "bool",
            group="runtime"),
-    Option("fp16", True, "Mixed precision with float16 autocast and a grad scaler "
-           "(CUDA only; CPU runs in float32).", "bool", group="runtime"),
-    Option("bf16", False, "Mixed precision with bfloat16 autocast instead of float16 "
-           "(CUDA only).", "bool", group="runtime"),
+    Option("fp16", True, "Mixed precision on CUDA in --amp_dtype (default float16 with a "
+           "grad scaler); --no_fp16 trains in float32. CPU runs are always float32.", "bool",
+           group="runtime"),
+    Option("bf16", False, "Old name of --amp_dtype bf16 (kept for existing scripts).",
+           "bool", group="runtime"),
+    # --- speed: the same maths in less time or memory (docs/segmentation_tuning.md)
+    Option("amp_dtype", "fp16", "Mixed-precision dtype on CUDA: 'fp16' (float16 autocast "
+           "with a grad scaler) or 'bf16' (bfloat16, no scaler; Ampere GPUs or newer).",
+           choices=("fp16", "bf16"), group="speed"),
+    Option("compile", False, "torch.compile the encoder and the decoder (the first steps "
+           "are slower while compiling); falls back to eager with a notice where "
+           "unsupported.", "bool", group="speed"),
+    Option("grad_checkpointing", False, "Recompute the encoder blocks' activations in the "
+           "backward pass instead of storing them: much less GPU memory for about one "
+           "more encoder forward per step.", "bool", group="speed"),
+    Option("feature_cache", "off", "With --freeze_patch_embed: keep each training view's "
+           "tokens (float16) after their first computation and reuse them; 'ram' for this "
+           "run, 'disk' in --feature_cache_dir, shared by every run of the same weights "
+           "file, input and patch size. Needs --aug_name none or flip and "
+           "--drop_path_encoder 0.", choices=("off", "ram", "disk"), group="speed"),
+    Option("feature_cache_dir", "./__cache/features", "Folder of the disk feature cache.",
+           "path", group="speed"),
     Option("log_images", False, "Save input | truth | prediction panels during "
            "validation.", "bool", group="runtime"),
     Option("log_images_freq", 5, "Save image panels every this many epochs.", "int",
@@ -144,13 +182,14 @@ OPTIONS = (
     Option("version", "v1", "Experiment version: a folder level of the run directory.",
            short="-v", group="runtime"),
     Option("weights", None, "Foundation-model weights file; its name selects the model "
-           "(e.g. MIRAGE-Base.pth). Required.", "path", nullable=True, group="required"),
+           "(e.g. MIRAGE-Base.pth) unless --fm names it. Required.", "path", nullable=True,
+           group="required"),
     Option("data_path", None, "Dataset folder in the benchmark layout. Required.", "path",
            nullable=True, group="required"),
 )
 OPTION_BY_NAME = {opt.name: opt for opt in OPTIONS}
 POSITIVE_INTS = ("batch_size", "epochs", "save_ckpt_freq", "eval_freq", "log_images_freq",
-                 "num_global_tokens")
+                 "num_global_tokens", "keep_ckpts")
 
 
 # ----------------------------------------------------------------------------- values
@@ -174,6 +213,8 @@ def _coerce(opt, value, where):
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
             return value.lower() in ("true", "yes")
         fail("true or false")
+    if isinstance(value, str) and not value.isascii():
+        fail("ASCII digits" if kind in ("int", "float", "floats", "size") else "ASCII text")
     if kind == "int":
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -184,22 +225,28 @@ def _coerce(opt, value, where):
                 pass
         fail("an integer")
     if kind == "float":
+        number = None
         if _is_number(value):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:  # PyYAML reads 1e-4 (no dot) as a string
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        fail("a number")
+        if number is None or not math.isfinite(number):
+            fail("a finite number")
+        return number
     if kind == "floats":
         items = value if isinstance(value, (list, tuple)) else [value]
         try:
-            if items and not any(isinstance(v, bool) for v in items):
-                return [float(v) for v in items]
+            if items and not any(isinstance(v, bool) or (isinstance(v, str) and
+                                                         not v.isascii()) for v in items):
+                numbers = [float(v) for v in items]
+                if all(math.isfinite(v) for v in numbers):
+                    return numbers
         except (TypeError, ValueError):
             pass
-        fail("a list of numbers")
+        fail("a list of finite numbers")
     if kind == "size":
         return _coerce_size(opt, value, where)
     if kind in ("str", "path"):
@@ -220,7 +267,7 @@ def _coerce_size(opt, value, where):
     def pair(v):
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
-        if isinstance(v, str) and v.isdigit() and int(v) > 0:
+        if isinstance(v, str) and v.isascii() and v.isdigit() and int(v) > 0:
             return int(v)
         if isinstance(v, (list, tuple)) and len(v) in (1, 2):
             items = [pair(x) for x in v]
@@ -348,8 +395,18 @@ def check_config(config):
                         "best checkpoint)")
     if not 0.0 <= config["drop_path_encoder"] < 1.0:
         raise UserError("--drop_path_encoder must be in [0, 1)")
-    if len(config["opt_betas"]) != 2:
-        raise UserError("--opt_betas needs two values, e.g. --opt_betas 0.9 0.999")
+    _check_optimiser_values(config)
+    if not config["test"] and not 0 <= config["start_epoch"] < config["epochs"]:
+        raise UserError(f"--start_epoch {config['start_epoch']}: must be in 0..epochs-1 "
+                        f"(--epochs {config['epochs']}); nothing would be trained")
+    if not DEVICE_PATTERN.match(str(config["device"])):
+        raise UserError(f"--device {config['device']}: not supported; use auto, cpu, cuda "
+                        "or cuda:N")
+    base = Path(config["base_output_dir"])
+    if base.exists() and not base.is_dir():
+        raise UserError(f"--base_output_dir {base}: is a file, not a folder; choose a "
+                        "folder for the run directories")
+    _check_protocol(config)
     domains = domains_of(config)
     input_size = per_domain(config["input_size"], domains)
     if config["patch_size"] is None:  # the model's own; build_backbone checks it
@@ -364,6 +421,67 @@ def check_config(config):
     if unknown:
         raise UserError(f"--decoder_main_tasks {config['decoder_main_tasks']}: "
                         f"{unknown[0]!r} is not an input domain ({config['in_domains']})")
+
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
+
+
+def _check_optimiser_values(config):
+    """Values that would silently train nothing or train wrong."""
+    def need(ok, message):
+        if not ok:
+            raise UserError(message)
+
+    need(config["lr"] > 0, f"--lr {config['lr']}: must be a positive number")
+    need(config["min_lr"] >= 0, f"--min_lr {config['min_lr']}: must be 0 or more")
+    need(config["warmup_lr"] >= 0, f"--warmup_lr {config['warmup_lr']}: must be 0 or more")
+    need(config["clip_grad"] is None or config["clip_grad"] > 0,
+         f"--clip_grad {config['clip_grad']}: must be a positive gradient norm; leave it "
+         "unset (none) for no clipping")
+    for name in ("weight_decay", "weight_decay_end", "decoder_decay"):
+        need(config[name] is None or config[name] >= 0,
+             f"--{name} {config[name]}: must be 0 or more")
+    need(len(config["opt_betas"]) == 2,
+         "--opt_betas needs two values, e.g. --opt_betas 0.9 0.999")
+    need(all(0.0 <= b < 1.0 for b in config["opt_betas"]),
+         f"--opt_betas {config['opt_betas']}: each must be in [0, 1), e.g. 0.9 0.999")
+    need(config["opt_eps"] > 0, f"--opt_eps {config['opt_eps']}: must be positive")
+    need(0.0 <= config["momentum"] < 1.0,
+         f"--momentum {config['momentum']}: must be in [0, 1)")
+    need(0.0 < config["layer_decay"] <= 1.0,
+         f"--layer_decay {config['layer_decay']}: must be in (0, 1] (1 = off)")
+    need(config["warmup_epochs"] >= 0,
+         f"--warmup_epochs {config['warmup_epochs']}: must be 0 or more")
+
+
+def _check_protocol(config):
+    """The fully-frozen protocol, the feature cache and mixed precision: combinations that
+    would change the protocol silently are errors naming both options."""
+    cache = config["feature_cache"]
+    if config["freeze_patch_embed"] and not config["freeze_encoder"]:
+        raise UserError("--freeze_patch_embed freezes the whole backbone but "
+                        "--no_freeze_encoder trains its blocks; drop one of them")
+    if config["freeze_patch_embed"] and config["learnable_pos_emb"]:
+        raise UserError("--freeze_patch_embed freezes the position embedding that "
+                        "--learnable_pos_emb trains; drop one of them")
+    if cache != "off" and not config["freeze_patch_embed"]:
+        raise UserError(f"--feature_cache {cache} needs --freeze_patch_embed (the "
+                        "fully-frozen protocol): with a trained patch projector the tokens "
+                        "change at every step")
+    if cache != "off" and config["aug_name"] == "simple":
+        raise UserError(f"--feature_cache {cache} cannot represent --aug_name simple (its "
+                        "random resize-crop gives new tokens every epoch); use --aug_name "
+                        "flip or none, or --feature_cache off")
+    if cache != "off" and config["drop_path_encoder"] > 0:
+        raise UserError(f"--feature_cache {cache} needs --drop_path_encoder 0 (got "
+                        f"{config['drop_path_encoder']}: stochastic depth makes the frozen "
+                        "tokens random)")
+    if cache == "disk" and not str(config["feature_cache_dir"] or "").strip():
+        raise UserError("--feature_cache disk needs --feature_cache_dir (the folder that "
+                        "holds the cached tokens)")
+    if config["amp_dtype"] == "bf16" and not config["fp16"]:
+        raise UserError("--amp_dtype bf16 asks for bfloat16 mixed precision but --no_fp16 "
+                        "turns mixed precision off; drop one of them")
 
 
 def domains_of(config):

@@ -42,9 +42,10 @@ class ClassTable:
         return len(self.values)
 
     def background_index(self):
-        """Index of the class labelled background/bg (case-insensitive), else None."""
+        """Index of the first class whose label contains "background" or "bg"
+        (case-insensitive), else None: the original tuning script's rule."""
         for index, label in enumerate(self.labels):
-            if label.strip().lower() in BACKGROUND_LABELS:
+            if any(word in label.lower() for word in BACKGROUND_LABELS):
                 return index
         return None
 
@@ -113,7 +114,8 @@ def parse_slice_name(stem, path=None):
     Raises UserError (naming ``path`` if given) when there is no ``_<integer>`` suffix.
     """
     scan_id, sep, number = stem.rpartition("_")
-    if not sep or not scan_id or not number.isdigit():
+    # ASCII digits only: int() would also read '١' or '５' as a slice number.
+    if not sep or not scan_id or not (number.isascii() and number.isdigit()):
         where = path if path is not None else stem
         raise UserError(f"{where}: file name must be <scan_id>_<slice number>.png "
                         "(e.g. patient01_5.png)")
@@ -137,26 +139,56 @@ def _first(names, n=5):
     return ", ".join(names[:n]) + more
 
 
+def _images_by_stem(folder):
+    """``{stem: path}`` of a folder's images, each named ``<scan_id>_<slice>``.
+
+    Raises UserError naming the files when a name has no ``_<slice>``, when two files
+    share a stem (``a_1.png`` and ``a_1.bmp``: one would silently replace the other) or
+    when two stems are one slice (``a_1.png`` and ``a_01.png``).
+    """
+    by_stem, by_slice, bad_names = {}, {}, []
+    for path in list_images(folder):
+        if path.stem in by_stem:
+            raise UserError(f"{folder}: {by_stem[path.stem].name} and {path.name} are two "
+                            "files for one slice; keep one of them")
+        by_stem[path.stem] = path
+        try:
+            key = parse_slice_name(path.stem)
+        except UserError:
+            bad_names.append(path.name)
+            continue
+        if key in by_slice:
+            raise UserError(f"{folder}: {by_slice[key].name} and {path.name} are both slice "
+                            f"{key[1]} of volume {key[0]}; rename or remove one of them")
+        by_slice[key] = path
+    if bad_names:
+        raise UserError(f"{len(bad_names)} file(s) in {folder} are not named "
+                        f"<scan_id>_<slice number> (e.g. patient01_5.png): "
+                        f"{_first(bad_names)}; rename them")
+    return by_stem
+
+
 def find_split(split_dir, need_masks):
     """Pair ``<split_dir>/bscan/*`` with ``<split_dir>/semseg/*`` by file stem.
 
     With ``need_masks=False`` a missing ``semseg/`` folder is allowed (e.g. RETOUCH's test
     split); the returned slices then carry ``mask=None``. Raises UserError for a missing
-    folder, an empty split, or B-scans and masks that do not pair up.
+    folder, an empty split, misnamed or duplicate files (:func:`_images_by_stem`), or
+    B-scans and masks that do not pair up.
     """
     split_dir = Path(split_dir)
     bscan_dir, mask_dir = split_dir / "bscan", split_dir / "semseg"
     if not bscan_dir.is_dir():
         raise UserError(f"{bscan_dir} not found; a split needs bscan/ and semseg/ folders "
                         "(see docs/segmentation_benchmark.md)")
-    bscans = {p.stem: p for p in list_images(bscan_dir)}
+    bscans = _images_by_stem(bscan_dir)
     if not bscans:
         raise UserError(f"{bscan_dir} holds no images: the split is empty")
     if not mask_dir.is_dir():
         if need_masks:
             raise UserError(f"{mask_dir} not found; this split needs masks in semseg/")
         return [SliceFiles(stem, path) for stem, path in sorted(bscans.items())]
-    masks = {p.stem: p for p in list_images(mask_dir)}
+    masks = _images_by_stem(mask_dir)
     no_mask = bscans.keys() - masks.keys()
     no_bscan = masks.keys() - bscans.keys()
     if no_mask:

@@ -35,12 +35,16 @@ def write_tiny_checkpoint(path, seed=0):
     return path
 
 
+def demo_paths(root=DEMO_ROOT):
+    """The demo's ``(weights path, dataset path)`` (which may not exist yet)."""
+    return root / "weights" / "MIRAGE-Tiny.pth", root / "datasets" / DATASET_NAME
+
+
 def prepare_inputs(root=DEMO_ROOT):
     """Create (once) and return the demo's ``(weights path, dataset path)``."""
-    data_path = root / "datasets" / DATASET_NAME
+    weights, data_path = demo_paths(root)
     if not (data_path / "INFO.json").is_file():
         write_synthetic_dataset(root / "datasets", name=DATASET_NAME, seed=0)
-    weights = root / "weights" / "MIRAGE-Tiny.pth"
     if not weights.is_file():
         write_tiny_checkpoint(weights)
     return weights, data_path

@@ -34,6 +34,8 @@ from mirage.data import UNKNOWN_CLASS, parse_slice_name, read_class_table
 from mirage.errors import UserError
 from mirage.fileio import atomic_path, list_images, read_gray
 from mirage.metrics import dice_score, hd95_per_class, iou_score
+from mirage.workers import dying_with_parent
+from mirage.predictions import check_predictions
 
 # Labels are compared lower-cased and stripped.
 BACKGROUND_LIKE = ("bg", "background", "above ilm")  # not scored unless --no_ignore_bg
@@ -163,6 +165,7 @@ class RunInputs:
     plan: ClassPlan
     volumes: dict
     unscored_predictions: int = 0
+    note: str = ""  # a caveat about where the predictions come from
 
     @property
     def num_slices(self):
@@ -213,11 +216,14 @@ def pair_slices(gt_dir, pred_dir):
     return dict(sorted(volumes.items())), unscored
 
 
-def prepare_run(model_path, datasets_path, external=None, ignore_bg=True):
+def prepare_run(model_path, datasets_path, external=None, ignore_bg=True,
+                foreign_predictions=False):
     """Find and check a run's predictions, ground truth and class tables (no decoding).
 
     model_path: the run directory ``.../<dataset>/<run name>/``; the dataset is its parent
     folder's name. external: evaluate ``preds_<external>/`` against dataset ``external``.
+    The predictions must carry the manifest of the run's current best checkpoint
+    (mirage/predictions.py) unless ``foreign_predictions`` (made by another tool).
     """
     run_dir = Path(model_path).expanduser()
     if not run_dir.is_dir():
@@ -264,9 +270,13 @@ def prepare_run(model_path, datasets_path, external=None, ignore_bg=True):
         train_table = read_class_table(train_info)
     plan = plan_classes(gt_table, train_table, ignore_bg)
     volumes, unscored = pair_slices(gt_dir, pred_dir)
+    if foreign_predictions:
+        note = "foreign predictions: not checked against the run's checkpoint"
+    else:
+        note = check_predictions(pred_dir, run_dir, hint.replace(" first", " again")) or ""
     return RunInputs(run_dir=run_dir, dataset=external or dataset, external=external or "",
                      gt_dir=gt_dir, pred_dir=pred_dir, plan=plan, volumes=volumes,
-                     unscored_predictions=unscored)
+                     unscored_predictions=unscored, note=note)
 
 
 # ----------------------------------------------------------------------------- one B-scan
@@ -310,6 +320,11 @@ def score_slice(paths, plan, empty_sets_nan=True):
     if pred.shape != truth.shape:
         pred = resize_nearest(pred, truth.shape)
     if plan.invalid.any():
+        if plan.translation:
+            # The original's translation rule: where the translated prediction is invalid
+            # (e.g. an AROI lesion, which Duke iAMD does not annotate), so is the truth.
+            where = plan.invalid[pred]
+            truth[where] = pred[where]
         # Where the truth is invalid the prediction is made invalid too: never counted.
         where = plan.invalid[truth]
         pred[where] = truth[where]
@@ -331,7 +346,9 @@ def _map_in_workers(func, items, workers):
     # torch, ~2 s per worker); the workers only run numpy/OpenCV/scipy code.
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    executor = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    # dying_with_parent: a killed evaluation must not leave its workers running.
+    executor = ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                   **dying_with_parent())
     try:
         yield from executor.map(func, items, chunksize=max(1, len(items) // (8 * workers)))
     finally:
@@ -354,6 +371,7 @@ class RunEvaluation:
     groups: dict
     num_slices: int
     files: list = field(default_factory=list)
+    note: str = ""  # a caveat about where the predictions come from
 
     def group_rows(self, group):
         return self.rows if group == "all" else self.rows[self.rows["Group"] == group]
@@ -492,7 +510,8 @@ def print_results(evaluation, stream=None):
 
 
 def evaluate_run(model_path, datasets_path, external=None, ignore_bg=True,
-                 empty_sets_nan=True, empty_volume="zero", workers=1, quiet=False):
+                 empty_sets_nan=True, empty_volume="zero", workers=1, quiet=False,
+                 foreign_predictions=False):
     """Evaluate one run directory, write its CSV files and print its tables.
 
     model_path: ``.../<dataset>/<run name>/`` holding ``preds/`` (or ``preds_<external>/``).
@@ -501,11 +520,13 @@ def evaluate_run(model_path, datasets_path, external=None, ignore_bg=True,
     empty_sets_nan: HD95 of a B-scan where exactly one mask is empty is NaN (True) or the
     image diagonal (False). empty_volume: "zero" (Dice = IoU = 0 when a class is absent from
     both volumes, as the original tool) or "nan" (such pairs left out of the means).
-    workers: processes scoring B-scans in parallel.
+    workers: processes scoring B-scans in parallel. foreign_predictions: score predictions
+    that carry no manifest of the run's best checkpoint (made by another tool).
     Returns a RunEvaluation (``.rows`` is the DataFrame of all rows, ``.files`` the CSVs).
     """
     return evaluate_runs([model_path], datasets_path, external, ignore_bg, empty_sets_nan,
-                         empty_volume, workers, quiet=quiet)[0]
+                         empty_volume, workers, quiet=quiet,
+                         foreign_predictions=foreign_predictions)[0]
 
 
 def _note_unscored(inputs):
@@ -529,7 +550,7 @@ def summary_table(evaluations):
             rows = _percent_table(ev.group_rows(group))
             per_volume = rows.groupby("ID")[list(METRICS)].mean()
             record = {"run": ev.run_dir.name, "dataset": ev.dataset, "group": group,
-                      "volumes": len(per_volume), "path": str(ev.run_dir)}
+                      "volumes": len(per_volume), "path": str(ev.run_dir), "note": ev.note}
             for metric in METRICS:
                 mean, std = rows[metric].mean(), per_volume[metric].std()
                 spread = "n/a" if np.isnan(std) else f"{std:.2f}"  # n/a: one volume
@@ -549,22 +570,36 @@ def write_summary(evaluations, path):
 
 def evaluate_runs(model_paths, datasets_path, external=None, ignore_bg=True,
                   empty_sets_nan=True, empty_volume="zero", workers=1, summary=None,
-                  quiet=False):
+                  quiet=False, report=False, foreign_predictions=False):
     """Evaluate several runs (what run_seg_eval.py does); returns their RunEvaluations.
 
     Every run's files are checked before any is scored, so a typo in the last path fails
-    at once. Each run's CSVs are written when that run is done; ``summary`` (a CSV path)
+    at once. Each run's CSVs are written when that run is done, with evaluation.json
+    (how they were scored) and, with ``report``, report.html; ``summary`` (a CSV path)
     is written at the end.
     """
     _check_options(empty_volume, workers)
-    prepared = [prepare_run(path, datasets_path, external, ignore_bg) for path in model_paths]
+    prepared = [prepare_run(path, datasets_path, external, ignore_bg, foreign_predictions)
+                for path in model_paths]
     evaluations = []
     for inputs in prepared:
+        if inputs.note and not quiet:
+            print(f"note: {inputs.run_dir.name}: {inputs.note}")
         evaluation = evaluate_prepared(inputs, empty_sets_nan, empty_volume, workers, quiet)
+        evaluation.note = inputs.note
         write_results(evaluation)
+        from mirage.runs import record_evaluation  # noqa: PLC0415 - it imports this module
+        record_evaluation(evaluation, datasets_path=str(Path(datasets_path).resolve()),
+                          ignore_bg=ignore_bg, empty_sets_nan=empty_sets_nan,
+                          empty_volume=empty_volume, note=inputs.note or "")
         if not quiet:
             _note_unscored(inputs)
             print_results(evaluation)
+        if report:
+            from mirage.run_report import write_run_report  # noqa: PLC0415 - matplotlib
+            path = write_run_report(evaluation.run_dir, datasets_path, quiet=quiet)
+            if not quiet:
+                print(f"wrote {path}")
         evaluations.append(evaluation)
     if summary:
         table = write_summary(evaluations, summary)

@@ -6,6 +6,7 @@ folder and renamed over the target only once complete, so a run killed at any mo
 leaves the previous version of the file intact.
 """
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -38,17 +39,34 @@ def atomic_path(path):
     On an exception the temporary file is removed and ``path`` is left untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as err:
+        raise _write_error(path, err) from None
     try:
         yield Path(tmp)
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
+            raise _write_error(path, err) from None
         raise
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _write_error(path, err):
+    """One line for a write that cannot happen: a full disk, or a folder not writable."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"no space left on {path.parent} while writing {path.name}; free "
+                         "some space and run again")
+    return UserError(f"cannot write {path}: {err.strerror or err}; check the folder's "
+                     "permissions or choose another --base_output_dir")
 
 
 def write_text(path, text):

@@ -11,7 +11,9 @@ Every command is an argument list (never a shell string), so a value such as ``a
 ``$(rm -rf x)`` reaches the child exactly as typed. See ``docs/runner.md``.
 """
 import difflib
+import functools
 import itertools
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,6 +34,9 @@ USAGE = (
     "  --runner-log DIR         folder for one log file per job\n"
     "                           (default __output/runner/<date-time>)\n"
     "  --runner-retry K         run a failed command up to K more times\n"
+    "                           (not one that exited with 2: a user error)\n"
+    "  --runner-timeout T       stop a job (its whole process group) after T seconds\n"
+    "                           (T: seconds, or a number with s/m/h/d, e.g. 90m, 12h)\n"
     "  --runner-slurm           submit the grid as a SLURM job array through submitit\n"
     "  --runner-slurm-time T    time limit per job: minutes or [D-]HH:MM[:SS] (required)\n"
     "  --runner-slurm-partition P, --runner-slurm-gpus G (default 1),\n"
@@ -51,6 +56,7 @@ class RunnerOptions:
     gpus: Optional[List[int]] = None  # GPU slots; an id listed twice runs two jobs on it
     log_dir: Optional[str] = None
     retry: int = 0
+    timeout_s: Optional[float] = None  # per job, local and in each SLURM array task
     slurm: bool = False
     slurm_time_min: Optional[int] = None
     slurm_partition: Optional[str] = None
@@ -87,15 +93,45 @@ class Job:
     name: str  # short file-name-safe label made of the values that differ between jobs
 
 
-@dataclass
 class Grid:
-    """A parsed command line: base command, runner options, axes and the expanded jobs."""
+    """A parsed command line: base command, runner options and axes.
 
-    base: List[str]
-    options: RunnerOptions
-    axes: List[Axis]
-    num_combinations: int
-    jobs: List[Job]
+    ``num_combinations`` is computed, not counted, and :meth:`iter_jobs` expands the product
+    lazily, so a huge grid can be listed (``--runner-info``) without holding it in memory;
+    ``jobs`` is the full list, for running.
+    """
+
+    def __init__(self, base, options, axes):
+        self.base = base
+        self.options = options
+        self.axes = axes
+        self.num_combinations = math.prod(len(a.values) for a in axes if a.values)
+
+    def iter_jobs(self):
+        """The jobs in grid order (first axis slowest), filtered, one at a time."""
+        names = {axis.name for axis in self.axes}
+        value_axes = [axis for axis in self.axes if axis.values]
+        varying = {axis.option for axis in value_axes if len(axis.values) > 1}
+        index = 0
+        for combo in itertools.product(*[[(a.option, v) for v in a.values]
+                                         for a in value_axes]):
+            if _is_filtered(combo, self.options.filters, names):
+                continue
+            chosen = dict(combo)
+            command = list(self.base)
+            for axis in self.axes:
+                if not axis.values:
+                    command.append(axis.option)
+                elif axis.inline:
+                    command.append(f"{axis.option}={chosen[axis.option]}")
+                else:
+                    command.extend([axis.option, chosen[axis.option]])
+            index += 1
+            yield Job(index, command, tuple(combo), _job_name(combo, varying))
+
+    @functools.cached_property
+    def jobs(self):
+        return list(self.iter_jobs())
 
 
 # Runner option -> the kind of value it takes.
@@ -107,6 +143,7 @@ RUNNER_OPTIONS = {
     "--runner-gpus": _TEXT,
     "--runner-log": _TEXT,
     "--runner-retry": _INT,
+    "--runner-timeout": _TEXT,
     "--runner-slurm": _FLAG,
     "--runner-slurm-time": _TEXT,
     "--runner-slurm-partition": _TEXT,
@@ -204,10 +241,10 @@ def _did_you_mean(name):
 
 
 def _int_value(name, text):
-    try:
-        return int(text)
-    except ValueError:
-        raise UserError(f"runner option {name} needs a whole number, got '{text}'") from None
+    # ASCII digits only: int() also reads '٣' or fullwidth digits, surely not what was meant.
+    if not re.fullmatch(r"\s*[+-]?[0-9]+\s*", text, flags=re.ASCII):
+        raise UserError(f"runner option {name} needs a whole number, got '{text}'")
+    return int(text)
 
 
 def _set_option(opts, name, value):
@@ -227,6 +264,8 @@ def _set_option(opts, name, value):
         if value < 0:
             raise UserError(f"--runner-retry must be 0 or more, got {value}")
         opts.retry = value
+    elif name == "--runner-timeout":
+        opts.timeout_s = parse_duration(value)
     elif name == "--runner-slurm":
         opts.slurm = True
     elif name == "--runner-slurm-time":
@@ -270,10 +309,25 @@ def _check_options(opts, seen):
 def parse_gpu_list(text):
     """``"0,1,1"`` -> [0, 1, 1]; an id listed twice gives that GPU two job slots."""
     items = [item.strip() for item in text.split(",")]
-    if not text.strip() or any(not item.isdigit() for item in items):
+    # isdigit alone would accept non-ASCII digits such as '١', which int() then reads as 1.
+    if not text.strip() or any(not (item.isascii() and item.isdigit()) for item in items):
         raise UserError(f"--runner-gpus takes GPU ids separated by commas, e.g. 0,1,2,3; "
                         f"got '{text}'")
     return [int(item) for item in items]
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text):
+    """``--runner-timeout`` value -> seconds: ``3600``, ``90s``, ``90m``, ``12h``, ``1.5d``."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([smhd]?)", text.strip(),
+                         flags=re.ASCII)
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)] if match else 0.0
+    if not match or not math.isfinite(seconds) or seconds <= 0:
+        raise UserError(f"--runner-timeout takes a positive time in seconds, or a number "
+                        f"with s/m/h/d (e.g. 3600, 90m, 12h); got '{text}'")
+    return seconds
 
 
 def parse_slurm_time(text):
@@ -281,7 +335,8 @@ def parse_slurm_time(text):
 
     Accepts ``MINUTES``, ``HH:MM``, ``HH:MM:SS`` and ``D-HH[:MM[:SS]]``.
     """
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip(),
+                         flags=re.ASCII)
     if not match:
         raise UserError(f"--runner-slurm-time takes minutes or [D-]HH:MM[:SS], got '{text}'")
     days, first, second, third = match.groups()
@@ -383,31 +438,13 @@ def _job_name(choice, varying_options):
 
 
 def expand(base, options, axes):
-    """Cartesian product of the axes' values, minus the filtered combinations -> Grid.
+    """The grid of the axes' cartesian product, minus the filtered combinations.
 
     The first axis varies slowest. A flag (axis without values) is in every command;
-    ``--option=value`` stays one token.
+    ``--option=value`` stays one token. Checks the filters; the jobs are made on demand.
     """
     _check_filters(options.filters, axes)
-    names = {axis.name for axis in axes}
-    value_axes = [axis for axis in axes if axis.values]
-    varying = {axis.option for axis in value_axes if len(axis.values) > 1}
-    combos = list(itertools.product(*[[(a.option, v) for v in a.values] for a in value_axes]))
-    jobs = []
-    for combo in combos:
-        if _is_filtered(combo, options.filters, names):
-            continue
-        chosen = dict(combo)
-        command = list(base)
-        for axis in axes:
-            if not axis.values:
-                command.append(axis.option)
-            elif axis.inline:
-                command.append(f"{axis.option}={chosen[axis.option]}")
-            else:
-                command.extend([axis.option, chosen[axis.option]])
-        jobs.append(Job(len(jobs) + 1, command, tuple(combo), _job_name(combo, varying)))
-    return Grid(base, options, axes, len(combos), jobs)
+    return Grid(base, options, axes)
 
 
 def build_grid(argv):

@@ -23,13 +23,49 @@ def sincos_pos_embed_2d(embed_dim, grid_size, temperature=10000.0):
     return emb.T.reshape(1, embed_dim, gh, gw)
 
 
-def resample_pos_embed(pos_embed, grid_size):
-    """Resample a (1, D, h, w) position embedding to ``grid_size`` (bicubic, as pretrained
-    MIRAGE/MultiMAE models are fine-tuned: ``align_corners=False``, no antialiasing)."""
-    if tuple(pos_embed.shape[-2:]) == tuple(grid_size):
+# How each family resamples its position embedding to another grid (its authors' code):
+POS_EMBED_RULES = {
+    # MAE / RETFound (util/pos_embed.interpolate_pos_embed), RETFound-DINOv2 (the same
+    # function on the teacher), VisionFM (utils.resize_pos_embed), MIRAGE / MultiMAE
+    "bicubic": "bicubic to the new size, align_corners=False, no antialiasing",
+    # DINOv2 without registers (interpolate_offset=0.1, interpolate_antialias=False)
+    "bicubic_offset": "bicubic by scale factor (new + 0.1) / old, align_corners=False",
+    # DINOv2 _reg models (interpolate_offset=0, interpolate_antialias=True); SAM and MedSAM
+    # as timm runs them (SAM's own code only runs at 1024)
+    "bicubic_antialias": "antialiased bicubic to the new size",
+}
+
+
+def resample_pos_embed(pos_embed, grid_size, rule="bicubic"):
+    """Resample a (1, D, h, w) position embedding to ``grid_size`` = (gh, gw) by ``rule``
+    (a key of :data:`POS_EMBED_RULES`); the same grid is returned unchanged, as every
+    family's own code does. Computed in float32 (DINOv2 upcasts too), returned in the
+    input dtype.
+
+    ``bicubic_offset`` is DINOv2's historical rule: the scale factor (g + 0.1) / h, not the
+    size, sets the sampling positions (source = (i + 0.5) / scale - 0.5), so even a grid
+    that keeps one side is resampled along it.
+    """
+    grid_size = (int(grid_size[0]), int(grid_size[1]))
+    if tuple(pos_embed.shape[-2:]) == grid_size:
         return pos_embed
-    return F.interpolate(pos_embed.float(), size=tuple(grid_size), mode="bicubic",
-                         align_corners=False).to(pos_embed.dtype)
+    x = pos_embed.float()
+    if rule == "bicubic":
+        out = F.interpolate(x, size=grid_size, mode="bicubic", align_corners=False)
+    elif rule == "bicubic_antialias":
+        out = F.interpolate(x, size=grid_size, mode="bicubic", align_corners=False,
+                            antialias=True)
+    elif rule == "bicubic_offset":
+        h, w = pos_embed.shape[-2:]
+        scale = ((grid_size[0] + 0.1) / h, (grid_size[1] + 0.1) / w)
+        out = F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False)
+        if tuple(out.shape[-2:]) != grid_size:  # DINOv2 asserts this too
+            raise RuntimeError(f"offset resampling of a {h}x{w} grid gave "
+                               f"{tuple(out.shape[-2:])}, not {grid_size}")
+    else:
+        raise ValueError(f"unknown position-embedding rule {rule!r}; one of "
+                         f"{', '.join(POS_EMBED_RULES)}")
+    return out.to(pos_embed.dtype)
 
 
 class PatchedInputAdapter(nn.Module):

@@ -1,4 +1,10 @@
-"""Training losses: CE, CE ignoring the background class, and CE + generalised Dice."""
+"""Training losses: CE, CE ignoring the background class, and CE + generalised Dice.
+
+Every loss is defined on every batch: a batch with no pixel to score (e.g. a fluid
+dataset's B-scans with --loss CE-ignore-bg, where all pixels are background) contributes
+zero loss and zero gradient, never NaN. (PyTorch's mean-reduced cross-entropy divides by
+the number of scored pixels and returns 0/0 = NaN there.)
+"""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +35,26 @@ def generalised_dice_loss(logits, target, smooth=1e-5):
     return (1.0 - score).mean()
 
 
+class CrossEntropyLoss(nn.Module):
+    """Mean cross-entropy over the scored pixels (those whose class is not ``ignore_index``).
+
+    logits (B, K, H, W), target (B, H, W) -> scalar; 0 (with zero gradient) when no pixel
+    is scored.
+    """
+
+    def __init__(self, ignore_index=None):
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, logits, target):
+        if self.ignore_index is None:
+            return F.cross_entropy(logits.float(), target)
+        total = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index,
+                                reduction="sum")
+        scored = (target != self.ignore_index).sum()
+        return total / scored.clamp(min=1)
+
+
 class CEGDiceLoss(nn.Module):
     """0.5 * cross-entropy + 0.5 * generalised Dice."""
 
@@ -40,13 +66,13 @@ class CEGDiceLoss(nn.Module):
 def build_loss(name, ignore_index=None):
     """The criterion for ``--loss``: logits (B, K, H, W), target (B, H, W) -> scalar."""
     if name == "CE":
-        return nn.CrossEntropyLoss()
+        return CrossEntropyLoss()
     if name == "CE-ignore-bg":
         if ignore_index is None:
             raise UserError("--loss CE-ignore-bg needs a background class: INFO.json has no "
                             "class labelled background/bg; set --ignore_index or use "
                             "--loss CE")
-        return nn.CrossEntropyLoss(ignore_index=ignore_index)
+        return CrossEntropyLoss(ignore_index)
     if name == "CEGDice":
         return CEGDiceLoss()
     raise UserError(f"--loss {name}: unknown; choose CE, CE-ignore-bg or CEGDice")

@@ -28,12 +28,18 @@ def confusion_matrix(pred, target, num_classes):
 def scores_from_confusion(confusion, ignore_index=None):
     """mIoU, aAcc and mAcc from a (K, K) confusion matrix (rows = truth).
 
-    The class ``ignore_index`` (background) is left out: its IoU is not averaged, and
-    pixels whose truth is that class do not count towards the accuracies. Classes absent
-    from both prediction and truth are skipped rather than counted as 0 or 1.
+    Without ``ignore_index`` this is the original MIRAGE validation metric (mmseg's
+    ``mean_iou`` without an ignore index): per class IoU = TP / (TP + FP + FN) and recall
+    TP / (TP + FN) over all pixels; a class absent from both prediction and truth has IoU
+    0/0 = NaN (recall NaN when absent from the truth) and is skipped by the NaN-ignoring
+    means. aAcc = correct pixels / all pixels.
 
-    Returns a dict with ``mIoU``, ``aAcc``, ``mAcc`` (fractions in [0, 1]) and
-    ``IoU`` (a list with one value per class, NaN where skipped).
+    With ``ignore_index`` (the foreground-only rule) that class's IoU and recall are left
+    out of the means and the pixels whose truth is that class out of aAcc; the other
+    classes' IoUs are unchanged (their FP still count pixels predicted on that class).
+
+    Returns ``mIoU``, ``aAcc``, ``mAcc`` (fractions in [0, 1], NaN if nothing to average)
+    and ``IoU`` (a list with one value per class, NaN where skipped).
     """
     cm = confusion.double().cpu().numpy() if torch.is_tensor(confusion) else \
         np.asarray(confusion, dtype=np.float64)
@@ -61,6 +67,44 @@ def scores_from_confusion(confusion, ignore_index=None):
         "mAcc": nanmean(recall),
         "IoU": [float(v) for v in iou],
     }
+
+
+# How checkpoint-best.pth is chosen (--select_metric): the paper's rule is mIoU over all
+# classes, background included ("mIoU_all"); "mIoU_fg" leaves the ignore index out.
+SELECT_METRICS = ("mIoU_all", "mIoU_fg")
+
+
+def validation_scores(confusion, ignore_index=None, labels=None, select_metric="mIoU_all"):
+    """What a validation (or test) pass logs, as fractions in [0, 1].
+
+    ``mIoU_all``: scores_from_confusion without an ignore index (the original's metric);
+    ``mIoU_fg``: with ``ignore_index`` (equal to mIoU_all when it is None); ``mIoU``: the
+    one named by ``select_metric``; ``aAcc``, ``mAcc``: over all classes (the original's);
+    ``IoU``: {class label: IoU over all pixels, None for a class absent from both}.
+    """
+    if select_metric not in SELECT_METRICS:
+        raise ValueError(f"select_metric must be one of {', '.join(SELECT_METRICS)}, "
+                         f"not {select_metric!r}")
+    every = scores_from_confusion(confusion)
+    fg = scores_from_confusion(confusion, ignore_index)
+    num_classes = len(every["IoU"])
+    labels = [str(i) for i in range(num_classes)] if labels is None else list(labels)
+    if len(set(labels)) != len(labels):  # keep every class when labels repeat
+        labels = [f"{i} {label}" for i, label in enumerate(labels)]
+    scores = {"mIoU_all": every["mIoU"], "mIoU_fg": fg["mIoU"]}
+    return {"mIoU": scores[select_metric], **scores, "aAcc": every["aAcc"],
+            "mAcc": every["mAcc"],
+            "IoU": {label: None if math.isnan(v) else v
+                    for label, v in zip(labels, every["IoU"])}}
+
+
+def selection_key(value):
+    """The value the original compares to pick the best epoch: 100 x the fraction, rounded
+    to 2 decimals with numpy's round-half-to-even (``np.round(x * 100, 2)``).
+
+    Epochs whose metrics round to the same key tie; the earlier one is kept.
+    """
+    return float(np.round(value * 100, 2))
 
 
 # ------------------------------------------------------------------ per-volume evaluation metrics

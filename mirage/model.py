@@ -14,13 +14,16 @@ Base: D = 768, L = 12, 12 heads. Large: D = 1024, L = 24, 16 heads.
 Segmentation model: encoder -> the outputs of the blocks the decoder asks for, global
 tokens dropped -> decoder -> logits (B, K, H, W).
 """
+import contextlib
 from functools import partial
 
 import torch
+import torch.utils.checkpoint
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from mirage.backbones import check_layer_indices
 from mirage.input_adapters import PatchedInputAdapter
 
 
@@ -47,6 +50,7 @@ class MirageEncoder(nn.Module):
         )
         self.embed_dim = embed_dim
         self.num_heads = num_heads
+        self.grad_checkpointing = False  # --grad_checkpointing: see set_grad_checkpointing
 
     # The attributes other modules (decoders, load_backbone users) rely on.
     @property
@@ -71,12 +75,18 @@ class MirageEncoder(nn.Module):
 
     def forward_layers(self, x, indices):
         """Tokens (B, N + G, D) after each block in ``indices`` (0-based, ascending)."""
+        indices = check_layer_indices(indices, self.depth)
         tokens = self.input_adapter(x)
         globals_ = self.global_tokens.expand(tokens.shape[0], -1, -1)
         tokens = torch.cat([tokens, globals_], dim=1)
         wanted, outputs = set(indices), []
+        # Recomputing a block in the backward pass only pays when a graph runs through it.
+        recompute = self.grad_checkpointing and tokens.requires_grad
         for i, block in enumerate(self.blocks[:max(indices) + 1]):
-            tokens = block(tokens)
+            if recompute:  # the RNG state is replayed: stochastic depth drops the same rows
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, use_reentrant=False)
+            else:
+                tokens = block(tokens)
             if i in wanted:
                 outputs.append(tokens)
         return outputs
@@ -84,6 +94,10 @@ class MirageEncoder(nn.Module):
     def forward(self, x):
         """(B, C, H, W) -> (B, N + G, D): patch tokens (row-major), then global tokens."""
         return self.forward_layers(x, [self.depth - 1])[0]
+
+    def set_grad_checkpointing(self, enable=True):
+        """Store only each block's input; recompute its activations in the backward pass."""
+        self.grad_checkpointing = enable
 
     # Used to build optimiser parameter groups.
     def layer_id(self, name):
@@ -107,13 +121,54 @@ class SegmentationModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.decoder = decoder
+        self.backbone_frozen = False  # fully-frozen protocol (freeze_backbone)
+        # --compile: compiled stand-ins for "features" and "decoder" (compile_parts). A
+        # plain dict, so that they are not registered as submodules (state_dict unchanged).
+        self._compiled = {}
 
-    def forward(self, images):
-        layers = self.backbone.forward_layers(images, sorted(set(self.decoder.layer_indices)))
-        by_index = dict(zip(sorted(set(self.decoder.layer_indices)), layers))
+    def forward(self, images=None, features=None):
+        """Images (B, C, H, W) -> logits (B, K, H, W); or, with ``features`` (what
+        :meth:`features` returns, e.g. from a feature cache), the decoder alone."""
+        if features is None:
+            features = self.features(images)
+        return self._compiled.get("decoder", self.decoder)(features)
+
+    def features(self, images):
+        """The decoder's inputs: one (B, N, D) patch-token tensor per entry of
+        ``decoder.layer_indices``. Under the fully-frozen protocol no graph is recorded."""
+        compute = self._compiled.get("features", self.backbone_features)
+        with torch.no_grad() if self.backbone_frozen else contextlib.nullcontext():
+            return compute(images)
+
+    def backbone_features(self, images):
+        """:meth:`features` without the protocol's no-graph context (what gets compiled)."""
+        wanted = sorted(set(self.decoder.layer_indices))
+        by_index = dict(zip(wanted, self.backbone.forward_layers(images, wanted)))
         num_patches = self.backbone.grid_size[0] * self.backbone.grid_size[1]
-        features = [by_index[i][:, :num_patches] for i in self.decoder.layer_indices]
-        return self.decoder(features)
+        return [by_index[i][:, :num_patches] for i in self.decoder.layer_indices]
+
+    def freeze_backbone(self):
+        """The fully-frozen protocol: every backbone tensor (patch projector, position
+        embedding, global tokens, blocks, norms) frozen, and its forward run without a
+        graph, so the backward pass stops at the decoder."""
+        for param in self.backbone.parameters():
+            param.requires_grad = False
+        self.backbone_frozen = True
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute the encoder blocks in the backward pass (the backbone's own switch, or
+        that of the timm model it wraps); False if the backbone has none."""
+        for module in self.backbone.modules():  # the backbone first, then what it wraps
+            if hasattr(module, "set_grad_checkpointing"):
+                module.set_grad_checkpointing(enable)
+                return True
+        return False
+
+    def compile_parts(self, wrap):
+        """Route the backbone features and the decoder through ``wrap(function, name)``
+        (torch.compile with a fallback, see mirage.protocols); weights stay shared."""
+        self._compiled = {"features": wrap(self.backbone_features, "encoder"),
+                          "decoder": wrap(self.decoder, "decoder")}
 
     def layer_id(self, name):
         """Layer index for layer-wise LR decay: backbone ids, then the decoder last."""

@@ -8,6 +8,8 @@ import math
 import numpy as np
 import torch
 
+from mirage.errors import UserError
+
 
 def param_groups(model, weight_decay, layer_decay=1.0, decoder_decay=None,
                  no_lr_scale=()):
@@ -19,6 +21,8 @@ def param_groups(model, weight_decay, layer_decay=1.0, decoder_decay=None,
     """
     num_layers = model.backbone.depth
     skip = model.no_weight_decay()
+    patterns = [p for p in no_lr_scale if p]
+    unused = set(patterns)
     groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -31,14 +35,20 @@ def param_groups(model, weight_decay, layer_decay=1.0, decoder_decay=None,
         else:
             wd_scale = 1.0
         lr_scale = layer_decay ** (num_layers + 1 - layer)
-        if any(pattern and pattern in name for pattern in no_lr_scale):
+        hits = [pattern for pattern in patterns if pattern in name]
+        if hits:
             lr_scale = 1.0
+            unused.difference_update(hits)
         key = (layer, wd_scale, lr_scale)
         group = groups.setdefault(key, {"params": [], "names": [], "layer_id": layer,
                                         "lr_scale": lr_scale, "wd_scale": wd_scale,
                                         "weight_decay": weight_decay * wd_scale})
         group["params"].append(param)
         group["names"].append(name)
+    if unused:
+        example = next((n for g in groups.values() for n in g["names"]), "decoder.head.weight")
+        raise UserError(f"--no_lr_scale_list: {sorted(unused)[0]!r} is in no trainable "
+                        f"parameter's name; give parts of names such as {example!r}")
     return list(groups.values())
 
 
@@ -55,17 +65,23 @@ def build_optimizer(groups, opt, lr, eps=1e-8, betas=(0.9, 0.999), momentum=0.9)
 
 def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0,
                     warmup_steps=-1, warmup_start=0.0):
-    """Per-step values: linear warmup from ``warmup_start`` to ``base``, then a cosine
-    from ``base`` to ``final``. ``warmup_steps > 0`` overrides ``warmup_epochs``.
+    """Per-step values as the original (MAE/BEiT/MultiMAE ``cosine_scheduler``) computes
+    them; a float64 array of length ``epochs * steps_per_epoch``.
 
-    Returns a float array of length ``epochs * steps_per_epoch``.
+    Warmup: W = ``warmup_steps`` if > 0, else ``warmup_epochs * steps_per_epoch`` (at most
+    the total), W values ``np.linspace(warmup_start, base, W)``, both ends included: step 0
+    is ``warmup_start`` (the original: always 0), step W - 1 is ``base``. Then the T
+    remaining steps t = 0..T-1 follow ``final + 0.5 (base - final) (1 + cos(pi t / T))``,
+    so step W is ``base`` again.
     """
     total = epochs * steps_per_epoch
     warmup = warmup_steps if warmup_steps > 0 else warmup_epochs * steps_per_epoch
     warmup = min(warmup, total)
-    ramp = np.linspace(warmup_start, base, warmup, endpoint=False) if warmup else np.empty(0)
-    steps = np.arange(total - warmup)
-    decay = final + 0.5 * (base - final) * (1 + np.cos(math.pi * steps / max(len(steps), 1)))
+    ramp = np.linspace(warmup_start, base, warmup) if warmup else np.empty(0)
+    decay_steps = total - warmup
+    # math.cos per step, as the original: np.cos may differ in the last bit.
+    decay = np.array([final + 0.5 * (base - final) * (1 + math.cos(math.pi * t / decay_steps))
+                      for t in range(decay_steps)], dtype=np.float64)
     return np.concatenate([ramp, decay])
 
 

@@ -110,3 +110,18 @@ def base_layout_checkpoint(tmp_path_factory):
                                                 patch_size=32)})
     return path
 
+
+
+def seal_predictions(folder, epoch=0):
+    """Give a hand-made predictions folder what ``--infer_only --test`` leaves with it: a
+    manifest tied to the run's checkpoint-best.pth (a stand-in file if there is none)."""
+    from types import SimpleNamespace
+
+    from mirage.predictions import write_manifest
+
+    folder = Path(folder)
+    best = folder.parent / "checkpoint-best.pth"
+    if not best.exists():
+        best.write_bytes(b"stand-in for a checkpoint")
+    stems = [p.stem for p in folder.iterdir() if p.suffix.lower() == ".png"]
+    write_manifest(folder, best, epoch, SimpleNamespace(values=[], labels=[]), stems)

@@ -16,7 +16,8 @@ from torch import nn
 
 from fm_seg_config import (Dinov2BaseReg, Dinov2Giant, Dinov2GiantReg, Dinov2Large,
                            Dinov2Small, Dinov2SmallReg, MedSam, MirageBase, RetFound,
-                           RetFoundDinov2, SamViTB, VisionFM, build_backbone, find_model)
+                           RetFoundDinov2, SamViTB, VisionFMFundus, VisionFMOCT, build_backbone,
+                           find_model)
 from mirage import checkpoint as ckpt
 from mirage.engine import build_model
 from mirage.errors import UserError
@@ -138,7 +139,7 @@ CASES = {  # family, published file name, layout writer, groups the loader must 
             ["image_encoder.neck (6)", "mask_decoder (1)", "prompt_encoder (2)"]),
     "medsam": (MedSam, "medsam_vit_b.pth", sam_layout,
                ["image_encoder.neck (6)", "mask_decoder (1)", "prompt_encoder (2)"]),
-    "visionfm": (VisionFM, "VisionFM_teacher.pth", visionfm_layout,
+    "visionfm": (VisionFMOCT, "VFM_OCT_weights.pth", visionfm_layout,
                  ["head (2)", "masked_embed (1)"]),
 }
 
@@ -242,8 +243,7 @@ def test_fc_norm_only_checkpoint_gives_unnormalised_tokens(tmp_path):
 @pytest.mark.parametrize("case, input_size", [
     ("retfound", (96, 128)),      # 4x4 -> 6x8
     ("retfound", (32, 128)),      # 4x4 -> 2x8: same token count, still resampled
-    ("dinov2_b_reg", (84, 56)),   # no position embedding for the class token (timm)
-])
+])  # every family's own rule, at native and other sizes: tests/test_families.py
 def test_vit_pos_embed_resampled_to_tuning_grid(tmp_path, case, input_size):
     path, fm, source = write_case(tmp_path, case)
     bb, _, report = build_backbone(path, input_size, fm=fm)
@@ -340,7 +340,8 @@ def test_register_file_for_a_model_without_registers_is_an_error(tmp_path):
     ("sam_vit_b_01ec64.pth", SamViTB),
     ("medsam_vit_b.pth", MedSam),                         # also contains "sam_vit_b"
     ("MedSAM-ViT-B.pth", MedSam),
-    ("VisionFM_Fundus_teacher.pth", VisionFM),
+    ("VisionFM_Fundus_teacher.pth", VisionFMFundus),
+    ("VFM_OCT_weights.pth", VisionFMOCT),                 # as the authors publish it
     ("MIRAGE-Base.pth", MirageBase),
 ])
 def test_file_name_selects_family(file_name, family):
@@ -349,8 +350,9 @@ def test_file_name_selects_family(file_name, family):
 
 def test_families_declare_their_input():
     assert (MedSam.norm, MedSam.in_chans) == ("minmax", 3)
-    for family in (RetFound, RetFoundDinov2, Dinov2Small, SamViTB, VisionFM):
+    for family in (RetFound, RetFoundDinov2, Dinov2Small, SamViTB):
         assert (family.norm, family.in_chans) == ("imagenet", 3)
+    assert (VisionFMOCT.norm, VisionFMOCT.in_chans) == ("visionfm_oct", 3)
     assert (RetFound.default_patch_size, Dinov2Small.default_patch_size) == (16, 14)
 
 

@@ -139,3 +139,74 @@ def test_slice_names():
     assert parse_slice_name("patient_01_12") == ("patient_01", 12)
     with pytest.raises(UserError, match="<scan_id>_<slice number>"):
         parse_slice_name("patient01")
+
+
+# ----------------------------------------------------------------------------- file names
+# docs/segmentation_benchmark.md, "Checks before training": a file name without
+# _<slice number> is reported with the file; two files for one slice would otherwise
+# leave one of them silently unused.
+
+def _rename(dataset, split, old, new, subs=("bscan", "semseg")):
+    for sub in subs:
+        (dataset / split / sub / old).rename(dataset / split / sub / new)
+
+
+@pytest.mark.parametrize("name", ["trainvol0.png", "trainvol0_.png", "trainvol0_x.png",
+                                  "7.png", "trainvol0_\u0661.png"])  # '١': not an ASCII digit
+def test_file_name_without_slice_number_is_named(tiny_dataset, name):
+    _rename(tiny_dataset, "train", "trainvol0_1.png", name)
+    with pytest.raises(UserError) as err:
+        find_split(tiny_dataset / "train", need_masks=True)
+    assert str(err.value) == (f"1 file(s) in {tiny_dataset / 'train' / 'bscan'} are not named "
+                              f"<scan_id>_<slice number> (e.g. patient01_5.png): {name}; "
+                              "rename them")
+
+
+def test_misnamed_files_are_found_without_masks_too(tiny_dataset):
+    import shutil
+    shutil.rmtree(tiny_dataset / "test/semseg")  # RETOUCH's test split: B-scans only
+    _rename(tiny_dataset, "test", "testvol0_0.png", "a.png", subs=("bscan",))
+    _rename(tiny_dataset, "test", "testvol0_1.png", "b.png", subs=("bscan",))
+    with pytest.raises(UserError, match=r"^2 file\(s\) in .*test/bscan are not named "
+                                        r".*: a\.png, b\.png; rename them$"):
+        find_split(tiny_dataset / "test", need_masks=False)
+
+
+def test_two_files_with_one_stem_are_named(tiny_dataset):
+    png = tiny_dataset / "train/semseg/trainvol0_1.png"
+    cv2.imwrite(str(png.with_suffix(".bmp")), cv2.imread(str(png), cv2.IMREAD_UNCHANGED))
+    with pytest.raises(UserError) as err:
+        find_split(tiny_dataset / "train", need_masks=True)
+    assert str(err.value) == (f"{tiny_dataset / 'train' / 'semseg'}: trainvol0_1.bmp and "
+                              "trainvol0_1.png are two files for one slice; keep one of them")
+
+
+def test_two_names_for_one_slice_are_named(tiny_dataset):
+    _rename(tiny_dataset, "val", "valvol0_1.png", "valvol0_00.png")
+    with pytest.raises(UserError) as err:
+        find_split(tiny_dataset / "val", need_masks=True)
+    assert str(err.value) == (f"{tiny_dataset / 'val' / 'bscan'}: valvol0_0.png and "
+                              "valvol0_00.png are both slice 0 of volume valvol0; rename or "
+                              "remove one of them")
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("no_slice", "file(s) in {root}/val/bscan are not named <scan_id>_<slice number>"),
+    ("two_stems", "{root}/val/bscan: valvol0_0.bmp and valvol0_0.png are two files"),
+])
+def test_training_stops_with_one_line_naming_the_file(tiny_dataset, tiny_weights, tmp_path,
+                                                      capsys, damage, expected):
+    import run_seg_tuning
+    if damage == "no_slice":
+        _rename(tiny_dataset, "val", "valvol0_1.png", "valvol0.png")
+    else:
+        png = tiny_dataset / "val/bscan/valvol0_0.png"
+        cv2.imwrite(str(png.with_suffix(".bmp")), cv2.imread(str(png), cv2.IMREAD_UNCHANGED))
+    with pytest.raises(SystemExit) as exc:
+        run_seg_tuning.main(["--weights", str(tiny_weights), "--data_path", str(tiny_dataset),
+                             "--input_size", "32", "48", "--patch_size", "16", "--epochs", "1",
+                             "--num_workers", "0", "--base_output_dir", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert expected.format(root=tiny_dataset) in err[0]

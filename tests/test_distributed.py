@@ -31,7 +31,9 @@ def train(tmp_path, dataset, weights, out, batch_size, nproc=None):
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    return out / "v1" / "Tiny" / "MIRAGE-Tiny_frozen_convnext_CEGDice", result
+    found = list((out / "v1" / "Tiny").glob("MIRAGE-Tiny_frozen_convnext_CEGDice_s*_*"))
+    assert len(found) == 1, found
+    return found[0], result
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")

@@ -20,6 +20,8 @@ from mirage.errors import UserError
 from mirage.evaluation import evaluate_run, resize_nearest
 from run_seg_eval import main
 
+from conftest import seal_predictions
+
 monai_metrics = pytest.importorskip("monai.metrics", reason="MONAI is the HD95 reference")
 
 EVAL_EXAMPLE = Path(__file__).resolve().parent / "data" / "eval_example"  # see data/README.md
@@ -68,6 +70,8 @@ def write_images(folder, images, suffix=""):
     folder.mkdir(parents=True, exist_ok=True)
     for slice_id, image in images.items():
         assert cv2.imwrite(str(folder / f"{slice_id}{suffix}.png"), image)
+    if folder.name.startswith("preds"):
+        seal_predictions(folder)
 
 
 def make_run(root, dataset="Tiny_DME", info=TINY_INFO, truths=None, preds=None,
@@ -153,7 +157,9 @@ def run_cli(argv, capsys):
 def test_eval_example_reproduces_the_original_tool(tmp_path):
     shutil.copytree(EVAL_EXAMPLE, tmp_path / "ex")  # the run directory gets written into
     run_dir = next((tmp_path / "ex" / "run" / "Synth_DME").iterdir())
-    evaluation = evaluate_run(run_dir, tmp_path / "ex" / "datasets", quiet=True)
+    # predictions of the original tool: no manifest of ours
+    evaluation = evaluate_run(run_dir, tmp_path / "ex" / "datasets", quiet=True,
+                              foreign_predictions=True)
     written = pd.concat([pd.read_csv(f) for f in evaluation.files])
     expected = pd.read_csv(EVAL_EXAMPLE / "expected_results.csv")
     assert [f.name for f in evaluation.files] == ["results_layers.csv", "results_lesions.csv"]
@@ -433,3 +439,33 @@ def test_external_errors(tmp_path, capsys):
     (datasets / "Tiny_DME" / "INFO.json").unlink()
     code, _, err = run_cli(["-d", datasets, "-m", run_dir, "-e", "Other"], capsys)
     assert code == 2 and "Tiny_DME/INFO.json not found" in err
+
+
+# ----------------------------------------------------------------------------- manifests
+def test_predictions_without_manifest_are_refused_unless_foreign(tmp_path, capsys):
+    datasets, run_dir, _, _ = make_run(tmp_path)
+    (run_dir / "preds" / "manifest.json").unlink()
+    code, _, err = run_cli(["-d", str(datasets), "-m", str(run_dir)], capsys)
+    assert code == 2 and "no manifest.json" in err and "--foreign_predictions" in err
+    summary = tmp_path / "summary.csv"
+    code, out, _ = run_cli(["-d", str(datasets), "-m", str(run_dir), "--foreign_predictions",
+                            "--summary", str(summary), "--no_report"], capsys)
+    assert code == 0 and "foreign predictions" in out
+    assert pd.read_csv(summary)["note"].str.startswith("foreign predictions").all()
+
+
+def test_predictions_of_an_earlier_best_checkpoint_are_refused(tmp_path, capsys):
+    datasets, run_dir, _, _ = make_run(tmp_path)
+    (run_dir / "checkpoint-best.pth").write_bytes(b"a newer best checkpoint")
+    code, _, err = run_cli(["-d", str(datasets), "-m", str(run_dir)], capsys)
+    assert code == 2 and "earlier checkpoint-best.pth" in err and "--infer_only --test" in err
+
+
+def test_a_mix_of_predictions_is_refused(tmp_path, capsys):
+    datasets, run_dir, truths, _ = make_run(tmp_path)
+    # a half-finished older inference left a file the manifest does not list
+    write_images(run_dir / "preds", {"scanC_0": next(iter(truths.values()))})
+    (run_dir / "preds" / "manifest.json").write_text(
+        (run_dir / "preds" / "manifest.json").read_text().replace('"scanB_2"', '"scanB_9"'))
+    code, _, err = run_cli(["-d", str(datasets), "-m", str(run_dir)], capsys)
+    assert code == 2 and "differ from its manifest.json" in err

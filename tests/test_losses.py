@@ -62,3 +62,27 @@ def test_losses_backpropagate():
         logits.grad = None
         build_loss(name, 0)(logits, target).backward()
         assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["CE", "CE-ignore-bg", "CEGDice"])
+def test_all_background_batch_gives_zero_or_finite_loss_and_finite_gradient(name):
+    # A lesion dataset's typical batch: every pixel is background (class 0).
+    logits = torch.randn(2, 3, 4, 5, requires_grad=True)
+    target = torch.zeros(2, 4, 5, dtype=torch.long)
+    loss = build_loss(name, 0)(logits, target)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert torch.isfinite(logits.grad).all()
+    if name == "CE-ignore-bg":  # nothing to score: exactly zero loss and gradient
+        assert loss.item() == 0.0
+        assert torch.count_nonzero(logits.grad) == 0
+
+
+def test_ce_ignore_bg_mean_is_over_scored_pixels_only():
+    # Two images; only one foreground pixel in the whole batch: loss = its CE.
+    logits = torch.zeros(2, 2, 1, 2)
+    logits[1, 1, 0, 1] = math.log(3.0)  # p(class 1) = 3/4 at that pixel
+    target = torch.zeros(2, 1, 2, dtype=torch.long)
+    target[1, 0, 1] = 1
+    assert build_loss("CE-ignore-bg", 0)(logits, target).item() == \
+        pytest.approx(-math.log(0.75), rel=1e-6)

@@ -34,8 +34,11 @@ def run(*args):
     return run_seg_tuning.main(list(args))
 
 
-def run_dir_of(out, decoder="linear", loss="CE-ignore-bg"):
-    return out / "v1" / "Tiny" / f"MIRAGE-Tiny_frozen_{decoder}_{loss}"
+def run_dir_of(out, decoder="linear", loss="CE-ignore-bg", version="v1"):
+    """The one run directory of these options (its name ends in _s<seed>_<hash>)."""
+    found = list((out / version / "Tiny").glob(f"MIRAGE-Tiny_frozen_{decoder}_{loss}_s*_*"))
+    assert len(found) == 1, found
+    return found[0]
 
 
 def test_frozen_blocks_bit_identical_after_a_step(tiny_dataset, tiny_weights):
@@ -95,14 +98,14 @@ def test_best_checkpoint_is_really_loaded_for_testing(tiny_dataset, tiny_weights
     loaded = []
     real = engine.load_model_weights
     monkeypatch.setattr(engine, "load_model_weights",
-                        lambda model, path: loaded.append(path.name) or real(model, path))
+                        lambda model, path, *rest: loaded.append(path.name) or real(model, path, *rest))
     run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 1))
     assert loaded == ["checkpoint-best.pth"]
 
 
 def test_resume_after_interruption_continues_from_the_right_epoch(
         tiny_dataset, tiny_weights, tmp_path, monkeypatch, capsys):
-    common = ("--epochs", 4, "--save_ckpt_freq", 1)
+    common = ("--epochs", 4, "--save_ckpt_freq", 1, "--keep_ckpts", 4)
     straight = tmp_path / "straight"
     run(*argv(tiny_dataset, tiny_weights, straight, *common))
 
@@ -136,7 +139,7 @@ def test_infer_only_writes_pngs_at_original_size(tiny_dataset, tiny_weights, tmp
     run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 1))
     run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 1, "--infer_only", "--test"))
     preds = run_dir_of(tmp_path) / "preds"
-    names = sorted(p.name for p in preds.iterdir())
+    names = sorted(p.name for p in preds.glob("*.png"))
     assert names == sorted(p.name for p in (tiny_dataset / "test/bscan").iterdir())
     for name in names:
         pred = cv2.imread(str(preds / name), cv2.IMREAD_UNCHANGED)
@@ -148,7 +151,7 @@ def test_infer_without_masks_and_on_an_external_dataset(tiny_dataset, tiny_weigh
     run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 1))
     shutil.rmtree(tiny_dataset / "test/semseg")                      # like RETOUCH
     run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 1, "--infer_only", "--test"))
-    assert len(list((run_dir_of(tmp_path) / "preds").iterdir())) == 3
+    assert len(list((run_dir_of(tmp_path) / "preds").glob("*.png"))) == 3
     # evaluation-only layout (bscan/ and semseg/ at the top), other classes, 16-bit values
     external = make_dataset(tmp_path / "ext", name="Other", splits={"test": 2},
                             size=(40, 50), values=(0, 300, 600), labels=("a", "b", "c"))
@@ -156,7 +159,7 @@ def test_infer_without_masks_and_on_an_external_dataset(tiny_dataset, tiny_weigh
         shutil.move(external / "test" / sub, external / sub)
     run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 1, "--infer_only", "--test",
               "--test_data_path", external))
-    preds = sorted((run_dir_of(tmp_path) / "preds_Other").iterdir())
+    preds = sorted((run_dir_of(tmp_path) / "preds_Other").glob("*.png"))
     assert len(preds) == 2
     assert cv2.imread(str(preds[0]), cv2.IMREAD_UNCHANGED).shape == (40, 50)
 
@@ -164,9 +167,12 @@ def test_infer_without_masks_and_on_an_external_dataset(tiny_dataset, tiny_weigh
 def test_test_mode_logs_metrics(tiny_dataset, tiny_weights, tmp_path, capsys):
     run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 1))
     run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 1, "--test"))
+    run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 1, "--test"))
     assert ">> test of the best checkpoint" in capsys.readouterr().out
     log = (run_dir_of(tmp_path) / "log.txt").read_text().splitlines()
-    assert sum("test/mIoU" in line for line in log) == 2
+    # the test after training and both --test runs score the same checkpoint on the same
+    # data: one line, not three
+    assert sum("test/mIoU" in line for line in log) == 1
 
 
 def test_infer_only_without_checkpoint_is_an_error(tiny_dataset, tiny_weights, tmp_path,
@@ -180,11 +186,12 @@ def test_infer_only_without_checkpoint_is_an_error(tiny_dataset, tiny_weights, t
 def test_existing_checkpoints_are_never_overwritten_by_a_fresh_run(tiny_dataset, tiny_weights,
                                                                     tmp_path, capsys):
     run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 2, "--save_ckpt_freq", 1))
-    before = (run_dir_of(tmp_path) / "checkpoint-0.pth").read_bytes()
+    before = (run_dir_of(tmp_path) / "checkpoint-1.pth").read_bytes()
     with pytest.raises(SystemExit):
-        run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 3, "--no_auto_resume"))
+        run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 2, "--save_ckpt_freq", 1,
+                  "--no_auto_resume"))
     assert "already holds checkpoints" in capsys.readouterr().err
-    assert (run_dir_of(tmp_path) / "checkpoint-0.pth").read_bytes() == before
+    assert (run_dir_of(tmp_path) / "checkpoint-1.pth").read_bytes() == before
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -238,14 +245,15 @@ def test_predictions_are_16_bit_when_info_values_exceed_255(tmp_path, tiny_weigh
     dataset = make_dataset(tmp_path / "datasets", values=(0, 1000, 60000))
     run(*argv(dataset, tiny_weights, tmp_path, "--epochs", 1))
     run(*argv(dataset, tiny_weights, tmp_path, "--epochs", 1, "--infer_only", "--test"))
-    for path in (run_dir_of(tmp_path) / "preds").iterdir():
+    for path in (run_dir_of(tmp_path) / "preds").glob("*.png"):
         pred = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         assert pred.dtype == np.uint16 and pred.shape == (64, 96)
         assert set(np.unique(pred)) <= {0, 1000, 60000}
 
 
 def test_resume_from_a_given_checkpoint(tiny_dataset, tiny_weights, tmp_path, capsys):
-    run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 2, "--save_ckpt_freq", 1))
+    run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 2, "--save_ckpt_freq", 1,
+              "--keep_ckpts", 2))
     first = run_dir_of(tmp_path) / "checkpoint-0.pth"
     run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 2, "--version", "v2",
               "--resume", first))
