@@ -346,7 +346,7 @@ class VisionFM(TimmViTFamily):
 def _visionfm_modality_message(source):
     """Why a VisionFM file cannot be used without its modality, on one line."""
     modalities = [m.modality for m in VISIONFM_MODALITIES]
-    named = re.search(r"(?:vfm|visionfm)[_-]([a-z0-9]+)", Path(source).name.lower())
+    named = re.search(r"vfm_([a-z0-9]+)_weights", Path(source).name.lower())  # published
     if named:
         return (f"{source}: VisionFM modality '{named.group(1)}' is not one its authors "
                 f"publish statistics for ({', '.join(modalities)}); its normalisation is "

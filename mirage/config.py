@@ -265,6 +265,9 @@ def _coerce(opt, value, where):
 def _coerce_size(opt, value, where):
     """int | [h, w] | {domain: int | [h, w]}  ->  the same, checked (ints > 0)."""
     def pair(v):
+        if isinstance(v, str) and not v.isascii():
+            raise UserError(f"{where}: {opt.name} = {value!r} is not valid; expected ASCII "
+                            "digits")
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
         if isinstance(v, str) and v.isascii() and v.isdigit() and int(v) > 0:

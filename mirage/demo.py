@@ -4,8 +4,9 @@
 2. writes a tiny randomly initialised encoder in the MIRAGE checkpoint layout
    (``__demo/weights/MIRAGE-Tiny.pth``; the registry's ``mirage-tiny`` entry),
 3. trains the decoder (options from ``_cfgs/demo.yaml``, overridable on the command line),
-4. predicts the test split (``--infer_only --test``) and
-5. evaluates the predictions with ``run_seg_eval.py``'s per-volume Dice/IoU/HD95.
+4. predicts the test split (``--infer_only --test``),
+5. evaluates the predictions with ``run_seg_eval.py``'s per-volume Dice/IoU/HD95 and
+6. writes the run's ``report.html`` and prints its path.
 """
 from pathlib import Path
 
@@ -64,6 +65,9 @@ def run(config):
     verdict = "reached" if layer_dice > LAYER_DICE_TARGET else "did NOT reach"
     print(f">> demo: test mean Dice over the layer classes {layer_dice:.3f} "
           f"({verdict} the target {LAYER_DICE_TARGET})")
+    from mirage.run_report import write_run_report  # matplotlib: only once there is a run
+    report = write_run_report(run_dir, datasets_path=Path(config["data_path"]).parent)
+    print(f">> demo: report (training curves, test scores, overlays): {report}")
     return results
 
 

@@ -101,4 +101,4 @@ def render_grid_report(study, tables, significance, runs_frame, run_links, files
                     f"A - B. All metrics: significance.csv.", cls="muted"),
         _significance_html(significance, metric), anchor="significance"))
     sections.append(H.section("Runs", _runs_html(runs_frame, run_links), anchor="runs"))
-    return H.page("Study report", sections, subtitle=H.esc(overview))
+    return H.page("Study report", sections)

@@ -6,10 +6,13 @@ Two ways to run the grid:
   ``CUDA_VISIBLE_DEVICES`` (``--runner-gpus``);
 - on a cluster, as a SLURM job array submitted with submitit (``--runner-slurm``).
 
-Either way each job's output goes to its own log file, failed commands can be retried, a
-progress line shows done / failed / running, and the end shows a table of the commands
-that failed with their exit codes and logs. The exit status is 0 only if every command
-succeeded. Commands are argument lists run without a shell. See ``docs/runner.md``.
+Either way each job's output goes to its own log file, failed commands can be retried
+(never after exit 2, a user error), a job can be given a time limit (its whole process
+group is stopped), a progress line shows done / failed / running, and the end shows a
+table of the commands that failed with their exit codes and logs. The exit status is 0
+only if every command succeeded. Before a grid of ``run_seg_tuning.py`` trainings starts,
+each job's run directory is resolved and a grid in which two jobs share one is refused.
+Commands are argument lists run without a shell. See ``docs/runner.md``.
 """
 import contextlib
 import datetime
@@ -326,7 +329,10 @@ def run_one_command(command, log_path, retries=0, timeout_s=None, grace_s=STOP_G
                     _signal_group(proc, signal.SIGKILL)
                     code = proc.wait()
                 except BaseException:  # the task itself is being cancelled
-                    _signal_group(proc, signal.SIGKILL)
+                    if timeout_s is not None:
+                        _signal_group(proc, signal.SIGKILL)
+                    else:
+                        proc.kill()
                     raise
         if code == 0 or code == EXIT_USER_ERROR:
             break
@@ -673,7 +679,8 @@ class RunDirCheck:
         more = (f"; {len(groups) - 1} more group(s) of jobs collide as well"
                 if len(groups) > 1 else "")
         raise UserError(
-            f"jobs {named}{values} would all train into one run directory {path}, as "
+            f"jobs {named}{values} would {'both' if len(jobs) == 2 else 'all'} train into "
+            f"one run directory {path}, as "
             "these values do not change the run identity; drop the duplicates, or give the "
             f"jobs distinct run directories (e.g. a --version per job; docs/runner.md){more}")
 
@@ -764,6 +771,9 @@ def main(argv=None, poll_s=None, stop_grace_s=STOP_GRACE_S):
     for job in grid.jobs:
         check.add(job)
     check.check()
+    if check.by_dir:
+        print(f"runner: {len(check.by_dir)} training job(s), each with its own run directory",
+              flush=True)
     log_dir = make_log_dir(options.log_dir)
     log_paths = log_paths_for(grid.jobs, log_dir)
     with sigterm_as_interrupt():

@@ -307,7 +307,7 @@ def test_parameter_counts_of_the_other_decoders():
 
 def test_segmenter_initialisation_is_the_originals():
     """Xavier-uniform Linear layers (the fused qkv as three D x D matrices), zero biases,
-    LayerNorm eps 1e-6, class embeddings truncated normal std 0.02."""
+    LayerNorm eps 1e-6, class embeddings normal std 0.02 (timm cuts at +-2)."""
     torch.manual_seed(0)
     decoder = _build("segmenter", dim=64, classes=5)
     for name, m in decoder.named_modules():
@@ -320,7 +320,7 @@ def test_segmenter_initialisation_is_the_originals():
         elif isinstance(m, torch.nn.LayerNorm):
             assert m.eps == 1e-6, name
     assert decoder.patch_proj.bias is None and decoder.classes_proj.bias is None
-    assert decoder.cls_emb.abs().max() <= 0.04 and decoder.cls_emb.std() > 0.01
+    assert decoder.cls_emb.std().item() == pytest.approx(0.02, rel=0.05)
 
 
 def test_segmenter_logits_are_normalised_cosine_similarities():

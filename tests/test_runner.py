@@ -526,7 +526,7 @@ def test_grid_whose_jobs_share_a_run_directory_is_refused(
         runner.main(base + ["--runner-log", str(env["logs"]), "--", "--seed", "1", "2"] + axis)
     assert exc.value.code == 2
     line = one_error_line(capsys)
-    assert f"jobs 1 and 2 {differ} would all train into one run directory " \
+    assert f"jobs 1 and 2 {differ} would both train into one run directory " \
            f"{out.resolve()}/v1/Tiny/MIRAGE-Tiny_frozen_linear_CE-ignore-bg_s1_" in line
     assert "1 more group(s) of jobs collide as well" in line  # jobs 3 and 4 (seed 2)
     assert not out.exists() and not env["logs"].exists()  # nothing started
