@@ -314,3 +314,33 @@ def test_yaml_identity_dump_reads_back(tiny_dataset, tiny_weights, tmp_path):
     assert config["seed"] == 5
     assert run_dir_for_argv(["-c", str(run_dir / "config.yaml")]) == run_dir
     assert open_dataset(tiny_dataset).name == "Tiny"
+
+
+def test_a_full_checkpoint_of_the_first_version_still_resumes(tiny_dataset, tiny_weights,
+                                                              tmp_path, capsys):
+    run_dir = run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 2))
+    slim = ckpt.load_file(run_dir / "checkpoint-1.pth")
+    # The first version's layout: the whole model (backbone included), config, class table.
+    from mirage import engine
+    config, _, _ = parse_config(argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 2))
+    dataset = open_dataset(tiny_dataset)
+    from fm_seg_config import find_model
+    model, _ = engine.build_model(config, find_model(tiny_weights), 3, (32, 48), (16, 16))
+    model.load_state_dict(slim["model"], strict=False)
+    legacy = tmp_path / "legacy" / "checkpoint-0.pth"
+    ckpt.save(legacy, {"model": model.state_dict(), "epoch": 0, "optimizer":
+                       slim["optimizer"], "scaler": slim["scaler"], "config": config,
+                       "class_values": list(dataset.class_table.values),
+                       "class_labels": list(dataset.class_table.labels)})
+    capsys.readouterr()
+    run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 2, "--version", "v2"),
+        "--resume", legacy)
+    assert "continuing at epoch 1" in capsys.readouterr().out
+
+
+def test_checkpoint_benchmark_quick_mode():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_checkpoint
+    result = bench_checkpoint.main(["--quick"])
+    assert result["slim_best"]["MB"] < result["full_best"]["MB"]
+    assert 0 < result["run_total"]["slim_over_full"] < 1

@@ -274,3 +274,36 @@ def test_command_line_prints_the_table_and_writes_the_files(grid, tmp_path, caps
         run_seg_report.main([str(tmp_path / "missing"), "-o", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_a_seed_found_twice_is_used_once_and_listed(grid, tmp_path):
+    import shutil
+    _, output, runs = grid
+    copy = tmp_path / "backup" / DATASET / runs[("MIRAGE-Tiny", 1)].name
+    shutil.copytree(runs[("MIRAGE-Tiny", 1)], copy)
+    files = summarise([output, tmp_path / "backup"], tmp_path / "s")
+    summary = pd.read_csv(files["summary.csv"], keep_default_na=False)
+    row = summary[(summary["model"] == "MIRAGE-Tiny") & (summary["class"] == "[all]")].iloc[0]
+    assert row["seeds"] == 2 and "seed 1 twice" in row["notes"]
+    listing = pd.read_csv(files["runs.csv"], keep_default_na=False)
+    statuses = listing[listing["run"] == copy.name]["status"].tolist()
+    assert sorted(statuses) == ["in the summary", "not used (duplicate seed)"]
+
+
+def test_an_external_test_set_is_its_own_column(grid, tmp_path):
+    runs = _copy_grid(grid, tmp_path)
+    for (model, seed), run in runs.items():
+        (run / "preds_Other").mkdir()  # as --infer_only --test_data_path .../Other leaves it
+        for group in ("layers", "lesions"):
+            rows = pd.read_csv(run / f"results_{group}.csv", dtype={"ID": str})
+            rows["Dice"] = rows["Dice"] / 2
+            rows.to_csv(run / f"results_{group}_Other.csv", index=False)
+    files = summarise([tmp_path / "output"], tmp_path / "s")
+    summary = pd.read_csv(files["summary.csv"], keep_default_na=False)
+    assert sorted(set(summary["dataset"])) == ["Other (from Synth_OCT)", "Synth_OCT"]
+    own = summary[(summary["dataset"] == "Synth_OCT") & (summary["class"] == "[all]")]
+    other = summary[(summary["dataset"] == "Other (from Synth_OCT)") & (summary["class"] == "[all]")]
+    assert other["Dice_mean"].to_numpy() == pytest.approx(own["Dice_mean"].to_numpy() / 2)
+    assert "| model | Synth_OCT | Other (from Synth_OCT) |" in files["summary.md"].read_text()
+    tests = pd.read_csv(files["significance.csv"], keep_default_na=False)
+    assert "all datasets (pooled)" in set(tests["dataset"])
