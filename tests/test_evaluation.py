@@ -307,7 +307,7 @@ def test_aroi_model_on_duke_iamd_translates_classes_and_skips_invalid(tmp_path, 
     aroi_values = [23 * i for i in range(8)]
     # AROI value -> Duke iAMD value, as listed in docs/segmentation_benchmark.md
     translate = {0: 51, 23: 102, 46: 102, 69: 153, 92: 204, 115: 0, 138: 0, 161: 0}
-    truths, raw_preds, preds = {}, {}, {}
+    truths, raw_preds, preds, scored_truths = {}, {}, {}, {}
     for s in range(3):
         truth = layered(rng, (30, 40), [51, 102, 153, 204])
         truth[:, :4] = 0  # invalid columns
@@ -315,8 +315,10 @@ def test_aroi_model_on_duke_iamd_translates_classes_and_skips_invalid(tmp_path, 
         pred[12:15, 20:26] = rng.choice(aroi_values[5:])  # a lesion: becomes invalid
         truths[f"eye_{s}"], raw_preds[f"eye_{s}"] = truth, pred
         translated = np.vectorize(translate.get)(pred).astype(np.uint8)
-        translated[truth == 0] = 0  # where the truth is invalid, the prediction is too
-        preds[f"eye_{s}"] = translated
+        scored = truth.copy()
+        scored[translated == 0] = 0  # where the prediction is invalid, the truth is too
+        translated[scored == 0] = 0  # where the truth is invalid, the prediction is too
+        preds[f"eye_{s}"], scored_truths[f"eye_{s}"] = translated, scored
     datasets = tmp_path / "datasets"
     (datasets / "AROI").mkdir(parents=True)
     (datasets / "AROI" / "INFO.json").write_text(json.dumps(AROI_INFO))
@@ -329,8 +331,50 @@ def test_aroi_model_on_duke_iamd_translates_classes_and_skips_invalid(tmp_path, 
     assert code == 0, err
     frame = pd.read_csv(run_dir / "results_Duke_iAMD.csv")
     assert list(frame["Class"]) == ["ILM-Inner RPEDC", "Inner RPEDC-Outer BM", "Below BM"]
-    assert_rows_match(frame, reference_rows(truths, preds, [102, 153, 204]),
+    assert_rows_match(frame, reference_rows(scored_truths, preds, [102, 153, 204]),
                       label_values(IAMD_INFO))
+
+
+def test_aroi_to_duke_iamd_hand_computed(tmp_path, capsys):
+    """One 6 x 6 B-scan. Truth (Duke iAMD): column 0 Invalid; rows 0-1 Above ILM, 2-3
+    ILM-Inner RPEDC, 4 Inner RPEDC-Outer BM, 5 Below BM. Prediction (AROI): the same
+    layers (ILM-IPL/INL in rows 2-3, RPE-BM in row 4, Under BM in row 5), a Cyst at rows
+    2-3, columns 3-4 over annotated ILM-Inner RPEDC, and Under BM at (4, 5).
+    The original sets the truth Invalid under the predicted cyst, so those 4 pixels count
+    for no class; column 0 (invalid truth) neither."""
+    truth = np.full((6, 6), 51, np.uint8)
+    truth[2:4], truth[4], truth[5] = 102, 153, 204
+    truth[:, 0] = 0
+    pred = np.zeros((6, 6), np.uint8)
+    pred[2:4], pred[4], pred[5] = 23, 69, 92
+    pred[2:4, 3:5] = 115  # Cyst
+    pred[4, 5] = 92
+    datasets = tmp_path / "datasets"
+    (datasets / "AROI").mkdir(parents=True)
+    (datasets / "AROI" / "INFO.json").write_text(json.dumps(AROI_INFO))
+    (datasets / "Duke_iAMD").mkdir()
+    (datasets / "Duke_iAMD" / "INFO.json").write_text(json.dumps(IAMD_INFO))
+    write_images(datasets / "Duke_iAMD" / "semseg", {"eye_0": truth})
+    run_dir = tmp_path / "runs" / "AROI" / "run_x"
+    write_images(run_dir / "preds_Duke_iAMD", {"eye_0": pred})
+    code, _, err = run_cli(["-d", datasets, "-m", run_dir, "-e", "Duke_iAMD"], capsys)
+    assert code == 0, err
+    rows = pd.read_csv(run_dir / "results_Duke_iAMD.csv").set_index("Class")
+    # ILM-Inner RPEDC: truth and prediction both rows 2-3, columns 1, 2, 5 (6 px); the 4
+    # cyst pixels are not misses (the project's earlier rule gave Dice 12 / 16 = 0.75).
+    # HD95 0: identical masks.
+    # Inner RPEDC-Outer BM: truth row 4 columns 1-5, prediction columns 1-4: |P∩G| = 4.
+    # HD95: prediction -> truth all 0; truth -> prediction 0, 0, 0, 0, 1 -> P95 at rank
+    # 0.95 x 4 = 3.8 -> 0.8. Below BM: truth row 5 columns 1-5, prediction those plus
+    # (4, 5): |P∩G| = 5; prediction -> truth 0 x 5, 1 -> rank 4.75 -> 0.75.
+    expected = {"ILM-Inner RPEDC": (12 / (12 + 1e-6), 6 / (6 + 1e-6), 0.0),
+                "Inner RPEDC-Outer BM": (8 / (9 + 1e-6), 4 / (5 + 1e-6), 0.8),
+                "Below BM": (10 / (11 + 1e-6), 5 / (6 + 1e-6), 0.75)}
+    assert list(rows.index) == list(expected)
+    for label, (dice, iou, hd) in expected.items():
+        assert rows.loc[label, "Dice"] == pytest.approx(dice, abs=1e-12)
+        assert rows.loc[label, "IoU"] == pytest.approx(iou, abs=1e-12)
+        assert rows.loc[label, "HD95"] == pytest.approx(hd, abs=1e-6)
 
 
 def test_summary_one_row_per_run_and_group(tmp_path, capsys):
