@@ -35,6 +35,7 @@ from mirage.errors import UserError
 from mirage.fileio import atomic_path, list_images, read_gray
 from mirage.metrics import dice_score, hd95_per_class, iou_score
 from mirage.workers import dying_with_parent
+from mirage.identity import identity_hash, read_identity
 from mirage.predictions import check_predictions
 
 # Labels are compared lower-cased and stripped.
@@ -541,15 +542,20 @@ def summary_table(evaluations):
 
     Mean: over all (volume, class) rows of the group, NaN ignored (as printed). Std: the
     sample standard deviation over volumes of each volume's mean over the group's classes.
-    Dice and IoU in percent, HD95 in pixels; the text columns read "mean ± std".
+    Dice and IoU in percent, HD95 in pixels; the text columns read "mean ± std". Each row
+    names its run's seed and identity hash (identity.json), so seeds of one configuration
+    are told apart and runs of different options are never mistaken for one another.
     """
     records = []
     for ev in evaluations:
+        identity = read_identity(ev.run_dir) or {}  # none for runs of the first version
         groups = list(ev.groups) + (["all"] if len(ev.groups) > 1 else [])
         for group in groups:
             rows = _percent_table(ev.group_rows(group))
             per_volume = rows.groupby("ID")[list(METRICS)].mean()
             record = {"run": ev.run_dir.name, "dataset": ev.dataset, "group": group,
+                      "seed": identity.get("seed"),
+                      "identity": identity_hash(identity) if identity else "",
                       "volumes": len(per_volume), "path": str(ev.run_dir), "note": ev.note}
             for metric in METRICS:
                 mean, std = rows[metric].mean(), per_volume[metric].std()
