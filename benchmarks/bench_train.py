@@ -7,7 +7,7 @@
 * ``train_step``: seconds per optimisation step (forward, backward, AdamW) of reduced
   configurations with a frozen encoder and the ConvNeXt decoder.
 
-    python benchmarks/bench_train.py [--samples 200]
+    python benchmarks/bench_train.py [--samples 200] [--quick]
 """
 import argparse
 import json
@@ -25,6 +25,8 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from fm_seg_config import MirageBase, MirageTiny  # noqa: E402
 from mirage.data import SegmentationDataset, find_split, open_dataset  # noqa: E402
+from mirage.distributed import DistInfo  # noqa: E402
+from mirage.engine import make_loader  # noqa: E402
 from mirage.losses import build_loss  # noqa: E402
 from mirage.model import SegmentationModel  # noqa: E402
 from mirage.optim import build_optimizer, param_groups  # noqa: E402
@@ -33,9 +35,9 @@ from mirage.synthetic import write_synthetic_dataset  # noqa: E402
 from mirage.transforms import SegmentationTransform  # noqa: E402
 
 
-def data_throughput(root, samples):
+def data_throughput(root, samples, slices_per_volume=16):
     folder = write_synthetic_dataset(root, name="Bench", splits={"train": 4},
-                                     slices_per_volume=16, size=(496, 768))
+                                     slices_per_volume=slices_per_volume, size=(496, 768))
     info = open_dataset(folder)
     dataset = SegmentationDataset(find_split(folder / "train", True), info.class_table,
                                   SegmentationTransform((1024, 1024), train=True))
@@ -47,8 +49,9 @@ def data_throughput(root, samples):
     in_process = samples / (time.perf_counter() - start)
     assert item["image"].shape == (1, 1024, 1024) and item["mask"].shape == (1024, 1024)
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, shuffle=True,
-                                         persistent_workers=True, drop_last=True)
+    # The training loader exactly as a run builds it (persistent workers, prefetch).
+    loader = make_loader(dataset, {"batch_size": 4, "num_workers": 2, "pin_mem": False,
+                                   "seed": 0}, DistInfo(), train=True)
     iterator = iter(loader)
     next(iterator)  # workers started and warm
     start, seen = time.perf_counter(), 0
@@ -89,19 +92,25 @@ def step_time(fm, input_size, patch, batch, steps=3):
             round(float(np.median(times[1:])), 3)}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=200)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 16 B-scans, the demo's training step only")
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        data = data_throughput(Path(tmp), args.samples)
+        data = data_throughput(Path(tmp), 16 if args.quick else args.samples,
+                               4 if args.quick else 16)
+    steps = [step_time(MirageTiny(), (128, 192), 32, 8, steps=1 if args.quick else 3)]
+    if not args.quick:
+        steps.append(step_time(MirageBase(), (256, 256), 32, 2))
     report = {
         "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "data": data, "data_target_met": data["samples_per_s_per_worker"] >= 100,
-        "train_step": [step_time(MirageTiny(), (128, 192), 32, 8),  # the demo's setting
-                       step_time(MirageBase(), (256, 256), 32, 2)],
+        "train_step": steps,  # the demo's setting, then a reduced MIRAGE-Base
     }
     print(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

@@ -88,12 +88,6 @@ def evaluate(argv=None):
                          foreign_predictions=args.foreign_predictions)
 
 
-def runner(argv=None):
-    """The grid runner (``./runner``); returns its exit status."""
-    from mirage.runner import main
-    return main(argv)
-
-
 # Console scripts exit with their function's return value: these return None (status 0);
 # errors exit with status 2 through exit_on_user_error.
 def tune_command():

@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -134,21 +135,24 @@ class FeatureCache:
                             f"{META}); give its parent folder, which holds one such folder "
                             "per backbone and size")
         folder = root / folder_name(self.identity)
-        try:
+        try:  # writable? (a read-only mount, or permissions)
             folder.mkdir(parents=True, exist_ok=True)
-            self._check_meta(folder)
-            with atomic_path(folder / f".write-test-{os.getpid()}") as probe:
-                probe.write_bytes(b"ok")
-            (folder / f".write-test-{os.getpid()}").unlink()
+            handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+            os.close(handle)
+            os.remove(probe)
         except OSError as err:
             raise self._os_error(err, folder) from None
+        self._check_meta(folder)
         self._check_room(folder)
         return folder
 
     def _check_meta(self, folder):
         path = folder / META
         if not path.is_file():
-            write_text(path, json.dumps(self.identity, indent=1, sort_keys=True) + "\n")
+            try:
+                write_text(path, json.dumps(self.identity, indent=1, sort_keys=True) + "\n")
+            except UserError as err:
+                raise self._write_error(err) from None
             return
         try:
             stored = json.loads(path.read_text(encoding="utf-8"))
@@ -200,6 +204,11 @@ class FeatureCache:
             raise UserError(f"--feature_cache ram: the cache needs about {_gb(need)} of "
                             f"memory for {len(self.slices) * self.views} views but "
                             f"{_gb(available)} are available; use --feature_cache disk")
+
+    def _write_error(self, err):
+        """fileio's one-line error of a failed write, placed in the cache's context."""
+        return UserError(f"--feature_cache_dir {self.folder or '(opening)'}: {err} (or use "
+                         "--feature_cache ram)")
 
     def _os_error(self, err, path):
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -269,8 +278,6 @@ class FeatureCache:
     def put(self, index, view, entry):
         """Store ``{block: float16 (N, D)}`` (CPU tensors) for one view."""
         if self.mode == "ram":
-            if self.device.type == "cuda":  # pinned: the copy to the GPU is asynchronous
-                entry = {b: t.pin_memory() for b, t in entry.items()}
             self.ram[(index, view)] = entry
             return
         entry = {**self.partial.pop((index, view), {}), **entry}
@@ -284,6 +291,8 @@ class FeatureCache:
                 torch.save(payload, tmp)
         except OSError as err:
             raise self._os_error(err, self.folder) from None
+        except UserError as err:  # fileio: disk full or not writable
+            raise self._write_error(err) from None
 
     # ------------------------------------------------------------------ training
     def features(self, model, images, batch):
@@ -311,8 +320,12 @@ class FeatureCache:
                 entries[k] = entry
             self.stats["computed"] += len(missing)
         self.stats["reused"] += len(entries) - len(missing)
-        stacked = {b: torch.stack([entry[b] for entry in entries]).to(
-            images.device, non_blocking=True).float() for b in layers}
+        stacked = {}
+        for b in layers:
+            tokens = torch.stack([entry[b] for entry in entries])  # (B, N, D) float16
+            if images.device.type == "cuda":  # pinned: the copy does not block the host
+                tokens = tokens.pin_memory()
+            stacked[b] = tokens.to(images.device, non_blocking=True).float()
         return [stacked[b] for b in model.decoder.layer_indices]
 
     def end_epoch(self):

@@ -88,28 +88,20 @@ def compose(image, truth, pred, wrong, colors, shown, gap=4):
 
     errors = 0.7 * gray
     errors[wrong] = (1.0, 0.1, 0.1)
-    height, width = image.shape
-    zoom = -(-MIN_DISPLAY_WIDTH // width)  # ceil: small B-scans shown with square pixels
-    white = np.ones((height, -(-gap // zoom), 3))
+    white = np.ones((image.shape[0], gap, 3))
     panels = [gray, white, tinted(truth), white, tinted(pred), white, errors]
-    rgb = np.round(255 * np.clip(np.concatenate(panels, axis=1), 0, 1)).astype(np.uint8)
-    return np.repeat(np.repeat(rgb, zoom, axis=0), zoom, axis=1) if zoom > 1 else rgb
-
-
-def png_bytes(rgb):
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise RuntimeError("OpenCV could not encode a gallery image as PNG")
-    return encoded.tobytes()
+    return np.round(255 * np.clip(np.concatenate(panels, axis=1), 0, 1)).astype(np.uint8)
 
 
 @dataclass
 class Gallery:
     """images: [(caption, PNG bytes)] best, median, worst; legend: [(label, (r, g, b))]
-    with components in 0..255; notes: why something is missing."""
+    with components in 0..255; zoom: how many screen pixels a B-scan pixel should take
+    (small B-scans are enlarged by the page, not in the PNG); notes: what is missing."""
 
     images: list = field(default_factory=list)
     legend: list = field(default_factory=list)
+    zoom: int = 1
     notes: list = field(default_factory=list)
 
 
@@ -162,6 +154,7 @@ def gallery(run_dir, datasets_path, external="", ignore_bg=True, quiet=True):
                    "(B-scan | truth | prediction | errors in red)")
         if not found:
             caption += "; B-scan image not found, shown black"
-        result.images.append((caption, png_bytes(compose(image, truth, guess, wrong, colors,
-                                                         scored))))
+        result.images.append((caption, plots.rgb_png(compose(image, truth, guess, wrong,
+                                                             colors, scored))))
+        result.zoom = -(-MIN_DISPLAY_WIDTH // image.shape[1])  # ceil
     return result

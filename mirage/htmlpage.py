@@ -10,6 +10,7 @@ import html
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from mirage.errors import UserError
 from mirage.fileio import write_text
@@ -20,7 +21,8 @@ _MARKER = f'<meta name="generator" content="{GENERATOR}">'
 _STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:2em auto;
 max-width:1200px;padding:0 1em;color:#222;line-height:1.4}
-h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+h1{font-size:1.5em}
+h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 h3{font-size:1.05em}
 table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
@@ -82,7 +84,8 @@ def table(frame, bold=None, digits=2, links=None, text_columns=None):
     bold = bold or set()
     links = links or {}
     if text_columns is None:
-        text_columns = {c for c in frame.columns if frame[c].dtype == object}
+        text_columns = {c for c in frame.columns
+                        if not pd.api.types.is_numeric_dtype(frame[c].dtype)}
     head = "".join(f'<th class="{"text" if c in text_columns else ""}">{esc(c)}</th>'
                    for c in frame.columns)
     rows = []
@@ -101,10 +104,17 @@ def table(frame, bold=None, digits=2, links=None, text_columns=None):
         "\n</tbody>\n</table>"
 
 
-def image(png, alt, caption=""):
-    """An <img> holding ``png`` (bytes) as a data: URI, in a <figure> when captioned."""
+def image(png, alt, caption="", zoom=1):
+    """An <img> holding ``png`` (bytes) as a data: URI, in a <figure> when captioned.
+
+    zoom > 1: shown that many times its size with square (not blurred) pixels.
+    """
     data = base64.b64encode(png).decode("ascii")
-    tag = f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+    style = ""
+    if zoom > 1:
+        width = int.from_bytes(png[16:20], "big")  # the PNG header's IHDR width
+        style = f' style="width:{zoom * width}px;image-rendering:pixelated"'
+    tag = f'<img alt="{esc(alt)}"{style} src="data:image/png;base64,{data}">'
     if caption:
         return f"<figure>{tag}<figcaption>{esc(caption)}</figcaption></figure>"
     return tag

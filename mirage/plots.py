@@ -23,6 +23,14 @@ def to_png(fig, dpi=_DPI):
     return buffer.getvalue()
 
 
+def rgb_png(rgb):
+    """(H, W, 3) uint8 RGB image -> PNG bytes, pixel for pixel."""
+    from matplotlib.image import imsave
+    buffer = io.BytesIO()
+    imsave(buffer, rgb, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
 def class_colors(num_classes):
     """(K, 3) float RGB, one distinct colour per class index."""
     import matplotlib

@@ -68,7 +68,9 @@ def apply_speed_options(model, config, device, log, compile_backend="inductor"):
     if device.type == "cuda":
         # cuDNN's NHWC kernels; the permutes inside the ConvNeXt blocks become free.
         model.decoder.to(memory_format=torch.channels_last)
-        notes.append("channels-last decoder")
+        # The input size is fixed: autotune each convolution once, keep the fastest.
+        torch.backends.cudnn.benchmark = True
+        notes.append("channels-last decoder, cuDNN autotuning")
     if config["grad_checkpointing"]:
         if model.backbone_frozen:
             log(">> note: --grad_checkpointing has no effect with --freeze_patch_embed "

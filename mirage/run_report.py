@@ -36,7 +36,8 @@ def _training_facts(run):
               and np.isfinite(e["val/mIoU"])]
     if scored:
         best = max(scored, key=lambda e: e["val/mIoU"])
-        facts["best validation mIoU"] = f"{_number(best['val/mIoU'], 100)} % (epoch {best['epoch']})"
+        facts["best validation mIoU"] = (f"{_number(best['val/mIoU'], 100)} % "
+                                         f"(epoch {best['epoch']})")
     tests = [e for e in run.log if "test_epoch" in e]
     if tests:
         last = tests[-1]
@@ -116,7 +117,8 @@ def _evaluation_section(run, evaluation, datasets_path, with_gallery, quiet):
                             options.get("ignore_bg", True), quiet=quiet)
             parts.append("<h3>Best, median and worst B-scans by Dice</h3>")
             parts.append(H.legend(found.legend))
-            parts += [H.image(png, caption, caption) for caption, png in found.images]
+            parts += [H.image(png, caption, caption, zoom=found.zoom)
+                      for caption, png in found.images]
             parts.append(H.notes_list(found.notes))
     anchor = f"test-{evaluation.dataset}"
     return H.section(title, *parts, anchor=anchor)

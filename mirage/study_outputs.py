@@ -19,6 +19,7 @@ from mirage import htmlpage
 from mirage.errors import UserError
 from mirage.fileio import atomic_path, write_text
 from mirage.grid_report import render_grid_report
+from mirage.report_cli import RUN_REPORT_MODES
 from mirage.run_report import REPORT_NAME, write_run_report
 from mirage.runs import find_runs
 from mirage.significance import significance_table
@@ -28,7 +29,6 @@ from mirage.tables import paper_tables, to_latex, to_markdown
 MARKER = ".mirage-study"  # marks an output folder as this tool's
 OUTPUTS = ("summary.csv", "summary.md", "summary.tex", "significance.csv", "runs.csv",
            "report.html")
-RUN_REPORT_MODES = ("missing", "all", "none")
 
 
 def check_output_dir(output_dir):

@@ -23,7 +23,15 @@ class Cell:
     mean: float
     std: float
     seeds: int
-    note: str = ""
+    notes: list = field(default_factory=list)
+
+    def reason(self, metric):
+        """The note that explains a missing mean: a conflict first, then NaN values."""
+        for words in (("empty_volume", "class sets"), (f"{metric}:",)):
+            found = [n for n in self.notes if any(w in n for w in words)]
+            if found:
+                return found[0]
+        return self.notes[0] if self.notes else "no value"
 
     @property
     def has_value(self):
@@ -74,7 +82,7 @@ class PaperTable:
         if cell is None:
             return ""
         if not cell.has_value:
-            return cell.note or "no value"
+            return cell.reason(self.metric)
         if cell.seeds < self.seeds:
             return f"{cell.seeds} seed(s) only"
         return ""
@@ -89,14 +97,16 @@ def paper_tables(summary, metrics=("Dice", "HD95")):
             rows = group_rows[group_rows["class_group"] == class_group]
             if rows.empty:
                 continue
+            # own test sets first, then external ones ("X (from Y)"), each alphabetically
+            order = sorted(set(zip(rows["dataset"] != rows["trained_on"], rows["dataset"])))
             table = PaperTable(metric=metric, class_group=class_group,
-                               datasets=list(dict.fromkeys(rows["dataset"])),
+                               datasets=[name for _, name in order],
                                labels=sorted(set(rows["label"])))
             for _, row in rows.iterrows():
                 seeds = int(row["seeds"]) if np.isfinite(row["seeds"]) else 0
                 table.cells[(row["label"], row["dataset"])] = Cell(
                     mean=float(row[f"{metric}_mean"]), std=float(row[f"{metric}_std"]),
-                    seeds=seeds, note=str(row["notes"] or "").split(" | ")[0])
+                    seeds=seeds, notes=[n for n in str(row["notes"] or "").split(" | ") if n])
                 table.seeds = max(table.seeds, seeds)
             tables.append(table)
     return tables

@@ -19,6 +19,7 @@ from fm_seg_config import (Dinov2BaseReg, Dinov2Giant, Dinov2GiantReg, Dinov2Lar
                            RetFoundDinov2, SamViTB, VisionFMFundus, VisionFMOCT, build_backbone,
                            find_model)
 from mirage import checkpoint as ckpt
+from mirage.config import parse_config
 from mirage.engine import build_model
 from mirage.errors import UserError
 from mirage.optim import param_groups
@@ -360,9 +361,8 @@ def test_families_declare_their_input():
 @pytest.mark.parametrize("decoder", ["convnext", "dpt"])
 def test_engine_builds_a_working_segmentation_model(tmp_path, decoder):
     path, fm, _ = write_case(tmp_path, "dinov2_b_reg")  # 5 global tokens to leave out
-    config = {"weights": str(path), "num_global_tokens": 1, "drop_path_encoder": 0.1,
-              "learnable_pos_emb": False, "output_adapter": decoder,
-              "decoder_interpolate_mode": "bilinear", "freeze_encoder": True}
+    config, _, _ = parse_config(["--weights", str(path), "--data_path", str(tmp_path),
+                                 "--output_adapter", decoder])  # frozen blocks (default)
     model, report = build_model(config, fm, 3, (56, 84), (14, 14))
     assert "loaded" in report and model.backbone.grid_size == (4, 6)
     logits = model(torch.randn(2, 3, 56, 84))

@@ -109,11 +109,13 @@ class Browser:
                 problems.append(f"console.{params['type']}: {args}")
             elif method == "Runtime.exceptionThrown":
                 details = params.get("exceptionDetails", {})
-                problems.append(f"exception: {details.get('exception', {}).get('description') or details.get('text')}")
+                text = details.get("exception", {}).get("description") or details.get("text")
+                problems.append(f"exception: {text}")
             elif method == "Log.entryAdded" and params["entry"].get("level") in ("error",
                                                                                  "warning"):
                 entry = params["entry"]
-                problems.append(f"{entry.get('source')}: {entry.get('text')} {entry.get('url', '')}")
+                problems.append(f"{entry.get('source')}: {entry.get('text')} "
+                                f"{entry.get('url', '')}")
         return problems
 
     def close(self):

@@ -38,10 +38,10 @@ def _log(seed, quality):
     lines = []
     for epoch in range(3):
         miou = 0.5 + 0.1 * epoch - 0.02 * quality + 0.01 * seed
-        lines.append({"epoch": epoch, "train/loss": 1.0 / (epoch + 1), "train/lr": 1e-3 / (epoch + 1),
-                      "val/loss": 1.2 / (epoch + 1), "val/mIoU": miou, "val/mIoU_all": miou,
-                      "val/mIoU_fg": miou - 0.05, "val/IoU": {"ILM-NFL": miou, "Fluid": miou / 2},
-                      "time": 1.5})
+        lines.append({"epoch": epoch, "train/loss": 1.0 / (epoch + 1),
+                      "train/lr": 1e-3 / (epoch + 1), "val/loss": 1.2 / (epoch + 1),
+                      "val/mIoU": miou, "val/mIoU_all": miou, "val/mIoU_fg": miou - 0.05,
+                      "val/IoU": {"ILM-NFL": miou, "Fluid": miou / 2}, "time": 1.5})
     lines.append({"test_epoch": 2, "test/mIoU": 0.6, "test/loss": 0.4})
     return "".join(json.dumps(line) + "\n" for line in lines)
 
@@ -202,8 +202,10 @@ def test_different_class_sets_in_a_group_give_a_note_not_a_mean(grid, tmp_path):
     runs = _copy_grid(grid, tmp_path)
     lesions = runs[("MIRAGE-Tiny", 2)] / "results_lesions.csv"
     lesions.unlink()  # seed 2 now scored the layers only
-    summary = pd.read_csv(summarise([tmp_path / "output"], tmp_path / "s")["summary.csv"],
-                          keep_default_na=False)
+    files = summarise([tmp_path / "output"], tmp_path / "s")
+    summary = pd.read_csv(files["summary.csv"], keep_default_na=False)
+    md = files["summary.md"].read_text()
+    assert "| MIRAGE-Tiny | n/a [1] |" in md and "[1] class sets differ between seeds" in md
     row = summary[(summary["model"] == "MIRAGE-Tiny") & (summary["class"] == "[all]")].iloc[0]
     assert row["Dice"] == "n/a" and "class sets differ between seeds" in row["notes"]
     fluid = summary[(summary["model"] == "MIRAGE-Tiny") & (summary["class"] == "Fluid")]
@@ -301,9 +303,25 @@ def test_an_external_test_set_is_its_own_column(grid, tmp_path):
     files = summarise([tmp_path / "output"], tmp_path / "s")
     summary = pd.read_csv(files["summary.csv"], keep_default_na=False)
     assert sorted(set(summary["dataset"])) == ["Other (from Synth_OCT)", "Synth_OCT"]
-    own = summary[(summary["dataset"] == "Synth_OCT") & (summary["class"] == "[all]")]
-    other = summary[(summary["dataset"] == "Other (from Synth_OCT)") & (summary["class"] == "[all]")]
+    totals = summary[summary["class"] == "[all]"]
+    own = totals[totals["dataset"] == "Synth_OCT"]
+    other = totals[totals["dataset"] == "Other (from Synth_OCT)"]
     assert other["Dice_mean"].to_numpy() == pytest.approx(own["Dice_mean"].to_numpy() / 2)
     assert "| model | Synth_OCT | Other (from Synth_OCT) |" in files["summary.md"].read_text()
     tests = pd.read_csv(files["significance.csv"], keep_default_na=False)
     assert "all datasets (pooled)" in set(tests["dataset"])
+
+
+def test_help_answers_without_loading_the_heavy_libraries():
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import runpy, sys\nsys.argv = ['run_seg_report.py', '-h']\ntry:\n"
+            f"    runpy.run_path({str(repo / 'run_seg_report.py')!r}, run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'pandas', 'matplotlib', 'scipy') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=repo, check=True)
+    assert "usage: run_seg_report.py" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "[]"

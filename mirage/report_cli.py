@@ -1,0 +1,57 @@
+"""The command line of ``run_seg_report.py`` (a grid's summary, tests and reports).
+
+Only argparse is imported up front: pandas, SciPy and matplotlib load once the options
+are read, so ``-h`` answers at once. The work is done by mirage.study_outputs.
+"""
+import argparse
+
+from mirage.errors import UserError, exit_on_user_error
+
+METRICS = ("Dice", "IoU", "HD95")  # mirage.evaluation.METRICS, without importing it
+RUN_REPORT_MODES = ("missing", "all", "none")
+
+
+def report_parser():
+    parser = argparse.ArgumentParser(
+        prog="run_seg_report.py",
+        description="Summarise evaluated runs over seeds: paper tables (CSV, Markdown, "
+                    "LaTeX), paired Wilcoxon tests and HTML reports.")
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="output roots (e.g. ./__output/seg/v1) or run directories")
+    parser.add_argument("-o", "--output_dir", default="./__output/study",
+                        help="folder for the study's files (default: %(default)s)")
+    parser.add_argument("-d", "--datasets_path", default=None,
+                        help="folder holding the datasets, for the run reports' overlay "
+                             "gallery (default: the one recorded by run_seg_eval.py)")
+    parser.add_argument("--metric", choices=METRICS, default="Dice",
+                        help="metric of the heat map and the HTML test table "
+                             "(default: %(default)s)")
+    parser.add_argument("--table_metrics", nargs="+", choices=METRICS,
+                        default=["Dice", "HD95"],
+                        help="metrics of summary.md / summary.tex (default: Dice HD95)")
+    parser.add_argument("--alpha", type=float, default=0.05,
+                        help="significance level after Holm-Bonferroni (default: 0.05)")
+    parser.add_argument("--run_reports", choices=RUN_REPORT_MODES, default="missing",
+                        help="write each run's report.html when it has none (missing, "
+                             "default), rewrite all, or none")
+    parser.add_argument("--no_tensorboard", dest="tensorboard", action="store_false",
+                        help="do not write TensorBoard event files with the run reports")
+    return parser
+
+
+@exit_on_user_error
+def main(argv=None):
+    """Find, group and summarise the runs (``run_seg_report.py``); returns the files."""
+    args = report_parser().parse_args(argv)
+    if not 0 < args.alpha < 1:
+        raise UserError(f"--alpha must be between 0 and 1, not {args.alpha}")
+    from mirage.study_outputs import write_study
+    return write_study(args.paths, args.output_dir, datasets_path=args.datasets_path,
+                       run_reports=args.run_reports, metric=args.metric,
+                       table_metrics=tuple(args.table_metrics), alpha=args.alpha,
+                       tensorboard=args.tensorboard)
+
+
+def report_command():
+    """Console-script entry point (no return value for the exit status)."""
+    main()
