@@ -19,7 +19,7 @@ from mirage import decoders
 from mirage.errors import UserError
 
 DEVICE_AUTO = "auto"
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "_cfgs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"  # package data: works installed
 
 
 @dataclass(frozen=True)
@@ -362,7 +362,7 @@ def load_yaml(path):
 def parse_config(argv=None):
     """Parse ``argv`` into ``(config dict of every option, demo flag, YAML path or None)``.
 
-    Layers, each overriding the one before: built-in defaults, ``_cfgs/demo.yaml`` (with
+    Layers, each overriding the one before: built-in defaults, ``mirage/demo.yaml`` (with
     ``--demo``), the ``-c`` YAML file, the command line.
     """
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -3,7 +3,7 @@
 1. writes a synthetic OCT dataset in the benchmark layout (``__demo/datasets/Synth_OCT``),
 2. writes a tiny randomly initialised encoder in the MIRAGE checkpoint layout
    (``__demo/weights/MIRAGE-Tiny.pth``; the registry's ``mirage-tiny`` entry),
-3. trains the decoder (options from ``_cfgs/demo.yaml``, overridable on the command line),
+3. trains the decoder (options from ``mirage/demo.yaml``, overridable on the command line),
 4. predicts the test split (``--infer_only --test``),
 5. evaluates the predictions with ``run_seg_eval.py``'s per-volume Dice/IoU/HD95 and
 6. writes the run's ``report.html`` and prints its path.

@@ -31,6 +31,7 @@ from mirage.fileio import write_png, write_text
 from mirage.identity import (check_identity, file_sha256, nearest_runs, run_directory,
                              run_identity, run_lock, write_identity)
 from mirage.losses import build_loss
+from mirage.tensorboard_log import write_tensorboard
 from mirage.metrics import confusion_matrix, selection_key, validation_scores
 from mirage.model import SegmentationModel
 from mirage.optim import apply_schedule, cosine_schedule, param_groups
@@ -200,6 +201,7 @@ def train(config, fm, dataset, run_dir, identity, device, dist_info, input_size,
         stats["time"] = round(time.time() - started, 2)
         if dist_info.is_main:
             append_log(run_dir / "log.txt", stats)
+            write_tensorboard(run_dir)  # no-op unless tensorboard is installed
         log(epoch_line(stats, state, config["epochs"]))
     distributed.barrier(dist_info)
 

@@ -19,6 +19,7 @@ def train(tmp_path, dataset, weights, out, batch_size, nproc=None):
     args = ["--weights", str(weights), "--data_path", str(dataset), "--input_size", "32", "48",
             "--patch_size", "16", "--batch_size", str(batch_size), "--num_workers", "0",
             "--base_output_dir", str(out), "--epochs", "2", "--save_ckpt_freq", "1",
+            "--keep_ckpts", "2",
             "--lr", "1e-3", "--loss", "CEGDice", "--output_adapter", "convnext",
             "--aug_name", "none", "--drop_path_encoder", "0", "--device", "cpu"]
     script = str(REPO / "run_seg_tuning.py")

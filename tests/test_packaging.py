@@ -13,7 +13,8 @@ PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 def test_console_scripts_resolve_to_functions():
     scripts = PROJECT["project"]["scripts"]
-    assert set(scripts) == {"run_seg_tuning", "run_seg_eval", "mirage_runner"}
+    assert set(scripts) == {"run_seg_tuning", "run_seg_eval", "run_seg_report",
+                            "mirage_runner"}
     for target in scripts.values():
         module, function = target.split(":")
         assert callable(getattr(importlib.import_module(module), function)), target
@@ -35,7 +36,8 @@ def test_eval_choices_match_the_evaluation_code():
     assert EMPTY_VOLUME_MODES == checked
 
 
-@pytest.mark.parametrize("script", ["run_seg_tuning.py", "run_seg_eval.py", "runner"])
+@pytest.mark.parametrize("script", ["run_seg_tuning.py", "run_seg_eval.py", "run_seg_report.py",
+                                    "runner"])
 def test_help_does_not_import_torch(script):
     code = ("import runpy, sys\n"
             f"sys.argv = [{script!r}, '-h']\n"
