@@ -54,8 +54,9 @@ def train(name, tokens, masks, num_classes, steps, seed=0):
     decoder = build_decoder(name, embed_dim=tokens.shape[-1], num_classes=num_classes,
                             grid_size=SIZE // PATCH, patch_size=PATCH, image_size=SIZE,
                             encoder_depth=12).train()
-    decay = [p for n, p in decoder.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
-    rest = [p for n, p in decoder.named_parameters() if not (p.ndim > 1 and not n.endswith(".bias"))]
+    decays = {n: p.ndim > 1 and not n.endswith(".bias") for n, p in decoder.named_parameters()}
+    decay = [p for n, p in decoder.named_parameters() if decays[n]]
+    rest = [p for n, p in decoder.named_parameters() if not decays[n]]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                                    {"params": rest, "weight_decay": 0.0}], lr=1e-4)
     criterion = build_loss("CEGDice")

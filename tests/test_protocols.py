@@ -102,10 +102,10 @@ def test_fast_loop_loss_curve_equals_a_textbook_loop(tiny_dataset, weights16):
     (loss.item() every step) over the same batches. Tolerance: 1e-6 relative on the
     per-epoch mean loss, 1e-5 on the weights (only the order of float64 sums differs)."""
     data = train_set(tiny_dataset)
-    fast = tiny_model(weights16, drop_path=0.1, decoder="convnext")
+    fast = tiny_model(weights16, drop_path=0.1)
     fast_losses = run_epochs(fast, data, epochs=2)
 
-    plain = tiny_model(weights16, drop_path=0.1, decoder="convnext")
+    plain = tiny_model(weights16, drop_path=0.1)
     torch.manual_seed(1)
     optimizer = build_optimizer(param_groups(plain, 0.05, 0.75), "adamw", LR)
     for group in optimizer.param_groups:  # layer-wise LR decay, constant schedule
