@@ -39,7 +39,7 @@ from mirage.backbones import (build_sam_encoder, build_vit_encoder, load_sam_wei
                               load_vit_weights)
 from mirage.checkpoint import load_file
 from mirage.errors import UserError
-from mirage.input_adapters import POS_EMBED_RULES, resample_pos_embed
+from mirage.input_adapters import resample_pos_embed
 from mirage.model import MirageEncoder
 from mirage.transforms import MEAN_STD
 

@@ -183,11 +183,10 @@ def train(config, fm, dataset, run_dir, identity, device, dist_info, input_size,
                          and epoch % config["log_images_freq"] == 0 else None)
             val_stats = evaluate(model, val_loader, criterion, precision, device,
                                  classes.num_classes, ignore_index, dist_info,
-                                 desc="val", image_dir=image_dir, epoch=epoch, classes=classes)
+                                 desc="val", image_dir=image_dir, epoch=epoch, classes=classes,
+                                 select_metric=config["select_metric"])
             stats.update({f"val/{k}": v for k, v in val_stats.items()})
-            # --select_metric picks checkpoint-best.pth; val/mIoU logs its value.
-            state.metric = config["select_metric"]
-            stats["val/mIoU"] = val_stats["mIoU"] = val_stats[state.metric]
+            state.metric = config["select_metric"]  # val/mIoU is its value; it picks the best
             if state.improves(val_stats["mIoU"]):
                 state.best_miou, state.best_epoch = val_stats["mIoU"], epoch
                 if config["save_ckpt"] and dist_info.is_main:
@@ -235,7 +234,7 @@ def train_one_epoch(model, loader, criterion, optimizer, precision, device, epoc
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum, count)
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step
     shown = torch.zeros(2, dtype=torch.float64, device=device)  # loss_sum at the last check
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+    bar = tqdm(loader, desc=f"epoch {epoch}/{epochs - 1}", leave=False,
                disable=not dist_info.is_main, dynamic_ncols=True)
     for step, batch in enumerate(bar):
         apply_schedule(optimizer, lr_schedule[first_step + step],
@@ -699,7 +698,7 @@ def trim_log(path, start_epoch):
 def epoch_line(stats, state, epochs):
     """One console line per epoch; validation metrics in %, "best <metric>" names the
     metric that selects checkpoint-best.pth."""
-    parts = [f"epoch {stats['epoch'] + 1}/{epochs}",
+    parts = [f"epoch {stats['epoch']}/{epochs - 1}",  # from 0, as log.txt and checkpoints
              f"train_loss {stats['train/loss']:.4f}", f"lr {stats['train/lr']:.2e}"]
     if "val/mIoU" in stats:
         parts.append(f"val_loss {stats['val/loss']:.4f}")
@@ -707,7 +706,7 @@ def epoch_line(stats, state, epochs):
                   for name in ("mIoU_all", "mIoU_fg", "aAcc", "mAcc") if f"val/{name}" in stats]
     if state.best_miou is not None:
         parts.append(f"best {state.metric} {100 * state.best_miou:.2f}% "
-                     f"(epoch {state.best_epoch + 1})")
+                     f"(epoch {state.best_epoch})")
     parts.append(f"{stats['time']:.1f}s")
     return "  ".join(parts)
 

@@ -39,7 +39,7 @@ from mirage import checkpoint as ckpt
 from mirage.config import parse_config
 from mirage.errors import UserError
 from mirage.transforms import MEAN_STD, SegmentationTransform, normalise
-from test_backbones_timm import (CASES, GRID, SAM_SIZE, pretrain_size, reference_layers,
+from test_backbones_timm import (GRID, SAM_SIZE, pretrain_size, reference_layers,
                                  write_case)
 
 

@@ -15,7 +15,7 @@ from mirage import checkpoint as ckpt
 from mirage.config import parse_config
 from mirage.data import open_dataset
 from mirage.errors import UserError
-from mirage.identity import run_dir_for_argv, run_lock
+from mirage.identity import run_dir_for_argv
 
 
 def argv(dataset, weights, out, *extra):
@@ -344,3 +344,17 @@ def test_checkpoint_benchmark_quick_mode():
     result = bench_checkpoint.main(["--quick"])
     assert result["slim_best"]["MB"] < result["full_best"]["MB"]
     assert 0 < result["run_total"]["slim_over_full"] < 1
+
+
+def test_epochs_count_from_0_in_console_log_and_checkpoint_names(tiny_dataset, tiny_weights,
+                                                                 tmp_path, capsys):
+    capsys.readouterr()
+    run_dir = run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 2,
+                        "--save_ckpt_freq", 1, "--keep_ckpts", 2))
+    out = capsys.readouterr().out
+    assert "epoch 0/1 " in out and "epoch 1/1 " in out and "epoch 2/" not in out
+    log = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines()]
+    assert [e["epoch"] for e in log if "epoch" in e] == [0, 1]
+    assert sorted(ckpt.epoch_checkpoints(run_dir)) == [0, 1]
+    best_epoch = ckpt.load_file(run_dir / "checkpoint-best.pth")["epoch"]
+    assert f"(epoch {best_epoch})" in out
