@@ -377,7 +377,7 @@ def main(argv=None):
     elif args.cuda:
         defaults = (["mirage-base", "mirage-large", "vit-l16"], [1024, 1024], 4, 8, 1)
     else:
-        defaults = (["mirage-base"], [512, 512], 2, 3, 2)
+        defaults = (["mirage-base"], [512, 512], 2, 3, 4)
     args.models = args.models or defaults[0]
     args.size = tuple(args.size or defaults[1])
     args.batch = args.batch or defaults[2]

@@ -11,9 +11,9 @@ Protocols (docs/segmentation_tuning.md, "Protocols and speed options"):
   backbone runs once per training view instead of once per epoch.
 
 Speed options (same maths, less time or memory), applied by :func:`apply_speed_options`
-and :func:`make_optimizer`: fused attention (checked), channels-last decoders and fused
-AdamW on CUDA, ``--grad_checkpointing``, ``--compile``. Mixed precision and the loop
-without host syncs are in mirage/engine.py (``Precision``, ``train_one_epoch``).
+and :func:`make_optimizer`: fused attention (checked), channels-last decoders, fused AdamW
+and cuDNN autotuning on CUDA, ``--grad_checkpointing``, ``--compile``. Mixed precision and
+the loop without host syncs are in mirage/engine.py (``Precision``, ``train_one_epoch``).
 """
 import torch
 from torch.utils.data import Dataset
@@ -65,12 +65,14 @@ def apply_speed_options(model, config, device, log, compile_backend="inductor"):
     fused, total = fused_attention_layers(model.backbone)
     notes = [f"fused attention in {fused}/{total} attention layers"
              + ("" if fused == total else " (is TIMM_FUSED_ATTN=0 set?)")]
+    # NHWC convolutions (cuDNN's; oneDNN's on the CPU, where the depthwise convolutions'
+    # backward is much faster) and the permutes inside the ConvNeXt blocks become free.
+    model.decoder.to(memory_format=torch.channels_last)
+    notes.append("channels-last decoder")
     if device.type == "cuda":
-        # cuDNN's NHWC kernels; the permutes inside the ConvNeXt blocks become free.
-        model.decoder.to(memory_format=torch.channels_last)
         # The input size is fixed: autotune each convolution once, keep the fastest.
         torch.backends.cudnn.benchmark = True
-        notes.append("channels-last decoder, cuDNN autotuning")
+        notes.append("cuDNN autotuning")
     if config["grad_checkpointing"]:
         if model.backbone_frozen:
             log(">> note: --grad_checkpointing has no effect with --freeze_patch_embed "

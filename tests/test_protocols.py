@@ -367,8 +367,8 @@ def test_compile_falls_back_to_eager_with_one_notice():
 
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_channels_last_decoders_give_the_same_logits(decoder):
-    """What apply_speed_options does on CUDA, checked on the CPU: the same logits and
-    gradients (tolerance 1e-5; the convolutions sum in another order)."""
+    """What apply_speed_options does: the same logits and gradients (tolerance 1e-5; the
+    convolutions sum in another order)."""
     torch.manual_seed(0)
     head = build_decoder(decoder, embed_dim=32, num_classes=3, grid_size=(2, 3),
                          patch_size=(16, 16), image_size=(32, 48), encoder_depth=4).eval()
@@ -468,7 +468,8 @@ def test_grad_checkpointing_with_a_fully_frozen_backbone_is_a_note(weights16):
                                   notes.append)
     assert notes[0].startswith(">> note: --grad_checkpointing has no effect with "
                                "--freeze_patch_embed")
-    assert notes[1] == ">> speed: fused attention in 4/4 attention layers"
+    assert notes[1] == ">> speed: fused attention in 4/4 attention layers, channels-last " \
+                       "decoder"
 
 
 def test_fully_frozen_forward_records_no_graph(weights16):
