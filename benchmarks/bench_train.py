@@ -56,10 +56,14 @@ def data_throughput(root, samples, slices_per_volume=16):
     next(iterator)  # workers started and warm
     start, seen = time.perf_counter(), 0
     while seen < samples:
-        for batch in loader:
+        # Only a finished iterator is replaced: replacing a running one would make the
+        # workers finish (and this loop wait for) the batches already prefetched.
+        for batch in iterator:
             seen += len(batch["image"])
             if seen >= samples:
                 break
+        else:
+            iterator = iter(loader)
     loader_rate = seen / (time.perf_counter() - start)
     return {"samples_per_s_per_worker": round(in_process, 1),
             "dataloader_2_workers_samples_per_s_per_worker": round(loader_rate / 2, 1),

@@ -29,7 +29,7 @@ def test_paper_config_values():
     config, _, _ = parse_config(["-c", "_cfgs/seg_200e_convnext.yaml", *REQUIRED])
     assert config["input_size"] == {"bscan": [1024, 1024]}
     assert config["patch_size"] == {"bscan": [32, 32]}
-    expected = dict(batch_size=4, epochs=200, lr=1e-4, warmup_lr=1e-6, min_lr=0.0,
+    expected = dict(batch_size=4, epochs=200, lr=1e-4, warmup_lr=0.0, min_lr=0.0,
                     warmup_epochs=1, layer_decay=0.75, loss="CEGDice", opt="adamw",
                     output_adapter="convnext", num_global_tokens=1, drop_path_encoder=0.1,
                     aug_name="simple", eval_freq=1, freeze_encoder=True)

@@ -106,4 +106,4 @@ def test_epoch_line_names_the_selecting_metric_and_percent():
     state = TrainingState(best_miou=5 / 12, best_epoch=4, metric="mIoU_fg")
     line = epoch_line(stats, state, 10)
     assert "mIoU_all 50.00%" in line and "mIoU_fg 41.67%" in line and "aAcc 75.00%" in line
-    assert "best mIoU_fg 41.67% (epoch 5)" in line
+    assert "best mIoU_fg 41.67% (epoch 4)" in line  # epochs count from 0
