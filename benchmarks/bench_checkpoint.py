@@ -32,7 +32,7 @@ from mirage import checkpoint as ckpt  # noqa: E402
 from mirage.engine import trained_state_dict  # noqa: E402
 from mirage.model import SegmentationModel  # noqa: E402
 from mirage.optim import build_optimizer, param_groups  # noqa: E402
-from mirage.output_adapters import build_decoder  # noqa: E402
+from mirage.decoders import build_decoder  # noqa: E402
 
 
 def paper_model(quick):

@@ -14,7 +14,7 @@ a pixel or two, fluid pockets shifted or missed, a few stray blobs). Measured:
 * ``equal_to_monai``: every CSV value against a per-slice reference (numpy pixel counts
   for Dice/IoU, MONAI compute_hausdorff_distance(percentile=95) per B-scan, nanmean).
 
-    python benchmarks/bench_eval.py [--slices 500] [--skip_monai]
+    python benchmarks/bench_eval.py [--slices 500] [--skip_monai] [--quick]
 """
 import argparse
 import json
@@ -26,6 +26,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from mirage.evaluation import evaluate_run  # noqa: E402
+from mirage.predictions import write_manifest  # noqa: E402
 from mirage.metrics import label_boundaries, percentile_float32, hd95_per_class  # noqa: E402
 
 LABELS = ["Background", "ILM-NFL", "NFL-IPL", "IPL-OPL", "OPL-ONL", "ONL-ISM", "ISM-OS",
@@ -115,6 +117,11 @@ def write_case(root, num_slices, slices_per_volume=50, seed=0):
         cv2.imwrite(str(gt_dir / f"{slice_id}.png"), lut[truth])
         cv2.imwrite(str(run_dir / "preds" / f"{slice_id}.png"), lut[pred])
         pairs.append((slice_id, truth, pred))
+    # What --infer_only --test leaves beside the PNGs: the manifest tying them to the run's
+    # checkpoint-best.pth (run_seg_eval.py checks it; a stand-in checkpoint file here).
+    (run_dir / "checkpoint-best.pth").write_bytes(b"stand-in for a checkpoint")
+    write_manifest(run_dir / "preds", run_dir / "checkpoint-best.pth", 0,
+                   SimpleNamespace(values=VALUES, labels=LABELS), [s for s, _, _ in pairs])
     return root / "datasets", run_dir, pairs
 
 
@@ -231,12 +238,16 @@ def compare(rows, expected):
     return {"exact": bool(exact), "max_abs_diff": max_diff, "rows": len(rows)}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=500)
     parser.add_argument("--skip_monai", action="store_true",
                         help="skip the (slow) per-slice MONAI comparison")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke test: 20 B-scans, no MONAI comparison")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.slices, args.skip_monai = 20, True
     report = {"case": f"{args.slices} B-scans {HEIGHT}x{WIDTH}, 8 foreground classes, "
                       "volumes of 50", "cpu_count": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -256,7 +267,7 @@ def main():
         report["meets_target"] = report["evaluate_seconds"]["workers_2"] < 8.0
         start = time.perf_counter()
         subprocess.run([sys.executable, str(ROOT / "run_seg_eval.py"), "-d", str(datasets),
-                        "-m", str(run_dir), "--workers", "2"], check=True,
+                        "-m", str(run_dir), "--workers", "2", "--no_report"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         report["cli_seconds_workers_2"] = round(time.perf_counter() - start, 2)
         report["hd95_backends"] = time_backends(pairs)
@@ -266,6 +277,7 @@ def main():
             report["monai_reference_seconds"] = round(time.perf_counter() - start, 1)
             report["equal_to_monai"] = compare(evaluation.rows, expected)
     print(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from mirage.feature_cache import FeatureCache, cache_identity  # noqa: E402
 from mirage.losses import build_loss  # noqa: E402
 from mirage.model import SegmentationModel  # noqa: E402
 from mirage.optim import apply_schedule, build_optimizer, param_groups  # noqa: E402
-from mirage.output_adapters import build_decoder  # noqa: E402
+from mirage.decoders import build_decoder  # noqa: E402
 
 MODELS = {  # name: (family, patch size)
     "mirage-tiny": (MirageTiny, 32),

@@ -30,7 +30,7 @@ from mirage.engine import make_loader  # noqa: E402
 from mirage.losses import build_loss  # noqa: E402
 from mirage.model import SegmentationModel  # noqa: E402
 from mirage.optim import build_optimizer, param_groups  # noqa: E402
-from mirage.output_adapters import build_decoder  # noqa: E402
+from mirage.decoders import build_decoder  # noqa: E402
 from mirage.synthetic import write_synthetic_dataset  # noqa: E402
 from mirage.transforms import SegmentationTransform  # noqa: E402
 

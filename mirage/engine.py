@@ -35,7 +35,7 @@ from mirage.tensorboard_log import write_tensorboard
 from mirage.metrics import confusion_matrix, selection_key, validation_scores
 from mirage.model import SegmentationModel
 from mirage.optim import apply_schedule, cosine_schedule, param_groups
-from mirage.output_adapters import build_decoder
+from mirage.decoders import build_decoder
 from mirage.protocols import apply_speed_options, make_optimizer, training_views
 from mirage.transforms import SegmentationTransform
 

@@ -15,7 +15,7 @@ from mirage.data import find_split
 from mirage.errors import UserError
 from mirage.fileio import atomic_path
 from mirage.model import SegmentationModel
-from mirage.output_adapters import build_decoder
+from mirage.decoders import build_decoder
 
 SIZE = (32, 48)
 

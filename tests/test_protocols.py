@@ -25,7 +25,7 @@ from mirage.feature_cache import FeatureCache
 from mirage.losses import build_loss
 from mirage.model import SegmentationModel
 from mirage.optim import build_optimizer, param_groups
-from mirage.output_adapters import DECODERS, build_decoder
+from mirage.decoders import build_decoder, names as decoder_names
 from mirage.transforms import SegmentationTransform
 
 SIZE, PATCH = (32, 48), 16
@@ -365,7 +365,7 @@ def test_compile_falls_back_to_eager_with_one_notice():
     assert len(notes) == 1 and part.compiled is broken
 
 
-@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("decoder", decoder_names())
 def test_channels_last_decoders_give_the_same_logits(decoder):
     """What apply_speed_options does: the same logits and gradients (tolerance 1e-5; the
     convolutions sum in another order)."""

@@ -58,3 +58,10 @@ def test_data_pipeline_benchmark_quick(capsys):
     assert data["samples_per_s_per_worker"] > 0
     assert data["dataloader_2_workers_samples_per_s_per_worker"] > 0
     assert report["train_step"][0]["seconds_per_step"] > 0
+
+
+def test_evaluation_benchmark_quick(capsys):
+    report = bench("bench_eval").main(["--quick"])
+    assert json.loads(capsys.readouterr().out) == report  # one JSON object
+    assert set(report["evaluate_seconds"]) == {"workers_1", "workers_2"}
+    assert report["cli_seconds_workers_2"] > 0

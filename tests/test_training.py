@@ -19,7 +19,7 @@ from mirage.data import SegmentationDataset, find_split, open_dataset
 from mirage.losses import build_loss
 from mirage.model import SegmentationModel
 from mirage.optim import build_optimizer, param_groups
-from mirage.output_adapters import build_decoder
+from mirage.decoders import build_decoder
 from mirage.transforms import SegmentationTransform
 
 
