@@ -27,7 +27,7 @@ from mirage.config import check_config, domains_of, per_domain, yaml_text
 from mirage.data import SegmentationDataset, check_split, find_split, open_dataset
 from mirage.errors import UserError
 from mirage.feature_cache import open_feature_cache
-from mirage.fileio import write_png, write_text
+from mirage.fileio import atomic_folder, write_png, write_text
 from mirage.identity import (check_identity, file_sha256, nearest_runs, run_directory,
                              run_identity, run_lock, write_identity)
 from mirage.losses import build_loss
@@ -385,7 +385,7 @@ def test_or_infer(config, fm, dataset, run_dir, device, dist_info, input_size, p
             epoch = load_model_weights(model, best, checkpoint_meta(config, classes, model))
             log(f">> {best.name} (epoch {epoch}) on {len(test_set)} B-scans of {split_dir}")
             # Written aside and swapped in whole: a killed inference never leaves a mix.
-            with predictions.staged_folder(out_dir) as staging:
+            with atomic_folder(out_dir) as staging:
                 predict(model, make_loader(test_set, config, distributed.DistInfo(),
                                            train=False), staging, classes, precision, device)
                 predictions.write_manifest(staging, best, epoch, classes, slice_ids)

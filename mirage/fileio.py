@@ -8,6 +8,7 @@ leaves the previous version of the file intact.
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -67,6 +68,36 @@ def _write_error(path, err):
                          "some space and run again")
     return UserError(f"cannot write {path}: {err.strerror or err}; check the folder's "
                      "permissions or choose another --base_output_dir")
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Yield an empty temporary folder next to ``path``; on success it replaces ``path``
+    whole (the old folder, if any, is deleted after the swap), on failure it is removed.
+
+    Readers see the old folder or the complete new one, never a mix.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial",
+                                        dir=path.parent))
+    except OSError as err:
+        raise _write_error(path, err) from None
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp makes it owner-only
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old",
+                                        dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(staging, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def write_text(path, text):

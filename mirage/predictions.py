@@ -9,10 +9,7 @@ records the checkpoint (file name, epoch, SHA-256), the class table and the slic
 missing, whose files differ from its slice list, or whose checkpoint is not the run's
 current ``checkpoint-best.pth``.
 """
-import contextlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -21,26 +18,6 @@ from mirage.fileio import write_text
 from mirage.identity import file_sha256
 
 MANIFEST = "manifest.json"
-
-
-@contextlib.contextmanager
-def staged_folder(out_dir):
-    """Yield an empty temporary folder; on success it replaces ``out_dir`` whole."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run (the run is locked)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_manifest(folder, checkpoint, epoch, classes, slice_ids):

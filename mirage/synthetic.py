@@ -12,15 +12,13 @@ top to bottom, 8 Fluid (overrides the layer label).
     write_synthetic_dataset(root)        -> <root>/Synth_OCT in the benchmark layout
 """
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from mirage.errors import UserError
-from mirage.fileio import write_png, write_text
+from mirage.fileio import atomic_folder, write_png, write_text
 
 LAYER_LABELS = ("ILM-NFL", "NFL-IPL", "IPL-OPL", "OPL-ONL", "ONL-ISM", "ISM-OS", "RPE-BM")
 CLASS_LABELS = ("Background",) + LAYER_LABELS + ("Fluid",)
@@ -269,9 +267,7 @@ def write_synthetic_dataset(root, name="Synth_OCT", splits=None, slices_per_volu
     target.parent.mkdir(parents=True, exist_ok=True)
 
     values = np.asarray(class_values(), dtype=np.uint8)  # class index -> mask value
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial",
-                                    dir=target.parent))
-    try:
+    with atomic_folder(target) as staging:
         write_text(staging / "INFO.json", _info_json())
         volume_index = 0
         for split, num_volumes in splits.items():
@@ -285,16 +281,4 @@ def write_synthetic_dataset(root, name="Synth_OCT", splits=None, slices_per_volu
                               _quantise(image[s], bit_depth))
                     write_png(folder / "semseg" / f"{scan_id}_{s}.png", values[masks[s]])
                 volume_index += 1
-        if target.exists():
-            # Swap in the new dataset first, then delete the old one.
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".old",
-                                        dir=target.parent))
-            target.rename(old / name)
-            staging.rename(target)
-            shutil.rmtree(old)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target

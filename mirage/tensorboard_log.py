@@ -11,22 +11,14 @@ this after every epoch or after the fact gives the same files. View with
 ``tensorboard --logdir <base_output_dir>``.
 """
 import importlib.util
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
+from mirage.fileio import atomic_folder
 from mirage.runs import CONFIG_NAME, LOG_NAME, read_log
 
 FOLDER = "tensorboard"
 _EVENT_PREFIX = "events.out.tfevents."
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def available():
@@ -72,8 +64,7 @@ def write_tensorboard(run_dir, log_entries=None):
         return None
     config = run_dir / CONFIG_NAME
     wall = config.stat().st_mtime if config.is_file() else time.time()
-    staging = Path(tempfile.mkdtemp(prefix=f".{FOLDER}.", dir=run_dir))
-    try:
+    with atomic_folder(target) as staging:
         writer = EventFileWriter(str(staging))
         for entry in entries:
             step = entry.get("epoch", entry.get("test_epoch"))
@@ -86,15 +77,4 @@ def write_tensorboard(run_dir, log_entries=None):
                                      for tag, v in sorted(values.items())])
             writer.add_event(Event(wall_time=wall, step=step, summary=summary))
         writer.close()
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private to its owner
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{FOLDER}.old.", dir=run_dir))
-            target.rename(old / FOLDER)
-            staging.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
