@@ -201,7 +201,10 @@ def nearest_runs(run_dir, identity):
         return ""
     candidates = []
     for other in parent.iterdir():
-        stored = read_identity(other) if (other / IDENTITY_FILE).is_file() else None
+        try:
+            stored = read_identity(other) if (other / IDENTITY_FILE).is_file() else None
+        except UserError:  # a damaged identity.json only makes it no candidate for a hint
+            stored = None
         if stored is not None and other != Path(run_dir):
             candidates.append((len(differences(stored, identity)), other, stored))
     if not candidates:
