@@ -1,7 +1,9 @@
 """Shared fixtures: tiny datasets in the benchmark layout and tiny MIRAGE-layout weights."""
 import argparse
 import json
+import os
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -125,3 +127,19 @@ def seal_predictions(folder, epoch=0):
         best.write_bytes(b"stand-in for a checkpoint")
     stems = [p.stem for p in folder.iterdir() if p.suffix.lower() == ".png"]
     write_manifest(folder, best, epoch, SimpleNamespace(values=[], labels=[]), stems)
+
+
+def process_gone(pid, wait_s=10.0):
+    """Whether process ``pid`` has ended (a zombie counts as ended), waiting up to wait_s."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            os.kill(pid, 0)
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)

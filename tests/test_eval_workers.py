@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from conftest import process_gone as gone
 from mirage import workers
 
 # The evaluation's own pool (mirage.evaluation._map_in_workers) with a task that never
@@ -26,22 +27,6 @@ def work(item):
 for _ in _map_in_workers(work, list(range(8)), 2):
     pass
 '''
-
-
-def gone(pid, wait_s=10.0):
-    """Whether ``pid`` has ended (a zombie counts as ended), waiting up to wait_s."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            os.kill(pid, 0)
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except (ProcessLookupError, FileNotFoundError):
-            return True
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
 
 
 def worker_pids(out):

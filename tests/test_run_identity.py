@@ -326,7 +326,7 @@ def test_a_full_checkpoint_of_the_first_version_still_resumes(tiny_dataset, tiny
     dataset = open_dataset(tiny_dataset)
     from fm_seg_config import find_model
     model, _ = engine.build_model(config, find_model(tiny_weights), 3, (32, 48), (16, 16))
-    model.load_state_dict(slim["model"], strict=False)
+    model.load_state_dict(slim["model"], strict=False)  # a slim file: the trained tensors only
     legacy = tmp_path / "legacy" / "checkpoint-0.pth"
     ckpt.save(legacy, {"model": model.state_dict(), "epoch": 0, "optimizer":
                        slim["optimizer"], "scaler": slim["scaler"], "config": config,

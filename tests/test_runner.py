@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import process_gone as gone
 from mirage import runner
 from mirage.errors import UserError
 from mirage.grid import build_grid, parse_duration, parse_slurm_time
@@ -88,22 +89,6 @@ def env(tmp_path, monkeypatch):
 def pids(out, kind):
     """Process ids the recorders wrote as ``<pid>.<kind>`` files."""
     return [int(Path(p).name.split(".")[0]) for p in glob.glob(f"{out}/*.{kind}")]
-
-
-def gone(pid, wait_s=10.0):
-    """Whether process ``pid`` has ended (a zombie counts as ended), waiting up to wait_s."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            os.kill(pid, 0)
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except (ProcessLookupError, FileNotFoundError):
-            return True
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
 
 
 def records(out):
