@@ -11,9 +11,9 @@ and ``build`` / ``load_weights``; defining the subclass registers it (see
 docs/segmentation_tuning.md, "Adding a model").
 
 Each family is run as its authors run it: its input normalisation (``norm``, a name in
-``mirage.transforms.MEAN_STD`` or ``minmax``) and its own rule for resampling the position
+``mirage.data.transforms.MEAN_STD`` or ``minmax``) and its own rule for resampling the position
 embedding to another input size (``pos_embed_rule``, see
-``mirage.input_adapters.POS_EMBED_RULES``).
+``mirage.models.input_adapters.POS_EMBED_RULES``).
 
 Public API, for users who want features::
 
@@ -35,13 +35,13 @@ from pathlib import Path
 import torch
 from timm.layers import resample_patch_embed
 
-from mirage.backbones import (build_sam_encoder, build_vit_encoder, load_sam_weights,
+from mirage.models.backbones import (build_sam_encoder, build_vit_encoder, load_sam_weights,
                               load_vit_weights)
-from mirage.checkpoint import load_file
+from mirage.checkpoint_io import load_file
 from mirage.errors import UserError
-from mirage.input_adapters import resample_pos_embed
-from mirage.model import MirageEncoder
-from mirage.transforms import MEAN_STD
+from mirage.models.input_adapters import resample_pos_embed
+from mirage.models.segmentation_model import MirageEncoder
+from mirage.data.transforms import MEAN_STD
 
 REGISTRY = {}  # keyword -> FoundModel subclass
 
@@ -54,7 +54,7 @@ class FoundModel(ABC):
     #                    the family's name for --fm (every keyword is accepted there)
     in_chans = 1       # channels the encoder takes
     norm = "minmax"    # input normalisation: "minmax" ([0, 1] per image) or a name in
-    #                    mirage.transforms.MEAN_STD (min-max, then that mean/std)
+    #                    mirage.data.transforms.MEAN_STD (min-max, then that mean/std)
     default_patch_size = 32
     pos_embed_rule = "bicubic"  # the authors' resampling (input_adapters.POS_EMBED_RULES)
 

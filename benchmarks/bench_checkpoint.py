@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from fm_seg_config import MirageBase, MirageTiny  # noqa: E402
-from mirage import checkpoint as ckpt  # noqa: E402
-from mirage.engine import trained_state_dict  # noqa: E402
-from mirage.model import SegmentationModel  # noqa: E402
-from mirage.optim import build_optimizer, param_groups  # noqa: E402
-from mirage.decoders import build_decoder  # noqa: E402
+from mirage import checkpoint_io as ckpt  # noqa: E402
+from mirage.train.checkpointing import trained_state_dict  # noqa: E402
+from mirage.models.segmentation_model import SegmentationModel  # noqa: E402
+from mirage.train.optim import build_optimizer, param_groups  # noqa: E402
+from mirage.models.decoders import build_decoder  # noqa: E402
 
 
 def paper_model(quick):

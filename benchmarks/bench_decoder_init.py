@@ -22,11 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from fm_seg_config import MirageBase  # noqa: E402
-from mirage.data import SegmentationDataset, find_split, open_dataset  # noqa: E402
-from mirage.decoders import build_decoder  # noqa: E402
-from mirage.losses import build_loss  # noqa: E402
-from mirage.synthetic import write_synthetic_dataset  # noqa: E402
-from mirage.transforms import SegmentationTransform  # noqa: E402
+from mirage.data.dataset import SegmentationDataset  # noqa: E402
+from mirage.data.layout import find_split, open_dataset  # noqa: E402
+from mirage.models.decoders import build_decoder  # noqa: E402
+from mirage.train.losses import build_loss  # noqa: E402
+from mirage.data.synthetic import write_synthetic_dataset  # noqa: E402
+from mirage.data.transforms import SegmentationTransform  # noqa: E402
 
 SIZE, PATCH, BATCH = 256, 32, 4
 

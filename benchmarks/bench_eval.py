@@ -4,7 +4,7 @@ Case (issue 3): 500 B-scans of 496x768 in 10 volumes, 8 foreground classes (7 la
 Fluid), predictions that differ from the truth like a trained model's (boundaries off by
 a pixel or two, fluid pockets shifted or missed, a few stray blobs). Measured:
 
-* ``evaluate_seconds``: mirage.evaluation.evaluate_run (decoding every PNG, all metrics,
+* ``evaluate_seconds``: mirage.evaluate.outputs.evaluate_run (decoding every PNG, all metrics,
   writing the CSVs) with --workers 2 and 1, after imports, best of two; target < 8 s
   on 2 cores. ``load_average``: the machine's 1-minute load before the timings.
 * ``cli_seconds``: the same through ``python run_seg_eval.py`` (with interpreter start-up).
@@ -34,9 +34,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from mirage.evaluation import evaluate_run  # noqa: E402
-from mirage.predictions import write_manifest  # noqa: E402
-from mirage.metrics import label_boundaries, percentile_float32, hd95_per_class  # noqa: E402
+from mirage.evaluate.outputs import evaluate_run  # noqa: E402
+from mirage.run.predictions import write_manifest  # noqa: E402
+from mirage.evaluate.metrics import label_boundaries, percentile_float32, hd95_per_class  # noqa: E402
 
 LABELS = ["Background", "ILM-NFL", "NFL-IPL", "IPL-OPL", "OPL-ONL", "ONL-ISM", "ISM-OS",
           "RPE-BM", "Fluid"]

@@ -6,7 +6,7 @@ pipeline):
 
 * ``paper``: today's path, the first version's loop: float32 eager on the CPU (float16
   autocast + scaler on CUDA), plain AdamW, ``loss.item()`` three times a step.
-* ``fast_paper``: mirage.engine.train_one_epoch with the default speed options (no host
+* ``fast_paper``: mirage.train.loop.train_one_epoch with the default speed options (no host
   sync per step; on CUDA also fused AdamW, channels-last decoder, cuDNN autotuning);
   on CUDA per ``--amp_dtype`` and with ``--grad_checkpointing``.
 * ``fully_frozen``: ``--freeze_patch_embed`` (whole backbone frozen, no graph).
@@ -48,13 +48,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from fm_seg_config import MirageBase, MirageLarge, MirageTiny, RetFound  # noqa: E402
-from mirage import distributed, engine, protocols  # noqa: E402
-from mirage.data import SliceFiles  # noqa: E402
-from mirage.feature_cache import FeatureCache, cache_identity  # noqa: E402
-from mirage.losses import build_loss  # noqa: E402
-from mirage.model import SegmentationModel  # noqa: E402
-from mirage.optim import apply_schedule, build_optimizer, param_groups  # noqa: E402
-from mirage.decoders import build_decoder  # noqa: E402
+from mirage.train import distributed, protocols  # noqa: E402
+from mirage.train import loop as engine  # noqa: E402
+from mirage.train.precision import Precision  # noqa: E402
+from mirage.data.layout import SliceFiles  # noqa: E402
+from mirage.train.feature_cache import FeatureCache, cache_identity  # noqa: E402
+from mirage.train.losses import build_loss  # noqa: E402
+from mirage.models.segmentation_model import SegmentationModel  # noqa: E402
+from mirage.train.optim import apply_schedule, build_optimizer, param_groups  # noqa: E402
+from mirage.models.decoders import build_decoder  # noqa: E402
 
 MODELS = {  # name: (family, patch size)
     "mirage-tiny": (MirageTiny, 32),
@@ -145,7 +147,7 @@ class Protocol:
         config = {"grad_checkpointing": spec.get("checkpointing", False),
                   "compile": spec.get("compile", False), "opt": "adamw", "lr": LR,
                   "opt_eps": 1e-8, "opt_betas": [0.9, 0.999], "momentum": 0.9}
-        self.precision = engine.Precision(device, amp is not None, False, quiet,
+        self.precision = Precision(device, amp is not None, False, quiet,
                                           amp or "fp16")
         groups = param_groups(self.model, 0.05, 0.75)
         self.legacy = spec["protocol"] == "paper"

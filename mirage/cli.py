@@ -1,8 +1,10 @@
 """Entry points of the three command-line tools.
 
 ``run_seg_tuning.py`` -> :func:`tune`, ``run_seg_eval.py`` -> :func:`evaluate`, ``./runner``
--> :func:`mirage.runner.main`; the console scripts ``run_seg_tuning``, ``run_seg_eval`` and
-``mirage_runner`` that ``pip install .`` puts on the PATH (pyproject.toml) call the same.
+-> :func:`mirage.grid.runner.main`; the console scripts ``run_seg_tuning``, ``run_seg_eval``
+and ``mirage_runner`` that ``pip install .`` puts on the PATH (pyproject.toml) call the same.
+These functions and mirage.demo are the only places that chain stages: training is
+followed by TensorBoard curves, scoring by the run's report.html.
 
 Only the option parsers are imported up front: torch, timm, OpenCV and pandas load once
 the options are read, so ``-h`` answers at once and a bad option fails fast.
@@ -12,20 +14,22 @@ import argparse
 from mirage.config import parse_config
 from mirage.errors import exit_on_user_error
 
-# The choices of run_seg_eval.py --empty_volume; mirage.evaluation checks them again (and
-# a test keeps the two equal), so -h does not have to import the evaluation code.
-EMPTY_VOLUME_MODES = ("zero", "nan")
+from mirage.evaluate import EMPTY_VOLUME_MODES  # a constant: imports nothing heavy
 
 
 @exit_on_user_error
 def tune(argv=None):
     """Train, test or predict one run (``run_seg_tuning.py``); ``--demo`` runs the demo."""
     config, run_demo, _ = parse_config(argv)
+    # Deferred imports here and below: torch, timm, OpenCV and pandas load only once the
+    # options are read.
     if run_demo:
         from mirage import demo
         return demo.run(config)
-    from mirage import engine
-    return engine.main(config)
+    from mirage.report.tensorboard_log import write_tensorboard
+    from mirage.train import job
+    # Training is followed by the run's TensorBoard curves after every epoch.
+    return job.main(config, on_epoch_end=write_tensorboard)
 
 
 def eval_parser():
@@ -76,16 +80,22 @@ def evaluate(argv=None):
     """Score the test predictions of one or more runs (``run_seg_eval.py``)."""
     args = eval_parser().parse_args(argv)
     if args.report_only:
-        from mirage.run_report import write_run_report  # matplotlib: only when needed
+        from mirage.report.run_report import write_run_report  # matplotlib: only when needed
         paths = [write_run_report(path, args.datasets_path) for path in args.model_path]
         print("\n".join(f"wrote {path}" for path in paths))
         return paths
-    from mirage.evaluation import evaluate_runs
+    from mirage.evaluate.outputs import evaluate_runs  # deferred: pandas, OpenCV, SciPy
+
+    def write_report(evaluation):  # scoring is followed by the run's report.html
+        from mirage.report.run_report import write_run_report  # deferred: matplotlib
+        path = write_run_report(evaluation.run_dir, args.datasets_path, quiet=False)
+        print(f"wrote {path}")
+
     return evaluate_runs(args.model_path, args.datasets_path, external=args.external,
                          ignore_bg=args.ignore_bg, empty_sets_nan=args.empty_sets_nan,
                          empty_volume=args.empty_volume, workers=args.workers,
-                         summary=args.summary, report=args.report,
-                         foreign_predictions=args.foreign_predictions)
+                         summary=args.summary, foreign_predictions=args.foreign_predictions,
+                         on_scored=write_report if args.report else None)
 
 
 # Console scripts exit with their function's return value: these return None (status 0);

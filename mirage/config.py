@@ -15,11 +15,18 @@ from pathlib import Path
 
 import yaml
 
-from mirage import decoders
+from mirage.models import decoders
 from mirage.errors import UserError
 
 DEVICE_AUTO = "auto"
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"  # package data: works installed
+DEMO_ROOT = Path("__demo")  # --demo writes its dataset and weights here
+DEMO_DATASET = "Synth_OCT"
+
+
+def demo_paths(root=DEMO_ROOT):
+    """The demo's ``(weights path, dataset path)`` (which may not exist yet)."""
+    return root / "weights" / "MIRAGE-Tiny.pth", root / "datasets" / DEMO_DATASET
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,14 @@ import numpy as np
 import torch
 
 from fm_seg_config import MirageTiny
-from mirage import checkpoint as ckpt
-from mirage import engine
-from mirage.evaluation import evaluate_run
-from mirage.synthetic import write_synthetic_dataset
+from mirage import checkpoint_io as ckpt
+from mirage.config import DEMO_DATASET, DEMO_ROOT, demo_paths
+from mirage.data.synthetic import write_synthetic_dataset
+from mirage.evaluate.outputs import evaluate_run
+from mirage.report.run_report import write_run_report
+from mirage.report.tensorboard_log import write_tensorboard
+from mirage.train import job
 
-DEMO_ROOT = Path("__demo")
-DATASET_NAME = "Synth_OCT"
 LAYER_DICE_TARGET = 0.7
 
 
@@ -36,16 +37,11 @@ def write_tiny_checkpoint(path, seed=0):
     return path
 
 
-def demo_paths(root=DEMO_ROOT):
-    """The demo's ``(weights path, dataset path)`` (which may not exist yet)."""
-    return root / "weights" / "MIRAGE-Tiny.pth", root / "datasets" / DATASET_NAME
-
-
 def prepare_inputs(root=DEMO_ROOT):
     """Create (once) and return the demo's ``(weights path, dataset path)``."""
     weights, data_path = demo_paths(root)
     if not (data_path / "INFO.json").is_file():
-        write_synthetic_dataset(root / "datasets", name=DATASET_NAME, seed=0)
+        write_synthetic_dataset(root / "datasets", name=DEMO_DATASET, seed=0)
     if not weights.is_file():
         write_tiny_checkpoint(weights)
     return weights, data_path
@@ -58,14 +54,14 @@ def run(config):
     config["weights"] = config["weights"] or str(weights)
     config["data_path"] = config["data_path"] or str(data_path)
     print(f">> demo: dataset {config['data_path']}, weights {config['weights']}")
-    run_dir = engine.main({**config, "test": False, "infer_only": False})
-    engine.main({**config, "test": True, "infer_only": True})
+    run_dir = job.main({**config, "test": False, "infer_only": False},
+                       on_epoch_end=write_tensorboard)
+    job.main({**config, "test": True, "infer_only": True})
     results = evaluate_run(run_dir, datasets_path=Path(config["data_path"]).parent).rows
     layer_dice = layer_mean_dice(results)
     verdict = "reached" if layer_dice > LAYER_DICE_TARGET else "did NOT reach"
     print(f">> demo: test mean Dice over the layer classes {layer_dice:.3f} "
           f"({verdict} the target {LAYER_DICE_TARGET})")
-    from mirage.run_report import write_run_report  # matplotlib: only once there is a run
     report = write_run_report(run_dir, datasets_path=Path(config["data_path"]).parent)
     print(f">> demo: report (training curves, test scores, overlays): {report}")
     return results

@@ -7,6 +7,7 @@ leaves the previous version of the file intact.
 """
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -140,3 +141,20 @@ def list_images(folder):
     """The image files of ``folder`` (non-recursive), sorted by name."""
     return sorted(p for p in Path(folder).iterdir()
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+_SHA256_CACHE = {}  # (resolved path, size, mtime) -> hex digest
+
+
+def file_sha256(path):
+    """SHA-256 of a file (hex), computed once per process for an unchanged file."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+        _SHA256_CACHE[key] = digest.hexdigest()
+    return _SHA256_CACHE[key]

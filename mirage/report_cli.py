@@ -1,14 +1,13 @@
 """The command line of ``run_seg_report.py`` (a grid's summary, tests and reports).
 
 Only argparse is imported up front: pandas, SciPy and matplotlib load once the options
-are read, so ``-h`` answers at once. The work is done by mirage.study_outputs.
+are read, so ``-h`` answers at once. The work is done by mirage.report.study_outputs.
 """
 import argparse
 
 from mirage.errors import UserError, exit_on_user_error
-
-METRICS = ("Dice", "IoU", "HD95")  # mirage.evaluation.METRICS, without importing it
-RUN_REPORT_MODES = ("missing", "all", "none")
+from mirage.report import RUN_REPORT_MODES  # constants: import nothing heavy
+from mirage.run import METRICS
 
 
 def report_parser():
@@ -45,7 +44,7 @@ def main(argv=None):
     args = report_parser().parse_args(argv)
     if not 0 < args.alpha < 1:
         raise UserError(f"--alpha must be between 0 and 1, not {args.alpha}")
-    from mirage.study_outputs import write_study
+    from mirage.report.study_outputs import write_study  # deferred: pandas, SciPy, matplotlib
     return write_study(args.paths, args.output_dir, datasets_path=args.datasets_path,
                        run_reports=args.run_reports, metric=args.metric,
                        table_metrics=tuple(args.table_metrics), alpha=args.alpha,

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 sys.path.insert(0, str(REPO))
 
-from mirage import checkpoint as ckpt  # noqa: E402
+from mirage import checkpoint_io as ckpt  # noqa: E402
 
 VALUES = (0, 100, 200)
 LABELS = ("Background", "Layer", "Fluid")
@@ -119,7 +119,7 @@ def seal_predictions(folder, epoch=0):
     manifest tied to the run's checkpoint-best.pth (a stand-in file if there is none)."""
     from types import SimpleNamespace
 
-    from mirage.predictions import write_manifest
+    from mirage.run.predictions import write_manifest
 
     folder = Path(folder)
     best = folder.parent / "checkpoint-best.pth"

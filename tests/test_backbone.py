@@ -8,7 +8,7 @@ import torch
 from conftest import DATA
 from fm_seg_config import (MirageBase, MirageLarge, MirageTiny, build_backbone, find_model,
                            load_backbone)
-from mirage import checkpoint as ckpt
+from mirage import checkpoint_io as ckpt
 from mirage.errors import UserError
 
 

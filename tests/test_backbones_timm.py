@@ -18,11 +18,11 @@ from fm_seg_config import (Dinov2BaseReg, Dinov2Giant, Dinov2GiantReg, Dinov2Lar
                            Dinov2Small, Dinov2SmallReg, MedSam, MirageBase, RetFound,
                            RetFoundDinov2, SamViTB, VisionFMFundus, VisionFMOCT, build_backbone,
                            find_model)
-from mirage import checkpoint as ckpt
+from mirage import checkpoint_io as ckpt
 from mirage.config import parse_config
-from mirage.engine import build_model
+from mirage.train.build import build_model
 from mirage.errors import UserError
-from mirage.optim import param_groups
+from mirage.train.optim import param_groups
 
 TINY_VIT = dict(embed_dim=32, depth=3, num_heads=2)
 TINY_SAM = dict(embed_dim=32, depth=4, num_heads=2, global_attn_indexes=(1, 3), window_size=3)

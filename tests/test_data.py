@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from conftest import make_dataset
-from mirage.data import (SegmentationDataset, check_split, find_split, open_dataset,
-                         parse_slice_name, read_class_table)
+from mirage.data.classes import read_class_table
+from mirage.data.dataset import SegmentationDataset
+from mirage.data.layout import check_split, find_split, open_dataset, parse_slice_name
 from mirage.errors import UserError
-from mirage.transforms import SegmentationTransform
+from mirage.data.transforms import SegmentationTransform
 
 
 def test_class_table_and_background(tiny_dataset):
@@ -24,7 +25,7 @@ def test_class_table_and_background(tiny_dataset):
 
 def test_lookup_tables_map_values_both_ways():
     info_values = (0, 23, 46, 69, 92, 115, 138, 161)
-    from mirage.data import ClassTable
+    from mirage.data.classes import ClassTable
     table = ClassTable(info_values, tuple(str(v) for v in info_values))
     mask = np.array([[0, 23, 161], [92, 46, 0]], np.uint8)
     index = table.value_to_index()[mask]

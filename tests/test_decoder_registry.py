@@ -8,7 +8,7 @@ import pytest
 
 import run_seg_tuning
 from conftest import REPO
-from mirage import decoders
+from mirage.models import decoders
 from mirage.config import OPTION_BY_NAME
 
 DOCS = REPO / "docs" / "segmentation_tuning.md"
@@ -19,7 +19,7 @@ def docs_example():
     section = DOCS.read_text(encoding="utf-8").split("### Adding a decoder", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     path = code.splitlines()[0].lstrip("# ").strip()
-    assert path.startswith("mirage/decoders/") and path.endswith(".py")
+    assert path.startswith("mirage/models/decoders/") and path.endswith(".py")
     return path.rsplit("/", 1)[1], code
 
 
@@ -33,7 +33,7 @@ def example_decoder(tmp_path, monkeypatch):
     monkeypatch.setattr(decoders, "__path__", [*decoders.__path__, str(folder)])
     name = file_name[:-len(".py")]
     yield name
-    sys.modules.pop(f"mirage.decoders.{name}", None)
+    sys.modules.pop(f"mirage.models.decoders.{name}", None)
 
 
 def read_log(out):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from mirage import checkpoint as ckpt
+from mirage import checkpoint_io as ckpt
 
 # Float32 sums are reduced in a different order across processes; after 2 epochs of
 # AdamW the weights agree to about 1e-6.

@@ -1,4 +1,4 @@
-"""Dice, IoU and HD95 (mirage.metrics) against independent references.
+"""Dice, IoU and HD95 (mirage.evaluate.metrics) against independent references.
 
 HD95 is checked against MONAI's compute_hausdorff_distance(percentile=95) (a test-only
 dependency) on hand-made and random masks; the project's conventions for empty masks
@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from mirage.metrics import (dice_score, hd95, hd95_per_class, iou_score, mask_boundary,
+from mirage.evaluate.metrics import (dice_score, hd95, hd95_per_class, iou_score, mask_boundary,
                             percentile_float32)
 
 monai_metrics = pytest.importorskip("monai.metrics", reason="MONAI is the HD95 reference")

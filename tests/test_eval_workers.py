@@ -13,12 +13,12 @@ from conftest import REPO
 from conftest import process_gone as gone
 from mirage import workers
 
-# The evaluation's own pool (mirage.evaluation._map_in_workers) with a task that never
+# The evaluation's own pool (mirage.evaluate.scoring._map_in_workers) with a task that never
 # ends; each worker writes <pid>.worker when it starts a task.
 PARENT = r'''
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
-from mirage.evaluation import _map_in_workers
+from mirage.evaluate.scoring import _map_in_workers
 OUT = sys.argv[2]
 def work(item):
     open(os.path.join(OUT, f"{os.getpid()}.worker"), "w").close()

@@ -1,4 +1,4 @@
-"""run_seg_eval.py / mirage.evaluation: files found, values right, CSVs written, errors.
+"""run_seg_eval.py / mirage.evaluate.scoring: files found, values right, CSVs written, errors.
 
 Expected values come from an independent per-slice computation (numpy pixel counts for
 Dice/IoU, MONAI for HD95) or, for eval_example, from the original tool's CSV rows.
@@ -17,7 +17,8 @@ import torch
 from scipy import ndimage
 
 from mirage.errors import UserError
-from mirage.evaluation import evaluate_run, resize_nearest
+from mirage.evaluate.outputs import evaluate_run
+from mirage.evaluate.scoring import resize_nearest
 from run_seg_eval import main
 
 from conftest import seal_predictions

@@ -35,10 +35,10 @@ from fm_seg_config import (VISIONFM_MODALITIES, Dinov2Small, MedSam, MirageBase,
                            MirageTiny, RetFound, RetFoundDinov2, SamViTB, VisionFM,
                            VisionFMFundus, VisionFMOCT, build_backbone, find_model,
                            load_backbone, registered_names)
-from mirage import checkpoint as ckpt
+from mirage import checkpoint_io as ckpt
 from mirage.config import parse_config
 from mirage.errors import UserError
-from mirage.transforms import MEAN_STD, SegmentationTransform, normalise
+from mirage.data.transforms import MEAN_STD, SegmentationTransform, normalise
 from test_backbones_timm import (GRID, SAM_SIZE, pretrain_size, reference_layers,
                                  write_case)
 

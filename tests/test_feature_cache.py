@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from fm_seg_config import MirageTiny
-from mirage import feature_cache as fc
-from mirage.data import find_split
+from mirage.train import feature_cache as fc
+from mirage.data.layout import find_split
 from mirage.errors import UserError
 from mirage.fileio import atomic_path
-from mirage.model import SegmentationModel
-from mirage.decoders import build_decoder
+from mirage.models.segmentation_model import SegmentationModel
+from mirage.models.decoders import build_decoder
 
 SIZE = (32, 48)
 

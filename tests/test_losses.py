@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mirage.errors import UserError
-from mirage.losses import build_loss, generalised_dice_loss
+from mirage.train.losses import build_loss, generalised_dice_loss
 
 # One image, two classes, two pixels. Pixel a: logits (0, 0) -> p = (1/2, 1/2), truth 0.
 # Pixel b: logits (ln 3, 0) -> p = (3/4, 1/4), truth 1.

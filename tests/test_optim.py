@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from fm_seg_config import MirageTiny
-from mirage.model import SegmentationModel
-from mirage.decoders import build_decoder, names
+from mirage.models.segmentation_model import SegmentationModel
+from mirage.models.decoders import build_decoder, names
 from mirage.errors import UserError
-from mirage.optim import apply_schedule, build_optimizer, cosine_schedule, param_groups
+from mirage.train.optim import apply_schedule, build_optimizer, cosine_schedule, param_groups
 
 
 def tiny_model(freeze=True, decoder="segmenter"):

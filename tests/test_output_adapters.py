@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO
-from mirage import decoders
+from mirage.models import decoders
 from mirage.config import OPTION_BY_NAME
-from mirage.decoders import build_decoder, names
-from mirage.decoders.dpt import dpt_layer_indices
+from mirage.models.decoders import build_decoder, names
+from mirage.models.decoders.dpt import dpt_layer_indices
 
 PATCH = (16, 16)
 DECODERS = names()
@@ -42,13 +42,13 @@ def paper_convnext():
 
 # ----------------------------------------------------------------------------- registry
 def test_registry_is_the_module_files_and_lists_them_without_torch():
-    files = sorted(p.stem for p in (REPO / "mirage" / "decoders").glob("*.py")
+    files = sorted(p.stem for p in (REPO / "mirage" / "models" / "decoders").glob("*.py")
                    if not p.stem.startswith("_"))
     assert list(DECODERS) == files
     assert {"convnext", "convnext_ls", "linear", "segmenter", "dpt"} <= set(DECODERS)
     assert list(OPTION_BY_NAME["output_adapter"].choices) == files
     assert OPTION_BY_NAME["output_adapter"].default == "convnext"
-    code = ("import sys; import mirage.config, mirage.decoders as d; "
+    code = ("import sys; import mirage.config, mirage.models.decoders as d; "
             "print(','.join(d.names()), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout.split()
@@ -277,8 +277,8 @@ def _reference_convnext(decoder, tokens):
 
 
 def test_convnext_computes_the_originals_function():
-    from mirage.decoders import DecoderSpec
-    from mirage.decoders.convnext import ConvNeXtDecoder
+    from mirage.models.decoders import DecoderSpec
+    from mirage.models.decoders.convnext import ConvNeXtDecoder
     torch.manual_seed(0)
     spec = DecoderSpec(embed_dim=12, num_classes=3, grid_size=(2, 3), patch_size=(16, 16),
                        image_size=(32, 48), encoder_depth=2)
@@ -360,5 +360,5 @@ def test_segmenter_treats_classes_symmetrically():
 
 
 def test_decoder_base_class_is_exported_lazily():
-    from mirage.decoders._base import Decoder
+    from mirage.models.decoders._base import Decoder
     assert decoders.Decoder is Decoder

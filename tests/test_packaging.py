@@ -32,7 +32,7 @@ def test_package_and_api_module_are_installed():
 
 def test_eval_choices_match_the_evaluation_code():
     from mirage.cli import EMPTY_VOLUME_MODES
-    from mirage.evaluation import EMPTY_VOLUME_MODES as checked
+    from mirage.evaluate import EMPTY_VOLUME_MODES as checked
     assert EMPTY_VOLUME_MODES == checked
 
 

@@ -14,19 +14,24 @@ import torch.nn.functional as F
 
 import run_seg_tuning
 from conftest import make_dataset
-from mirage import checkpoint as ckpt
+from mirage import checkpoint_io as ckpt
 from fm_seg_config import MirageTiny, build_backbone
-from mirage import engine, protocols
-from mirage.backbones import build_sam_encoder, build_vit_encoder, fused_attention_layers
+from mirage.config import check_config
+from mirage.train import distributed, precision as precision_module
+from mirage.train import loop as engine
+from mirage.train.precision import Precision
+from mirage.train import protocols
+from mirage.models.backbones import build_sam_encoder, build_vit_encoder, fused_attention_layers
 from mirage.config import parse_config
-from mirage.data import SegmentationDataset, find_split, open_dataset
+from mirage.data.dataset import SegmentationDataset
+from mirage.data.layout import find_split, open_dataset
 from mirage.errors import UserError
-from mirage.feature_cache import FeatureCache
-from mirage.losses import build_loss
-from mirage.model import SegmentationModel
-from mirage.optim import build_optimizer, param_groups
-from mirage.decoders import build_decoder, names as decoder_names
-from mirage.transforms import SegmentationTransform
+from mirage.train.feature_cache import FeatureCache
+from mirage.train.losses import build_loss
+from mirage.models.segmentation_model import SegmentationModel
+from mirage.train.optim import build_optimizer, param_groups
+from mirage.models.decoders import build_decoder, names as decoder_names
+from mirage.data.transforms import SegmentationTransform
 
 SIZE, PATCH = (32, 48), 16
 CPU = torch.device("cpu")
@@ -73,14 +78,14 @@ def run_epochs(model, data, epochs=2, cache=None, opt="adamw", seed=1):
     torch.manual_seed(seed)
     loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=False)
     optimizer = build_optimizer(param_groups(model, 0.05, 0.75), opt, LR)
-    precision = engine.Precision(CPU, False, False, quiet)
+    precision = Precision(CPU, False, False, quiet)
     steps = len(loader)
     losses = []
     for epoch in range(epochs):
         stats = engine.train_one_epoch(
             model, loader, build_loss("CEGDice"), optimizer, precision, CPU, epoch,
             np.full(epochs * steps, LR), np.full(epochs * steps, 0.05), epoch * steps, None,
-            engine.distributed.DistInfo(), epochs, feature_cache=cache)
+            distributed.DistInfo(), epochs, feature_cache=cache)
         losses.append(stats["loss"])
     return losses
 
@@ -389,21 +394,21 @@ def test_channels_last_decoders_give_the_same_logits(decoder):
 # ----------------------------------------------------------------------------- precision
 def test_amp_dtype_selects_the_autocast_dtype(monkeypatch):
     cuda = torch.device("cuda")
-    monkeypatch.setattr(engine, "_bf16_supported", lambda device: True)
+    monkeypatch.setattr(precision_module, "_bf16_supported", lambda device: True)
     monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: enabled)
 
     def dtype(**options):
         config = {"fp16": True, "bf16": False, "amp_dtype": "fp16", **options}
-        precision = engine.Precision.from_config(cuda, config, quiet)
+        precision = Precision.from_config(cuda, config, quiet)
         return precision.dtype, precision.scaler
 
     assert dtype() == (torch.float16, True)                    # the default: scaler on
     assert dtype(amp_dtype="bf16") == (torch.bfloat16, False)  # no scaler needed
     assert dtype(bf16=True) == (torch.bfloat16, False)         # the old switch still works
     assert dtype(fp16=False) == (None, False)                  # --no_fp16: float32
-    assert engine.Precision.from_config(CPU, {"fp16": True, "bf16": False,
+    assert Precision.from_config(CPU, {"fp16": True, "bf16": False,
                                               "amp_dtype": "bf16"}, quiet).dtype is None
-    monkeypatch.setattr(engine, "_bf16_supported", lambda device: False)
+    monkeypatch.setattr(precision_module, "_bf16_supported", lambda device: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla V100")
     with pytest.raises(UserError, match="Tesla V100 has no bfloat16 support; use "
                                         "--amp_dtype fp16"):
@@ -429,7 +434,7 @@ def test_amp_dtype_selects_the_autocast_dtype(monkeypatch):
 def test_option_conflicts_are_one_line_errors_naming_both(tmp_path, extra, names):
     config, _, _ = parse_config(["--weights", "w.pth", "--data_path", str(tmp_path), *extra])
     with pytest.raises(UserError) as info:
-        engine.check_config(config)
+        check_config(config)
     message = str(info.value)
     assert "\n" not in message
     for name in names:
@@ -441,7 +446,7 @@ def test_cacheable_options_are_accepted(tmp_path):
                                  "--freeze_patch_embed", "--feature_cache", "disk",
                                  "--aug_name", "flip", "--drop_path_encoder", "0",
                                  "--grad_checkpointing", "--compile", "--amp_dtype", "bf16"])
-    engine.check_config(config)
+    check_config(config)
 
 
 def test_flip_views_flip_image_and_mask_together(tiny_dataset):

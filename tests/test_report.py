@@ -84,7 +84,7 @@ def assert_self_contained(path, page):
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    from mirage.study_outputs import write_study
+    from mirage.report.study_outputs import write_study
     root = tmp_path_factory.mktemp("report")
     datasets, output, runs = make_grid(root)
     files = write_study([output], root / "study", quiet=True, run_reports="missing")
@@ -139,8 +139,8 @@ def test_grid_report_tables_heat_maps_and_links(study):
 
 def test_run_reports_never_replace_a_user_file(study, tmp_path):
     from mirage.errors import UserError
-    from mirage.run_report import write_run_report
-    from mirage.study_outputs import write_study
+    from mirage.report.run_report import write_run_report
+    from mirage.report.study_outputs import write_study
     root, runs, _ = study
     run_dir = tmp_path / "run"
     shutil.copytree(runs[("RETFound-Tiny", 2)], run_dir)
@@ -174,7 +174,7 @@ def test_eval_writes_the_report_and_report_only_rewrites_it(study, tmp_path, cap
 
 
 def test_report_of_an_unevaluated_run_says_so(study, tmp_path):
-    from mirage.run_report import write_run_report
+    from mirage.report.run_report import write_run_report
     root, runs, _ = study
     run_dir = tmp_path / "Synth_OCT" / "untested"
     run_dir.mkdir(parents=True)

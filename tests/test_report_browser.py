@@ -161,8 +161,8 @@ def test_the_harness_sees_console_errors_and_broken_images(browser, tmp_path):
 
 
 def test_run_and_grid_reports_render_without_console_errors(browser, tmp_path):
-    from mirage.run_report import write_run_report
-    from mirage.study_outputs import write_study
+    from mirage.report.run_report import write_run_report
+    from mirage.report.study_outputs import write_study
     _, output, runs = make_grid(tmp_path)
     write_run_report(runs[("MIRAGE-Tiny", 1)])
     files = write_study([output], tmp_path / "study", quiet=True, run_reports="none")

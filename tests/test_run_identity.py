@@ -11,11 +11,12 @@ import torch
 
 import run_seg_tuning
 from conftest import REPO, make_dataset, write_mirage_checkpoint
-from mirage import checkpoint as ckpt
+from mirage import checkpoint_io as ckpt
 from mirage.config import parse_config
-from mirage.data import open_dataset
+from mirage.data.layout import open_dataset
 from mirage.errors import UserError
-from mirage.identity import run_dir_for_argv
+from mirage.run.folder import RunFolder
+from mirage.run.identity import run_dir_for_argv
 
 
 def argv(dataset, weights, out, *extra):
@@ -105,7 +106,7 @@ def test_a_run_directory_in_use_is_refused(tiny_dataset, tiny_weights, tmp_path,
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(REPO)!r})
-        from mirage.identity import run_lock
+        from mirage.run.lock import run_lock
         with run_lock({str(run_dir)!r}):
             print("locked", flush=True)
             time.sleep(60)
@@ -169,7 +170,7 @@ def test_checkpoints_are_slim_and_carry_what_they_were_trained_with(tiny_dataset
 def test_only_the_newest_epoch_checkpoints_are_kept(tiny_dataset, tiny_weights, tmp_path):
     run_dir = run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 4,
                         "--save_ckpt_freq", 1, "--keep_ckpts", 2))
-    assert sorted(ckpt.epoch_checkpoints(run_dir)) == [2, 3]
+    assert sorted(RunFolder(run_dir).epoch_checkpoints()) == [2, 3]
     assert (run_dir / "checkpoint-best.pth").is_file()
 
 
@@ -321,11 +322,11 @@ def test_a_full_checkpoint_of_the_first_version_still_resumes(tiny_dataset, tiny
     run_dir = run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 2))
     slim = ckpt.load_file(run_dir / "checkpoint-1.pth")
     # The first version's layout: the whole model (backbone included), config, class table.
-    from mirage import engine
+    from mirage.train.build import build_model
     config, _, _ = parse_config(argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 2))
     dataset = open_dataset(tiny_dataset)
     from fm_seg_config import find_model
-    model, _ = engine.build_model(config, find_model(tiny_weights), 3, (32, 48), (16, 16))
+    model, _ = build_model(config, find_model(tiny_weights), 3, (32, 48), (16, 16))
     model.load_state_dict(slim["model"], strict=False)  # a slim file: the trained tensors only
     legacy = tmp_path / "legacy" / "checkpoint-0.pth"
     ckpt.save(legacy, {"model": model.state_dict(), "epoch": 0, "optimizer":
@@ -355,6 +356,6 @@ def test_epochs_count_from_0_in_console_log_and_checkpoint_names(tiny_dataset, t
     assert "epoch 0/1 " in out and "epoch 1/1 " in out and "epoch 2/" not in out
     log = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines()]
     assert [e["epoch"] for e in log if "epoch" in e] == [0, 1]
-    assert sorted(ckpt.epoch_checkpoints(run_dir)) == [0, 1]
+    assert sorted(RunFolder(run_dir).epoch_checkpoints()) == [0, 1]
     best_epoch = ckpt.load_file(run_dir / "checkpoint-best.pth")["epoch"]
     assert f"(epoch {best_epoch})" in out

@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from mirage.data import read_class_table
+from mirage.data.classes import read_class_table
 from mirage.errors import UserError
-from mirage.evaluation import evaluate_runs
+from mirage.evaluate.outputs import evaluate_runs
 from mirage.fileio import read_gray, write_png
-from mirage.predictions import write_manifest
-from mirage.synthetic import class_values, write_synthetic_dataset
+from mirage.run.predictions import write_manifest
+from mirage.data.synthetic import class_values, write_synthetic_dataset
 
 DATASET = "Synth_OCT"
 MODELS = {"MIRAGE-Tiny": 1, "RETFound-Tiny": 4}  # model -> rows its predictions are off by
@@ -104,7 +104,7 @@ def results_of(run_dir):
 
 
 def summarise(paths, out, **kwargs):
-    from mirage.study_outputs import write_study
+    from mirage.report.study_outputs import write_study
     return write_study(paths, out, quiet=True, run_reports="none", **kwargs)
 
 

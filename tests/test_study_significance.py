@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mirage.runs import Evaluation, Run
-from mirage.significance import POOLED, holm, significance_table, wilcoxon_paired
-from mirage.study import build_study
+from mirage.run.catalog import Run
+from mirage.run.results import Evaluation
+from mirage.report.significance import POOLED, holm, significance_table, wilcoxon_paired
+from mirage.report.study import build_study
 
 # Differences with distinct magnitudes 0.5, 1, ..., 4: ranks 1..8, only rank 2 negative.
 # W- = 2, W+ = 34. Exact two-sided p = 2 P(W+ <= 2) under the 2^8 equally likely sign

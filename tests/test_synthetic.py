@@ -5,10 +5,11 @@ import re
 import numpy as np
 import pytest
 
-from mirage.data import parse_slice_name, read_class_table
+from mirage.data.classes import read_class_table
+from mirage.data.layout import parse_slice_name
 from mirage.errors import UserError
 from mirage.fileio import list_images, read_gray
-from mirage.synthetic import make_volume, write_synthetic_dataset
+from mirage.data.synthetic import make_volume, write_synthetic_dataset
 
 EXPECTED_VALUES = [0, 32, 64, 96, 128, 160, 192, 224, 255]
 EXPECTED_LABELS = ["Background", "ILM-NFL", "NFL-IPL", "IPL-OPL", "OPL-ONL", "ONL-ISM",

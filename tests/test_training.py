@@ -12,15 +12,19 @@ import torch
 import run_seg_tuning
 from conftest import REPO, make_dataset
 from fm_seg_config import build_backbone
-from mirage import checkpoint as ckpt
-from mirage import engine
+from mirage import checkpoint_io as ckpt
+from mirage.run.folder import RunFolder
+from mirage.train import distributed, inference
+from mirage.train import loop as engine
+from mirage.train.precision import Precision
 from mirage.config import parse_config
-from mirage.data import SegmentationDataset, find_split, open_dataset
-from mirage.losses import build_loss
-from mirage.model import SegmentationModel
-from mirage.optim import build_optimizer, param_groups
-from mirage.decoders import build_decoder
-from mirage.transforms import SegmentationTransform
+from mirage.data.dataset import SegmentationDataset
+from mirage.data.layout import find_split, open_dataset
+from mirage.train.losses import build_loss
+from mirage.models.segmentation_model import SegmentationModel
+from mirage.train.optim import build_optimizer, param_groups
+from mirage.models.decoders import build_decoder
+from mirage.data.transforms import SegmentationTransform
 
 
 def argv(dataset, weights, out, *extra):
@@ -54,10 +58,10 @@ def test_frozen_blocks_bit_identical_after_a_step(tiny_dataset, tiny_weights):
                                SegmentationTransform((32, 48), train=True))
     loader = torch.utils.data.DataLoader(data, batch_size=4)
     optimizer = build_optimizer(param_groups(model, 0.05, 0.75), "adamw", 1e-3)
-    precision = engine.Precision(torch.device("cpu"), False, False, print)
+    precision = Precision(torch.device("cpu"), False, False, print)
     engine.train_one_epoch(model, loader, build_loss("CEGDice"), optimizer, precision,
                            torch.device("cpu"), 0, np.full(2, 1e-3), np.full(2, 0.05), 0,
-                           1.0, engine.distributed.DistInfo(), 1)
+                           1.0, distributed.DistInfo(), 1)
     after = model.state_dict()
     for name, tensor in before.items():
         if name.startswith("backbone.blocks.") or name == "backbone.input_adapter.pos_emb":
@@ -96,8 +100,8 @@ def test_train_writes_run_directory(tiny_dataset, tiny_weights, tmp_path, capsys
 def test_best_checkpoint_is_really_loaded_for_testing(tiny_dataset, tiny_weights, tmp_path,
                                                       monkeypatch):
     loaded = []
-    real = engine.load_model_weights
-    monkeypatch.setattr(engine, "load_model_weights",
+    real = inference.load_model_weights
+    monkeypatch.setattr(inference, "load_model_weights",
                         lambda model, path, *rest: loaded.append(path.name) or real(model, path, *rest))
     run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 1))
     assert loaded == ["checkpoint-best.pth"]
@@ -122,7 +126,7 @@ def test_resume_after_interruption_continues_from_the_right_epoch(
         run(*argv(tiny_dataset, tiny_weights, interrupted, *common))
     monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
     run_dir = run_dir_of(interrupted)
-    assert sorted(ckpt.epoch_checkpoints(run_dir)) == [0, 1]
+    assert sorted(RunFolder(run_dir).epoch_checkpoints()) == [0, 1]
     capsys.readouterr()
     run(*argv(tiny_dataset, tiny_weights, interrupted, *common))
     assert "continuing at epoch 2" in capsys.readouterr().out

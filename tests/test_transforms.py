@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from mirage.transforms import SegmentationTransform, normalise
+from mirage.data.transforms import SegmentationTransform, normalise
 
 
 def coded_pair(h=50, w=70):

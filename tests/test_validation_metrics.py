@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from mirage.engine import TrainingState, epoch_line
-from mirage.metrics import (confusion_matrix, scores_from_confusion, selection_key,
+from mirage.train.checkpointing import TrainingState
+from mirage.train.loop import epoch_line
+from mirage.train.validation_metrics import (confusion_matrix, scores_from_confusion, selection_key,
                             validation_scores)
 
 # 2 x 3 image, 4 classes; class 3 appears in neither prediction nor truth.

@@ -1,0 +1,100 @@
+"""A dataset's classes: INFO.json read into a ClassTable, and what class labels mean.
+
+INFO.json maps class indices to ``{"value": <mask pixel value>, "label": <name>}``
+(docs/segmentation_benchmark.md). Labels are compared lower-cased and stripped.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mirage.errors import UserError
+
+BACKGROUND_LABELS = ("background", "bg")  # the default --ignore_index class
+UNKNOWN_CLASS = 255  # class index a mask value not in INFO.json maps to
+LESION_LABELS = ("fluid", "cyst", "ped", "srf", "irf")  # scored apart from layers
+
+
+@dataclass(frozen=True)
+class ClassTable:
+    """The classes of a dataset, read from its INFO.json.
+
+    ``values[i]`` is the pixel intensity that marks class ``i`` in the masks and
+    ``labels[i]`` its name.
+    """
+
+    values: tuple
+    labels: tuple
+    source: str = "INFO.json"
+
+    @property
+    def num_classes(self):
+        return len(self.values)
+
+    def background_index(self):
+        """Index of the first class whose label contains "background" or "bg"
+        (case-insensitive), else None: the original tuning script's rule."""
+        for index, label in enumerate(self.labels):
+            if any(word in label.lower() for word in BACKGROUND_LABELS):
+                return index
+        return None
+
+    @property
+    def max_value(self):
+        return max(self.values)
+
+    def value_to_index(self):
+        """Lookup table: ``lut[mask]`` turns mask values into class indices (uint8).
+
+        Values absent from INFO.json map to ``UNKNOWN_CLASS`` (255). The table covers
+        the whole 16-bit range so that 8- and 16-bit masks index it directly.
+        """
+        lut = np.full(1 << 16, UNKNOWN_CLASS, dtype=np.uint8)
+        lut[list(self.values)] = np.arange(self.num_classes, dtype=np.uint8)
+        return lut
+
+    def index_to_value(self):
+        """Lookup table: ``lut[class_index]`` gives the INFO.json value (uint8 or uint16)."""
+        dtype = np.uint8 if self.max_value <= 255 else np.uint16
+        return np.asarray(self.values, dtype=dtype)
+
+
+def read_class_table(path):
+    """Read an INFO.json file into a :class:`ClassTable` (raises UserError if malformed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"class table {path} not found; every dataset needs an INFO.json "
+                        "(see docs/segmentation_benchmark.md)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}); fix the file") from None
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"{path} must be a JSON object "
+                        '{"0": {"value": 0, "label": "Background"}, ...}')
+    entries = {}
+    for key, entry in raw.items():
+        if not (isinstance(key, str) and key.strip().lstrip("-").isdigit()):
+            raise UserError(f"{path}: key {key!r} is not a class index (0..N-1)")
+        if not isinstance(entry, dict) or "value" not in entry or "label" not in entry:
+            raise UserError(f'{path}: class {key} needs both "value" and "label"')
+        value, label = entry["value"], entry["label"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 16:
+            raise UserError(f"{path}: class {key} has value {value!r}; "
+                            "expected an integer pixel value in 0..65535")
+        if not isinstance(label, str):
+            raise UserError(f"{path}: class {key} has label {label!r}; expected a string")
+        entries[int(key)] = (value, label)
+    if sorted(entries) != list(range(len(entries))):
+        raise UserError(f"{path}: class indices must be 0..{len(entries) - 1}, "
+                        f"got {sorted(entries)}")
+    values = tuple(entries[i][0] for i in range(len(entries)))
+    if len(set(values)) != len(values):
+        raise UserError(f"{path}: two classes share one pixel value {values}")
+    if len(values) > UNKNOWN_CLASS:
+        raise UserError(f"{path}: {len(values)} classes; at most {UNKNOWN_CLASS} supported")
+    labels = tuple(entries[i][1] for i in range(len(entries)))
+    return ClassTable(values=values, labels=labels, source=str(path))
+
+

@@ -1,0 +1,13 @@
+"""The evaluate stage: per-volume Dice, IoU and HD95 of a run's test predictions.
+
+    class_plan.py   which classes are scored; pixel values -> classes; label translations
+    inputs.py       find and check predictions, masks and class tables (nothing decoded)
+    metrics.py      Dice, IoU and HD95 (the arithmetic, checked against MONAI)
+    scoring.py      one B-scan -> one volume -> a run's rows, over worker processes
+    outputs.py      results CSVs, evaluation.json, printed tables, the summary CSV
+
+It reads run folders and datasets (mirage.run, mirage.data) and never imports the train
+or report stages: run_seg_eval.py (mirage.cli) decides that a report follows the scores.
+This file stays free of imports so that ``-h`` can read the choices below at once.
+"""
+EMPTY_VOLUME_MODES = ("zero", "nan")  # run_seg_eval.py --empty_volume

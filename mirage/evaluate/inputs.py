@@ -1,0 +1,152 @@
+"""A run's predictions, ground truth and class tables, found and checked before any image
+is decoded.
+
+What is read (docs/segmentation_tuning.md, "Evaluation (run_seg_eval.py)")::
+
+    <model_path> = .../<dataset>/<run name>/        the run directory
+    <model_path>/preds/<scan>_<slice>.png           or preds_<external>/, or *_pred.png
+    <datasets_path>/<dataset>/INFO.json             class values and labels
+    <datasets_path>/<dataset>/test/semseg/*.png     ground truth (or <external>/semseg/)
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+from mirage.data.classes import read_class_table
+from mirage.data.layout import parse_slice_name
+from mirage.errors import UserError
+from mirage.evaluate.class_plan import ClassPlan, plan_classes
+from mirage.fileio import list_images
+from mirage.run.folder import RunFolder
+from mirage.run.predictions import check_predictions
+
+_SHOW_MISSING = 5  # how many missing predictions an error message lists
+
+
+@dataclass
+class RunInputs:
+    """Everything found and checked before any image is decoded.
+
+    volumes: {scan_id: [(slice number, ground-truth path, prediction path), ...]} with
+    slices in numerical order.
+    """
+
+    run_dir: Path
+    dataset: str
+    external: str
+    gt_dir: Path
+    pred_dir: Path
+    plan: ClassPlan
+    volumes: dict
+    unscored_predictions: int = 0
+    note: str = ""  # a caveat about where the predictions come from
+
+    @property
+    def num_slices(self):
+        return sum(len(slices) for slices in self.volumes.values())
+
+
+def _prediction_files(pred_dir):
+    """{slice id: path} of a predictions folder; accepts <id>.png and older <id>_pred.png."""
+    found = {}
+    for path in list_images(pred_dir):
+        stem = path.stem[:-len("_pred")] if path.stem.endswith("_pred") else path.stem
+        if stem in found:
+            raise UserError(f"{found[stem]} and {path} are both predictions for slice {stem}; "
+                            "delete the stale one")
+        found[stem] = path
+    return found
+
+
+def pair_slices(gt_dir, pred_dir):
+    """Match every ground-truth mask with its prediction and group them into volumes.
+
+    Returns ({scan_id: [(slice, gt_path, pred_path), ...]}, number of predictions that
+    have no mask). Raises UserError for bad slice names, duplicate slices and masks
+    without a prediction (never skipped silently).
+    """
+    masks = list_images(gt_dir)
+    if not masks:
+        raise UserError(f"no mask images in {gt_dir}; expected <scan_id>_<slice>.png files")
+    predictions = _prediction_files(pred_dir)
+    missing = [p.name for p in masks if p.stem not in predictions]
+    if missing:
+        shown = ", ".join(missing[:_SHOW_MISSING]) + (", ..." if len(missing) > _SHOW_MISSING
+                                                      else "")
+        raise UserError(f"{len(missing)} of {len(masks)} ground-truth slices have no "
+                        f"prediction in {pred_dir} ({shown}); run inference on the whole "
+                        "test set again")
+    volumes = {}
+    for mask in masks:
+        scan_id, number = parse_slice_name(mask.stem, mask)
+        volumes.setdefault(scan_id, []).append((number, mask, predictions[mask.stem]))
+    for scan_id, slices in volumes.items():
+        slices.sort(key=lambda s: s[0])
+        for (a, path_a, _), (b, path_b, _) in zip(slices, slices[1:]):
+            if a == b:
+                raise UserError(f"{path_a.name} and {path_b.name} are both slice {a} of "
+                                f"volume {scan_id}; rename one")
+    unscored = len(predictions) - len(masks)
+    return dict(sorted(volumes.items())), unscored
+
+
+def prepare_run(model_path, datasets_path, external=None, ignore_bg=True,
+                foreign_predictions=False):
+    """Find and check a run's predictions, ground truth and class tables (no decoding).
+
+    model_path: the run directory ``.../<dataset>/<run name>/``; the dataset is its parent
+    folder's name. external: evaluate ``preds_<external>/`` against dataset ``external``.
+    The predictions must carry the manifest of the run's current best checkpoint
+    (mirage/predictions.py) unless ``foreign_predictions`` (made by another tool).
+    """
+    run_dir = Path(model_path).expanduser()
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} not found; pass -m/--model_path "
+                        "<output>/<version>/<dataset>/<run name>/")
+    run_dir = run_dir.resolve()
+    datasets_path = Path(datasets_path).expanduser()
+    dataset = run_dir.parent.name
+    train_dir = datasets_path / dataset
+    if not train_dir.is_dir():
+        raise UserError(f"dataset folder {train_dir} not found (the dataset is the name of the "
+                        f"run directory's parent folder, {dataset!r}); "
+                        "set -d/--datasets_path to the folder holding it")
+    if external:
+        eval_dir = datasets_path / external
+        if not eval_dir.is_dir():
+            raise UserError(f"external dataset folder {eval_dir} not found; check -e/--external "
+                            "and -d/--datasets_path")
+        candidates = [eval_dir / "test" / "semseg", eval_dir / "semseg"]
+        pred_dir = RunFolder(run_dir).preds_dir(external)
+        hint = f"run inference on {external} first (predictions go to preds_{external}/)"
+    else:
+        eval_dir = train_dir
+        candidates = [eval_dir / "test" / "semseg"]
+        pred_dir = RunFolder(run_dir).preds_dir()
+        hint = "run run_seg_tuning.py --infer_only --test on this run first"
+    gt_dir = next((c for c in candidates if c.is_dir()), None)
+    if gt_dir is None:
+        raise UserError(f"ground-truth folder {' or '.join(map(str, candidates))} not found; "
+                        "only datasets with test masks can be evaluated")
+    if not pred_dir.is_dir():
+        raise UserError(f"predictions folder {pred_dir} not found; {hint}")
+    gt_info = eval_dir / "INFO.json"
+    if not gt_info.is_file():
+        raise UserError(f"{gt_info} not found; the dataset's class table is needed to read "
+                        "its masks (see docs/segmentation_benchmark.md)")
+    gt_table = read_class_table(gt_info)
+    train_table = None
+    if external:
+        train_info = train_dir / "INFO.json"
+        if not train_info.is_file():
+            raise UserError(f"{train_info} not found; it gives the pixel values of the "
+                            f"predictions in {pred_dir.name}/ (the training dataset's classes)")
+        train_table = read_class_table(train_info)
+    plan = plan_classes(gt_table, train_table, ignore_bg)
+    volumes, unscored = pair_slices(gt_dir, pred_dir)
+    if foreign_predictions:
+        note = "foreign predictions: not checked against the run's checkpoint"
+    else:
+        note = check_predictions(pred_dir, run_dir, hint.replace(" first", " again")) or ""
+    return RunInputs(run_dir=run_dir, dataset=external or dataset, external=external or "",
+                     gt_dir=gt_dir, pred_dir=pred_dir, plan=plan, volumes=volumes,
+                     unscored_predictions=unscored, note=note)

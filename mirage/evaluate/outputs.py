@@ -1,0 +1,188 @@
+"""Evaluating runs end to end: score, write the results CSVs and evaluation.json, print the
+tables, and the one-row-per-run summary.
+
+    evaluate_run(model_path, datasets_path, ...)  -> RunEvaluation (rows, files)
+    evaluate_runs([model_path, ...], ...)         -> [RunEvaluation, ...] (run_seg_eval.py)
+    write_summary(evaluations, path)              -> one row per run and class group
+"""
+import contextlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mirage.fileio import atomic_path
+from mirage.evaluate.inputs import prepare_run
+from mirage.evaluate.scoring import check_options, evaluate_prepared
+from mirage.run import METRICS
+from mirage.run.folder import RunFolder
+from mirage.run.identity import identity_hash
+from mirage.run.results import record_evaluation
+
+CSV_COLUMNS = ("ID", "Class") + METRICS
+
+
+def result_files(evaluation):
+    """{file path: group} of the CSVs for a run: results.csv, or one per class group."""
+    folder = RunFolder(evaluation.run_dir)
+    return {folder.results_file(group, evaluation.external): group
+            for group in evaluation.groups}
+
+
+def write_results(evaluation):
+    """Write the run's CSV files (ID, Class, Dice, IoU, HD95); all of them or none.
+
+    Each file goes to a temporary name first; all are renamed only once every one of
+    them has been written, so an existing results file is never replaced by a partial one.
+    """
+    files = result_files(evaluation)
+    with contextlib.ExitStack() as stack:
+        for path, group in files.items():
+            tmp = stack.enter_context(atomic_path(path))
+            evaluation.group_rows(group).to_csv(tmp, columns=list(CSV_COLUMNS), index=False,
+                                                na_rep="NaN")
+    evaluation.files = list(files)
+    return evaluation.files
+
+
+def _percent_table(frame):
+    """Dice and IoU x100, HD95 as is."""
+    frame = frame.copy()
+    frame[["Dice", "IoU"]] *= 100
+    return frame
+
+
+def results_table(evaluation):
+    """DataFrame for printing: per-class means over volumes, then each group and overall.
+
+    Dice and IoU in percent, HD95 in pixels; group rows are means over all (volume, class)
+    rows of the group, NaN ignored.
+    """
+    rows = _percent_table(evaluation.rows)
+    per_class = rows.groupby("Class", sort=False)[list(METRICS)].mean()
+    means = {f"[{group}]": evaluation.group_rows(group) for group in evaluation.groups}
+    if len(evaluation.groups) > 1:
+        means["[all]"] = evaluation.rows
+    group_means = pd.DataFrame({name: _percent_table(part)[list(METRICS)].mean()
+                                for name, part in means.items()}).T
+    return pd.concat([per_class, group_means])
+
+
+def print_results(evaluation, stream=None):
+    """Print the per-class table and the group means of one run."""
+    stream = stream or sys.stdout
+    volumes = evaluation.rows["ID"].nunique()
+    target = f" on {evaluation.external}" if evaluation.external else ""
+    print(f"\n{evaluation.run_dir}{target}: {volumes} volume(s), {evaluation.num_slices} "
+          "B-scans. Dice and IoU in %, HD95 in pixels; means over volumes", file=stream)
+    table = results_table(evaluation)
+    width = max(len("class"), *(len(name) for name in table.index))
+    print(f"{'class':<{width}}" + "".join(f"{m:>9}" for m in METRICS), file=stream)
+    for name, row in table.iterrows():
+        cells = "".join("      n/a" if np.isnan(v) else f"{v:9.2f}" for v in row)
+        print(f"{name:<{width}}{cells}", file=stream)
+    if evaluation.files:
+        names = ", ".join(path.name for path in evaluation.files)
+        print(f"wrote {names} in {evaluation.run_dir}", file=stream)
+
+
+def evaluate_run(model_path, datasets_path, external=None, ignore_bg=True,
+                 empty_sets_nan=True, empty_volume="zero", workers=1, quiet=False,
+                 foreign_predictions=False):
+    """Evaluate one run directory, write its CSV files and print its tables.
+
+    model_path: ``.../<dataset>/<run name>/`` holding ``preds/`` (or ``preds_<external>/``).
+    datasets_path: the folder holding ``<dataset>/`` (and ``<external>/``).
+    ignore_bg: leave background-like classes (bg, background, above ilm) unscored.
+    empty_sets_nan: HD95 of a B-scan where exactly one mask is empty is NaN (True) or the
+    image diagonal (False). empty_volume: "zero" (Dice = IoU = 0 when a class is absent from
+    both volumes, as the original tool) or "nan" (such pairs left out of the means).
+    workers: processes scoring B-scans in parallel. foreign_predictions: score predictions
+    that carry no manifest of the run's best checkpoint (made by another tool).
+    Returns a RunEvaluation (``.rows`` is the DataFrame of all rows, ``.files`` the CSVs).
+    """
+    return evaluate_runs([model_path], datasets_path, external, ignore_bg, empty_sets_nan,
+                         empty_volume, workers, quiet=quiet,
+                         foreign_predictions=foreign_predictions)[0]
+
+
+def _note_unscored(inputs):
+    if inputs.unscored_predictions > 0:
+        print(f"note: {inputs.unscored_predictions} prediction(s) in {inputs.pred_dir} have no "
+              "ground-truth mask and were not scored", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- summary
+def summary_table(evaluations):
+    """One row per run and class group (and "all" where there are several groups).
+
+    Mean: over all (volume, class) rows of the group, NaN ignored (as printed). Std: the
+    sample standard deviation over volumes of each volume's mean over the group's classes.
+    Dice and IoU in percent, HD95 in pixels; the text columns read "mean ± std". Each row
+    names its run's seed and identity hash (identity.json), so seeds of one configuration
+    are told apart and runs of different options are never mistaken for one another.
+    """
+    records = []
+    for ev in evaluations:
+        identity = RunFolder(ev.run_dir).read_identity() or {}  # none for runs of the first version
+        groups = list(ev.groups) + (["all"] if len(ev.groups) > 1 else [])
+        for group in groups:
+            rows = _percent_table(ev.group_rows(group))
+            per_volume = rows.groupby("ID")[list(METRICS)].mean()
+            record = {"run": ev.run_dir.name, "dataset": ev.dataset, "group": group,
+                      "seed": identity.get("seed"),
+                      "identity": identity_hash(identity) if identity else "",
+                      "volumes": len(per_volume), "path": str(ev.run_dir), "note": ev.note}
+            for metric in METRICS:
+                mean, std = rows[metric].mean(), per_volume[metric].std()
+                spread = "n/a" if np.isnan(std) else f"{std:.2f}"  # n/a: one volume
+                record[metric] = f"{mean:.2f} ± {spread}"
+                record[f"{metric}_mean"], record[f"{metric}_std"] = mean, std
+            records.append(record)
+    return pd.DataFrame(records)
+
+
+def write_summary(evaluations, path):
+    """Write summary_table(evaluations) to the CSV file ``path`` (atomically); returns it."""
+    table = summary_table(evaluations)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False, na_rep="NaN")
+    return table
+
+
+def evaluate_runs(model_paths, datasets_path, external=None, ignore_bg=True,
+                  empty_sets_nan=True, empty_volume="zero", workers=1, summary=None,
+                  quiet=False, foreign_predictions=False, on_scored=None):
+    """Evaluate several runs (what run_seg_eval.py does); returns their RunEvaluations.
+
+    Every run's files are checked before any is scored, so a typo in the last path fails
+    at once. Each run's CSVs are written when that run is done, with evaluation.json
+    (how they were scored); then ``on_scored(evaluation)`` is called if given (the command
+    line writes the run's report there). ``summary`` (a CSV path) is written at the end.
+    """
+    check_options(empty_volume, workers)
+    prepared = [prepare_run(path, datasets_path, external, ignore_bg, foreign_predictions)
+                for path in model_paths]
+    evaluations = []
+    for inputs in prepared:
+        if inputs.note and not quiet:
+            print(f"note: {inputs.run_dir.name}: {inputs.note}")
+        evaluation = evaluate_prepared(inputs, empty_sets_nan, empty_volume, workers, quiet)
+        evaluation.note = inputs.note
+        write_results(evaluation)
+        record_evaluation(evaluation, datasets_path=str(Path(datasets_path).resolve()),
+                          ignore_bg=ignore_bg, empty_sets_nan=empty_sets_nan,
+                          empty_volume=empty_volume, note=inputs.note or "")
+        if not quiet:
+            _note_unscored(inputs)
+            print_results(evaluation)
+        if on_scored is not None:
+            on_scored(evaluation)
+        evaluations.append(evaluation)
+    if summary:
+        table = write_summary(evaluations, summary)
+        if not quiet:
+            print(f"\nsummary ({summary}):")
+            print(table[["run", "dataset", "group", "volumes", *METRICS]].to_string(index=False))
+    return evaluations

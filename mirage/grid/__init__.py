@@ -1,0 +1,12 @@
+"""The grid stage: ``./runner``, a grid of commands from one command line, run and reported.
+
+    expand.py   the runner's command line: options, value axes, filters, one Job per combination
+    checks.py   pre-flight checks: cluster, program, GPUs, --runners, distinct run directories
+    local.py    running commands here: the job pool, one GPU per job, retries, timeouts, signals
+    slurm.py    the SLURM backend: one submitit job array, waited for or detached
+    runner.py   main(): the order of the steps, the log folder, the report and its summary file
+
+It may import mirage.errors, mirage.fileio, mirage.workers, mirage.config and mirage.run
+(lower layers), never the train, evaluate, report, cli or demo stages: it runs those as
+commands. This file imports nothing, so ``./runner -h`` stays light.
+"""

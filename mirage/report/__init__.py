@@ -1,0 +1,15 @@
+"""The report stage: what a person reads after runs are scored.
+
+    htmlpage.py, plots.py   static HTML building blocks and matplotlib figures
+    run_report.py           report.html of one run (with gallery.py's overlays)
+    tensorboard_log.py      log.txt as TensorBoard event files
+    study.py                runs grouped over seeds; summary statistics
+    significance.py         paired Wilcoxon tests with Holm-Bonferroni
+    tables.py               paper tables (Markdown, LaTeX)
+    grid_report.py          the study's report.html
+    study_outputs.py        every file of run_seg_report.py
+
+It reads run folders (mirage.run) and scores (mirage.evaluate); it never trains. This file
+imports nothing, so the command-line parser can read the constant below at once.
+"""
+RUN_REPORT_MODES = ("missing", "all", "none")  # run_seg_report.py --run_reports

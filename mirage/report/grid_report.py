@@ -1,0 +1,104 @@
+"""``report.html`` of a study (a grid of runs): tables, heat maps, tests, links to runs.
+
+    render_grid_report(study, tables, significance, run_links, files) -> HTML text
+
+Static and self-contained like the run reports: heat maps are embedded PNGs; the only
+links are relative ones to the files written next to it and to each run's report.html.
+"""
+import numpy as np
+import pandas as pd
+
+from mirage.report import htmlpage as H
+from mirage.report import plots
+from mirage.report.study import LOWER_IS_BETTER
+
+
+def _paper_table_html(table):
+    columns = ["model", *table.datasets]
+    records, bold = [], set()
+    for i, label in enumerate(table.labels):
+        record = {"model": label}
+        for dataset in table.datasets:
+            text = table.text(label, dataset) or "–"
+            note = table.footnote(label, dataset)
+            record[dataset] = f"{text} ({note})" if note else text
+            if label in table.best(dataset):
+                bold.add((i, dataset))
+        records.append(record)
+    return H.table(pd.DataFrame(records, columns=columns), bold=bold,
+                   text_columns={"model"})
+
+
+def _heat_map(table):
+    values = np.full((len(table.labels), len(table.datasets)), np.nan)
+    for i, label in enumerate(table.labels):
+        for j, dataset in enumerate(table.datasets):
+            cell = table.cells.get((label, dataset))
+            if cell is not None and cell.has_value:
+                values[i, j] = cell.mean
+    if not np.isfinite(values).any():
+        return ""
+    fig = plots.heat_map(values, table.labels, table.datasets, f"mean {table.title}",
+                         higher_is_better=table.metric not in LOWER_IS_BETTER)
+    return H.image(plots.to_png(fig), f"heat map: mean {table.title}",
+                   f"Mean {table.title} over seeds, model x dataset.")
+
+
+def _significance_html(significance, metric):
+    if significance.empty:
+        return H.paragraph("No pair of models shares a dataset: nothing to test.")
+    shown = significance[significance["metric"] == metric]
+    columns = ["dataset", "class_group", "model_a", "model_b", "n_volumes", "median_diff",
+               "p_value", "p_holm", "significant", "better", "note"]
+    frame = shown[columns].copy()
+    for column in ("p_value", "p_holm"):
+        frame[column] = [("n/a" if not np.isfinite(p) else f"{p:.4g}")
+                         for p in frame[column].to_numpy(dtype=float)]
+    return H.table(frame.reset_index(drop=True), digits=2,
+                   text_columns={"dataset", "class_group", "model_a", "model_b",
+                                 "significant", "better", "note"})
+
+
+def _runs_html(runs_frame, run_links):
+    frame = runs_frame[["dataset", "label", "seed", "status", "notes"]].copy()
+    frame.insert(0, "run", runs_frame["run"])
+    links = {"run": [run_links.get(path) for path in runs_frame["path"]]}
+    return H.table(frame.reset_index(drop=True), links=links,
+                   text_columns={"run", "dataset", "label", "status", "notes"})
+
+
+def render_grid_report(study, tables, significance, runs_frame, run_links, files,
+                       metric="Dice", alpha=0.05):
+    """The study page. runs_frame: runs.csv as a DataFrame; run_links: {run path: href}
+    (only for reports that exist); files: {name: href} of the other outputs."""
+    evaluated = sum(1 for run in study.runs if run.evaluated)
+    overview = (f"{len(study.runs)} run directories, {evaluated} evaluated; "
+                f"{len(study.groups)} groups (dataset x model x decoder x loss x protocol); "
+                f"datasets: {', '.join(study.datasets) or 'none'}.")
+    links = " · ".join(f'<a href="{H.esc(href)}">{H.esc(name)}</a>'
+                       for name, href in files.items())
+    sections = [H.section("Overview", H.paragraph(overview), f"<p>Files: {links}</p>",
+                          H.notes_list(study.notes), anchor="overview")]
+    primary = [t for t in tables if t.metric == metric]
+    maps = [_heat_map(t) for t in primary]
+    sections.append(H.section(f"Heat map of mean {metric}", *maps, anchor="heatmap")
+                    if any(maps) else H.section(f"Heat map of mean {metric}",
+                                                H.paragraph("No value to show.")))
+    table_parts = []
+    for table in tables:
+        table_parts.append(f"<h3>{H.esc(table.title)}</h3>")
+        seeds = f"over {table.seeds} seeds" if table.seeds > 1 else "one seed"
+        table_parts.append(H.paragraph(f"Mean ± sample std {seeds}; best per column in "
+                                       "bold.", cls="muted"))
+        table_parts.append(_paper_table_html(table))
+    sections.append(H.section("Tables", *table_parts, anchor="tables"))
+    sections.append(H.section(
+        f"Paired Wilcoxon tests ({metric})",
+        H.paragraph(f"Per dataset and class group, every pair of models: two-sided Wilcoxon "
+                    f"signed-rank test over the test volumes (each model's per-volume "
+                    f"score averaged over its seeds), Holm-Bonferroni corrected over the "
+                    f"pairs; significant: corrected p < {alpha}. median_diff = median of "
+                    f"A - B. All metrics: significance.csv.", cls="muted"),
+        _significance_html(significance, metric), anchor="significance"))
+    sections.append(H.section("Runs", _runs_html(runs_frame, run_links), anchor="runs"))
+    return H.page("Study report", sections)

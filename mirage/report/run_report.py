@@ -1,0 +1,182 @@
+"""``report.html`` of one run: a static, self-contained page (no script, no network).
+
+    write_run_report(run_dir, datasets_path=None) -> the path written
+
+What it shows: the run (model, dataset, seed, training outcome) and its notes; per
+evaluated dataset the per-class test table (Dice and IoU in %, HD95 in pixels, means over
+volumes as run_seg_eval.py prints them), box plots of the per-volume scores and the overlay
+gallery (best, median and worst B-scan by Dice); the training curves from log.txt; the
+resolved config.yaml. Written by run_seg_eval.py after scoring, by run_seg_report.py, and
+on demand with ``run_seg_eval.py --report_only -m <run>``.
+"""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mirage.report import htmlpage as H
+from mirage.report import plots
+from mirage.errors import UserError
+from mirage.run import METRICS
+from mirage.run.catalog import read_run
+from mirage.run.folder import RunFolder
+
+
+def _number(value, scale=1.0, digits=2):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+        return f"{scale * value:.{digits}f}"
+    return "n/a"
+
+
+def _training_facts(run):
+    epochs = [e for e in run.log if isinstance(e.get("epoch"), int)]
+    facts = {"epochs in log.txt": f"{len(epochs)} of {run.config.get('epochs', '?')}"}
+    scored = [e for e in epochs if isinstance(e.get("val/mIoU"), (int, float))
+              and np.isfinite(e["val/mIoU"])]
+    if scored:
+        best = max(scored, key=lambda e: e["val/mIoU"])
+        facts["best validation mIoU"] = (f"{_number(best['val/mIoU'], 100)} % "
+                                         f"(epoch {best['epoch']})")
+    tests = [e for e in run.log if "test_epoch" in e]
+    if tests:
+        last = tests[-1]
+        facts["test mIoU (log.txt)"] = (f"{_number(last.get('test/mIoU'), 100)} % "
+                                        f"(checkpoint of epoch {last['test_epoch']})")
+    return facts
+
+
+def _facts_table(facts):
+    frame = pd.DataFrame({"": list(facts), "value": [str(v) for v in facts.values()]})
+    return H.table(frame, text_columns={"", "value"})
+
+
+def class_table(evaluation):
+    """DataFrame: per class, then per class group, the mean over volumes (NaN left out)."""
+    rows = evaluation.rows
+    records = []
+
+    def record(name, part):
+        entry = {"class": name, "volumes": part["ID"].nunique()}
+        for metric in METRICS:
+            values = part[metric].to_numpy(dtype=float)
+            values = values[np.isfinite(values)]
+            scale = 1.0 if metric == "HD95" else 100.0
+            entry[f"{metric} ({'px' if metric == 'HD95' else '%'})"] = \
+                scale * values.mean() if values.size else float("nan")
+        return entry
+
+    for label in dict.fromkeys(rows["Class"]):
+        records.append(record(label, rows[rows["Class"] == label]))
+    kinds = evaluation.kinds()
+    for kind in kinds:
+        records.append(record(f"[{kind}]", evaluation.group_rows(kind)))
+    if len(kinds) > 1:
+        records.append(record("[all]", rows))
+    return pd.DataFrame(records)
+
+
+def _datasets_path(run, evaluation, given):
+    """The first existing of: ``given``, the folder recorded at evaluation, the parent of
+    config.yaml's data_path; (path or None, the candidates tried)."""
+    data_path = run.config.get("data_path")
+    candidates = [given, evaluation.options.get("datasets_path"),
+                  Path(str(data_path)).parent if data_path else None]
+    tried = [Path(str(c)) for c in candidates if c]
+    found = next((c for c in tried if (c / evaluation.dataset).is_dir()), None)
+    return found, tried
+
+
+def _evaluation_section(run, evaluation, datasets_path, with_gallery, quiet):
+    from mirage.report.gallery import gallery  # reads the test images: only when drawing them
+
+    title = f"Test scores: {evaluation.dataset}"
+    if evaluation.external:
+        title += f" (external test set; trained on {run.train_dataset})"
+    options = evaluation.options
+    facts = (f"{evaluation.rows['ID'].nunique()} volumes; files "
+             f"{', '.join(p.name for p in evaluation.files)}; --empty_volume "
+             f"{evaluation.empty_volume or 'unknown'}"
+             + (f"; --empty_sets_nan {options['empty_sets_nan']}"
+                if "empty_sets_nan" in options else "")
+             + ". Dice and IoU in %, HD95 in pixels; means over volumes, NaN left out.")
+    parts = [H.paragraph(facts), H.table(class_table(evaluation), digits=2)]
+    parts.append(H.image(plots.to_png(plots.box_plots(evaluation.rows)),
+                         f"per-volume scores on {evaluation.dataset}",
+                         "Per-volume Dice and HD95 of each class (box: quartiles; "
+                         "whiskers: 1.5 IQR; triangle: mean)."))
+    if with_gallery:
+        root, tried = _datasets_path(run, evaluation, datasets_path)
+        if root is None:
+            where = ", ".join(str(t) for t in tried) or "nowhere"
+            parts.append(H.notes_list([f"no overlay gallery: dataset {evaluation.dataset} "
+                                       f"not found (looked in {where}); pass "
+                                       "--datasets_path"]))
+        else:
+            found = gallery(run.path, root, evaluation.external,
+                            options.get("ignore_bg", True), quiet=quiet)
+            parts.append("<h3>Best, median and worst B-scans by Dice</h3>")
+            parts.append(H.legend(found.legend))
+            parts += [H.image(png, caption, caption, zoom=found.zoom)
+                      for caption, png in found.images]
+            parts.append(H.notes_list(found.notes))
+    anchor = f"test-{evaluation.dataset}"
+    return H.section(title, *parts, anchor=anchor)
+
+
+def _training_section(run):
+    parts = [_facts_table(_training_facts(run))]
+    curves = plots.training_curves(run.log)
+    if curves is None:
+        parts.append(H.notes_list(["no epoch in log.txt: no training curves"]))
+    else:
+        parts.append(H.image(plots.to_png(curves), "training curves",
+                             "Training and validation loss, validation mIoU (% of the "
+                             "log's fractions) and the learning rate per epoch."))
+    per_class = plots.class_iou_curves(run.log)
+    if per_class is not None:
+        parts.append(H.image(plots.to_png(per_class), "validation IoU per class"))
+    return H.section("Training", *parts, anchor="training")
+
+
+def _config_section(run):
+    items = sorted(run.config.items())
+    frame = pd.DataFrame({"option": [k for k, _ in items],
+                          "value": [str(v) for _, v in items]})
+    return H.section("Configuration (config.yaml)",
+                     H.table(frame, text_columns={"option", "value"}), anchor="config")
+
+
+def render_run_report(run, datasets_path=None, with_gallery=True, quiet=True):
+    """The report page of a mirage.run.catalog.Run, as HTML text."""
+    facts = {"run directory": run.path, "trained on": run.train_dataset,
+             "model (weights)": run.config.get("weights", "?"), "decoder": run.decoder,
+             "loss": run.loss, "seed": run.seed, "status": run.status}
+    sections = [H.section("Run", _facts_table(facts), H.notes_list(run.notes), anchor="run")]
+    for evaluation in run.evaluations:
+        sections.append(_evaluation_section(run, evaluation, datasets_path, with_gallery,
+                                            quiet))
+    if not run.evaluations:
+        sections.append(H.section("Test scores", H.notes_list([run.status])))
+    sections.append(_training_section(run))
+    sections.append(_config_section(run))
+    return H.page(f"Run report: {run.name}", sections,
+                  subtitle=H.esc(f"{run.train_dataset} / {run.model} / {run.decoder} / "
+                                 f"{run.loss} / seed {run.seed}"))
+
+
+def write_run_report(run_dir, datasets_path=None, tensorboard=True, with_gallery=True,
+                     quiet=True):
+    """Write ``<run_dir>/report.html`` (and the TensorBoard files when tensorboard is
+    installed); returns the report's path. datasets_path: the folder holding the datasets,
+    for the overlay gallery (default: the one recorded at evaluation, else the parent of
+    config.yaml's data_path)."""
+    if not Path(run_dir).is_dir():
+        raise UserError(f"run directory {run_dir} not found; give <output>/<version>/"
+                        "<dataset>/<run name>/")
+    run = read_run(run_dir)
+    text = render_run_report(run, datasets_path, with_gallery, quiet)
+    path = H.write_page(RunFolder(run.path).report_file, text)
+    if tensorboard and run.log:
+        from mirage.report.tensorboard_log import write_tensorboard
+        write_tensorboard(run.path, run.log)
+    return path

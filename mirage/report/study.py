@@ -1,0 +1,318 @@
+"""Group evaluated runs across seeds and summarise them: the numbers behind the paper table.
+
+    build_study(runs)                       -> Study (groups of seeds, labels, notes)
+    summary_table(study)                    -> DataFrame written as summary.csv
+    volume_scores(group, class_group, m)    -> per-volume scores averaged over seeds
+
+A group is one (evaluated dataset, model weights, decoder, loss, protocol) with one run per
+seed; the protocol is every identity option of the run other than those (see
+identity.json, or config.yaml for older runs). Dice and IoU are in percent, HD95 in pixels.
+
+Per run, the mean of a class group is the mean over all its (volume, class) rows, NaN left
+out (as run_seg_eval.py prints it); a class's mean is over volumes. The summary gives the
+mean and the sample standard deviation (n - 1) of these per-run means over seeds.
+Anything that would make a mean wrong (class sets or --empty_volume modes that differ
+between seeds) leaves the mean empty with a note saying why, rather than a wrong number.
+"""
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from mirage.run import METRICS
+
+CLASS_GROUPS = ("layers", "lesions", "all")
+PERCENT_METRICS = ("Dice", "IoU")  # fractions in the CSVs, percent in every summary
+LOWER_IS_BETTER = ("HD95",)
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    """What a paper table cell compares: everything but the seed."""
+
+    dataset: str  # the evaluated dataset
+    trained_on: str  # the run's training dataset (differs for external test sets)
+    model: str  # weights file stem
+    decoder: str
+    loss: str
+    protocol: tuple  # ((option, JSON value), ...)
+
+    @property
+    def dataset_label(self):
+        if self.dataset == self.trained_on:
+            return self.dataset
+        return f"{self.dataset} (from {self.trained_on})"
+
+
+@dataclass
+class Member:
+    """One seed of a group: the run and its evaluation on the group's dataset."""
+
+    run: object  # mirage.run.catalog.Run
+    evaluation: object  # mirage.run.catalog.Evaluation
+
+    @property
+    def seed(self):
+        return self.run.seed
+
+
+@dataclass
+class Group:
+    key: GroupKey
+    members: list = field(default_factory=list)  # sorted by seed
+    notes: list = field(default_factory=list)
+    label: str = ""  # the row label in the paper tables
+    conflict: str = ""  # why no mean can be computed at all (empty when fine)
+    classes_differ: bool = False  # group means not computed, class means are
+
+    @property
+    def seeds(self):
+        return [m.seed for m in self.members]
+
+    @property
+    def empty_volume(self):
+        modes = sorted({m.evaluation.empty_volume for m in self.members} - {""})
+        return "/".join(modes) or "unknown"
+
+    def class_groups(self):
+        kinds = {k for m in self.members for k in m.evaluation.kinds()}
+        return [g for g in CLASS_GROUPS if g in kinds or g == "all"]
+
+    def classes(self, class_group):
+        """Class labels of the class group in the order the results files list them."""
+        seen = {}
+        for member in self.members:
+            for label in member.evaluation.group_rows(class_group)["Class"]:
+                seen.setdefault(label, None)
+        return list(seen)
+
+
+@dataclass
+class Study:
+    runs: list
+    groups: list
+    notes: list = field(default_factory=list)
+
+    @property
+    def datasets(self):
+        """Dataset labels in order of first appearance (own test sets first)."""
+        keys = sorted({g.key for g in self.groups},
+                      key=lambda k: (k.dataset != k.trained_on, k.dataset_label))
+        return list(dict.fromkeys(k.dataset_label for k in keys))
+
+    @property
+    def labels(self):
+        return sorted({g.label for g in self.groups})
+
+    def group(self, label, dataset_label):
+        for group in self.groups:
+            if group.label == label and group.key.dataset_label == dataset_label:
+                return group
+        return None
+
+
+# ----------------------------------------------------------------------------- grouping
+def build_study(runs):
+    """Group the evaluated runs by (dataset, model, decoder, loss, protocol) across seeds."""
+    by_key = {}
+    for run in runs:
+        for evaluation in run.evaluations:
+            key = GroupKey(dataset=evaluation.dataset, trained_on=run.train_dataset,
+                           model=run.model, decoder=run.decoder, loss=run.loss,
+                           protocol=run.protocol())
+            by_key.setdefault(key, []).append(Member(run, evaluation))
+    groups = []
+    for key, members in by_key.items():
+        group = Group(key=key)
+        members.sort(key=lambda m: (m.seed, str(m.run.path)))
+        for member in members:
+            same = [m for m in group.members if m.seed == member.seed]
+            if same:
+                note = (f"seed {member.seed} twice: {member.run.path} not used (same options "
+                        f"as {same[0].run.path})")
+                group.notes.append(note)
+                member.run.notes.append(f"{key.dataset}: duplicate of {same[0].run.path}; "
+                                        "not used")
+                continue
+            group.members.append(member)
+        groups.append(group)
+    _label_groups(groups)
+    for group in groups:
+        _check_group(group)
+    _note_missing_seeds(groups)
+    groups.sort(key=lambda g: (g.key.dataset_label, g.label))
+    return Study(runs=list(runs), groups=groups)
+
+
+def _label_groups(groups):
+    """Row labels: the model, plus whichever of decoder, loss, protocol options vary."""
+    decoders = {g.key.decoder for g in groups}
+    losses = {g.key.loss for g in groups}
+    options = {}
+    for group in groups:
+        for name, value in group.key.protocol:
+            options.setdefault(name, set()).add(value)
+    varying = sorted(name for name, values in options.items()
+                     if len(values) > 1 or any(name not in dict(g.key.protocol)
+                                               for g in groups))
+    for group in groups:
+        parts = [group.key.model]
+        parts += [group.key.decoder] if len(decoders) > 1 else []
+        parts += [group.key.loss] if len(losses) > 1 else []
+        protocol = dict(group.key.protocol)
+        parts += [f"{name}={protocol.get(name, 'absent')}" for name in varying]
+        group.label = " ".join(parts)
+
+
+def _check_group(group):
+    modes = {m.evaluation.empty_volume for m in group.members} - {""}
+    if len(modes) > 1:
+        which = "; ".join(f"s{m.seed}: {m.evaluation.empty_volume or 'unknown'}"
+                          for m in group.members)
+        group.conflict = (f"seeds evaluated with different --empty_volume modes ({which}); "
+                          "re-evaluate all with one mode")
+        group.notes.append(group.conflict)
+    class_sets = {m.evaluation.classes for m in group.members}
+    if len(class_sets) > 1:
+        group.classes_differ = True
+        which = "; ".join(f"s{m.seed}: {', '.join(m.evaluation.classes)}"
+                          for m in group.members)
+        group.notes.append(f"class sets differ between seeds ({which}); group means not "
+                           "computed, per-class means over the seeds that have the class")
+    volume_sets = {frozenset(m.evaluation.rows["ID"]) for m in group.members}
+    if len(volume_sets) > 1:
+        counts = ", ".join(f"s{m.seed}: {m.evaluation.rows['ID'].nunique()}"
+                           for m in group.members)
+        group.notes.append(f"test volumes differ between seeds ({counts})")
+    for member in group.members:
+        group.notes.extend(f"s{member.seed}: {note}" for note in member.run.notes
+                           if "duplicate of" not in note)
+
+
+def _note_missing_seeds(groups):
+    """A group with fewer seeds than others on its dataset says which are missing."""
+    seeds_by_dataset = {}
+    for group in groups:
+        seeds_by_dataset.setdefault(group.key.dataset_label, set()).update(group.seeds)
+    for group in groups:
+        missing = sorted(seeds_by_dataset[group.key.dataset_label] - set(group.seeds))
+        if missing:
+            group.notes.append(f"seed(s) {', '.join(map(str, missing))} missing (other models "
+                               "on this dataset have them)")
+
+
+# ----------------------------------------------------------------------------- numbers
+def _nanmean(values):
+    values = np.asarray(values, dtype=float)
+    if values.size == 0 or np.isnan(values).all():
+        return float("nan")
+    return float(np.nanmean(values))
+
+
+def _scaled(rows, metric):
+    values = rows[metric].to_numpy(dtype=float)
+    return values * 100 if metric in PERCENT_METRICS else values
+
+
+def seed_statistics(values):
+    """(mean, sample std, n) over the finite values (per-seed means); std NaN when n < 2."""
+    finite = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
+    if finite.size == 0:
+        return float("nan"), float("nan"), 0
+    std = float(np.std(finite, ddof=1)) if finite.size > 1 else float("nan")
+    return float(finite.mean()), std, int(finite.size)
+
+
+def format_cell(mean, std):
+    """'81.23 ± 0.45'; 'n/a' for no value; the std 'n/a' for a single seed."""
+    if not np.isfinite(mean):
+        return "n/a"
+    return f"{mean:.2f} ± {'n/a' if not np.isfinite(std) else f'{std:.2f}'}"
+
+
+def _nan_note(frames):
+    notes = []
+    for metric in METRICS:
+        total = sum(len(f) for f in frames)
+        missing = sum(int(f[metric].isna().sum()) for f in frames)
+        if missing:
+            notes.append(f"{metric}: {missing} of {total} values NaN, left out")
+    return notes
+
+
+def summary_table(study):
+    """One row per group, class group and class; see the module docstring for the numbers.
+
+    Columns: dataset, trained_on, model, decoder, loss, protocol, label, class_group,
+    class ("[layers]" for the class group's own row), seeds, seed_list, volumes,
+    <metric>_mean, <metric>_std, <metric> ("mean ± std"), empty_volume, notes, runs.
+    """
+    records = []
+    for group in study.groups:
+        key = group.key
+        base = {"dataset": key.dataset_label, "trained_on": key.trained_on,
+                "model": key.model, "decoder": key.decoder, "loss": key.loss,
+                "protocol": "; ".join(f"{k}={v}" for k, v in key.protocol),
+                "label": group.label}
+        runs = "; ".join(str(m.run.path) for m in group.members)
+        for class_group in group.class_groups():
+            frames = [m.evaluation.group_rows(class_group) for m in group.members]
+            rows = [(f"[{class_group}]", frames)]
+            for label in group.classes(class_group):
+                rows.append((label, [f[f["Class"] == label] for f in frames]))
+            for name, parts in rows:
+                notes = _row_notes(group, name, parts)
+                record = dict(base, class_group=class_group, **{"class": name})
+                present = [(m, p) for m, p in zip(group.members, parts) if len(p)]
+                blocked = group.conflict or (group.classes_differ and name.startswith("["))
+                record["seed_list"] = " ".join(str(m.seed) for m, _ in present)
+                record["volumes"] = len({v for _, p in present for v in p["ID"]})
+                for metric in METRICS:
+                    per_seed = [float("nan")] if blocked else \
+                        [_nanmean(_scaled(p, metric)) for _, p in present]
+                    mean, std, n = seed_statistics(per_seed)
+                    record[f"{metric}_mean"], record[f"{metric}_std"] = mean, std
+                    record[metric] = format_cell(mean, std)
+                    if metric == "Dice":
+                        record["seeds"] = n
+                record["empty_volume"] = group.empty_volume
+                record["notes"] = " | ".join(notes)
+                record["runs"] = runs
+                records.append(record)
+    columns = ["dataset", "trained_on", "model", "decoder", "loss", "protocol", "label",
+               "class_group", "class", "seeds", "seed_list", "volumes",
+               *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")], *METRICS,
+               "empty_volume", "notes", "runs"]
+    return pd.DataFrame(records, columns=columns)
+
+
+def _row_notes(group, name, parts):
+    notes = []
+    if name.startswith("["):
+        notes += group.notes
+    elif group.conflict:
+        notes.append(group.conflict)
+    notes += _nan_note([p for p in parts if len(p)])
+    return notes
+
+
+def volume_scores(group, class_group, metric):
+    """Per-volume scores of a group: each run's per-volume mean over the class group's
+    classes (NaN left out), then the mean over seeds (seeds lacking the volume or with NaN
+    left out). Returns a Series indexed by volume ID (Dice/IoU in percent), or None when
+    the group cannot be averaged (see Group.conflict / classes_differ)."""
+    if group.conflict or group.classes_differ:
+        return None
+    per_seed = []
+    for member in group.members:
+        rows = member.evaluation.group_rows(class_group)
+        if rows.empty:
+            continue
+        frame = pd.DataFrame({"ID": rows["ID"].to_numpy(), "v": _scaled(rows, metric)})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            per_seed.append(frame.groupby("ID", sort=True)["v"].mean())
+    if not per_seed:
+        return None
+    return pd.concat(per_seed, axis=1).mean(axis=1, skipna=True)

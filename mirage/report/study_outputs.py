@@ -1,0 +1,164 @@
+"""Write a study's files (what run_seg_report.py does).
+
+    write_study(paths, output_dir, ...) -> {file name: path}
+
+Into ``output_dir``: summary.csv, summary.md, summary.tex, significance.csv, runs.csv (every
+run directory found, with its status: nothing is dropped silently) and report.html; and
+into each run directory its report.html when missing (or always, or never). A folder that
+holds files this tool did not write is refused, so no user file is ever replaced; every
+file is written atomically.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from mirage.report import htmlpage
+from mirage.errors import UserError
+from mirage.fileio import atomic_path, write_text
+from mirage.report.grid_report import render_grid_report
+from mirage.report import RUN_REPORT_MODES
+from mirage.report.run_report import write_run_report
+from mirage.run.catalog import find_runs
+from mirage.run.folder import RunFolder
+from mirage.report.significance import significance_table
+from mirage.report.study import build_study, summary_table
+from mirage.report.tables import paper_tables, to_latex, to_markdown
+
+MARKER = ".mirage-study"  # marks an output folder as this tool's
+OUTPUTS = ("summary.csv", "summary.md", "summary.tex", "significance.csv", "runs.csv",
+           "report.html")
+
+
+def check_output_dir(output_dir):
+    """UserError unless ``output_dir`` is new, empty or written by this tool before."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir} is a file; choose a folder")
+    if output_dir.is_dir() and not (output_dir / MARKER).exists() and any(output_dir.iterdir()):
+        raise UserError(f"--output_dir {output_dir} holds files not written by "
+                        "run_seg_report.py; choose a new or empty folder")
+
+
+def _group_of(study):
+    """{(run path, dataset label): group label} of the runs used in a group."""
+    found = {}
+    for group in study.groups:
+        for member in group.members:
+            found[(member.run.path, group.key.dataset_label)] = group.label
+    return found
+
+
+def runs_table(study):
+    """One row per run directory (and evaluated dataset): where it went and why not."""
+    used = _group_of(study)
+    records = []
+    for run in study.runs:
+        base = {"run": run.name, "path": str(run.path), "seed": run.seed,
+                "notes": " | ".join(run.notes)}
+        if not run.evaluations:
+            records.append(dict(base, dataset=run.train_dataset, label="", status=run.status))
+            continue
+        for evaluation in run.evaluations:
+            dataset = evaluation.dataset if not evaluation.external else \
+                f"{evaluation.dataset} (from {run.train_dataset})"
+            label = used.get((run.path, dataset), "")
+            status = "in the summary" if label else "not used (duplicate seed)"
+            records.append(dict(base, dataset=dataset, label=label, status=status))
+    columns = ["run", "dataset", "label", "seed", "status", "notes", "path"]
+    return pd.DataFrame(records, columns=columns)
+
+
+def _write_csv(path, frame, na_rep="NaN"):
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, na_rep=na_rep)
+
+
+def _relative_href(target, start):
+    try:
+        return Path(os.path.relpath(target, start)).as_posix()
+    except ValueError:  # another drive (Windows)
+        return Path(target).resolve().as_uri()
+
+
+def _write_run_reports(study, mode, datasets_path, tensorboard, quiet):
+    notes = []
+    if mode == "none":
+        return notes
+    for run in tqdm(study.runs, desc="run reports", unit="run", disable=quiet,
+                    file=sys.stderr):
+        path = RunFolder(run.path).report_file
+        if not run.config:
+            continue
+        if mode == "missing" and path.exists():
+            continue
+        if not htmlpage.is_ours(path):
+            notes.append(f"{path} was not written by this tool; left alone")
+            continue
+        try:
+            write_run_report(run.path, datasets_path, tensorboard=tensorboard, quiet=True)
+        except (UserError, OSError) as err:
+            notes.append(f"{path}: not written ({err})")
+    return notes
+
+
+def write_study(paths, output_dir, datasets_path=None, run_reports="missing",
+                metric="Dice", table_metrics=("Dice", "HD95"), alpha=0.05,
+                tensorboard=True, quiet=False):
+    """Find, group and summarise the runs at or under ``paths``; write every output.
+
+    Returns {file name: path}. run_reports: "missing" (write a run's report.html when it
+    has none), "all" (rewrite them) or "none". metric: the one the heat map and the HTML
+    significance table show; table_metrics: the metrics of summary.md/.tex.
+    """
+    if run_reports not in RUN_REPORT_MODES:
+        raise UserError(f"--run_reports must be one of {', '.join(RUN_REPORT_MODES)}")
+    output_dir = Path(output_dir).expanduser()
+    check_output_dir(output_dir)
+    runs = find_runs(paths)
+    study = build_study(runs)
+    study.notes += _write_run_reports(study, run_reports, datasets_path, tensorboard, quiet)
+    summary = summary_table(study)
+    significance = significance_table(study, alpha=alpha)
+    tables = paper_tables(summary, list(dict.fromkeys([metric, *table_metrics])))
+    runs_frame = runs_table(study)
+    unused = [(row.path, row.status) for row in runs_frame.itertuples()
+              if row.status != "in the summary"]
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text(output_dir / MARKER, "Written by run_seg_report.py; its files may be "
+                                    "replaced by the next run_seg_report.py.\n")
+    written = {name: output_dir / name for name in OUTPUTS}
+    _write_csv(written["summary.csv"], summary)
+    _write_csv(written["significance.csv"], significance, na_rep="")  # no p: empty cell
+    _write_csv(written["runs.csv"], runs_frame)
+    md_tables = [t for t in tables if t.metric in table_metrics]
+    write_text(written["summary.md"], to_markdown(md_tables, unused, study.notes))
+    write_text(written["summary.tex"], to_latex(md_tables))
+    run_links = {}
+    for run in study.runs:
+        report = RunFolder(run.path).report_file
+        if report.is_file() and htmlpage.is_ours(report):
+            run_links[str(run.path)] = _relative_href(report, output_dir)
+    files = {name: name for name in OUTPUTS if name != "report.html"}
+    page = render_grid_report(study, tables, significance, runs_frame, run_links, files,
+                              metric=metric, alpha=alpha)
+    htmlpage.write_page(written["report.html"], page)
+    if not quiet:
+        _print_overview(study, tables, metric, unused, output_dir)
+    return written
+
+
+def _print_overview(study, tables, metric, unused, output_dir):
+    evaluated = sum(1 for run in study.runs if run.evaluated)
+    print(f"{len(study.runs)} run directories, {evaluated} evaluated, {len(study.groups)} "
+          f"groups over seeds")
+    for table in tables:
+        if table.metric == metric and table.class_group == "all":
+            print(to_markdown([table]).split("\n", 2)[2].strip())
+    for path, status in unused:
+        print(f"not in the summary: {path}: {status}")
+    print(f"wrote summary.csv, summary.md, summary.tex, significance.csv, runs.csv and "
+          f"report.html in {output_dir}")

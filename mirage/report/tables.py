@@ -1,0 +1,198 @@
+"""The paper-style tables: rows = models, columns = datasets, cells mean ± std over seeds.
+
+    paper_tables(summary, metrics)   -> [PaperTable, ...] (one per metric and class group)
+    to_markdown(tables, ...)         -> summary.md text
+    to_latex(tables)                 -> summary.tex text (booktabs)
+
+Cells come from summary.csv's class-group rows ("[all]", "[layers]", "[lesions]"); the
+best mean per column (highest Dice/IoU, lowest HD95, compared as printed with two
+decimals) is in bold, ties all bold.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mirage.report.study import LOWER_IS_BETTER, PERCENT_METRICS
+
+GROUP_TITLES = {"all": "all scored classes", "layers": "layers", "lesions": "lesions"}
+MISSING_MD = "–"
+
+
+@dataclass
+class Cell:
+    mean: float
+    std: float
+    seeds: int
+    notes: list = field(default_factory=list)
+
+    def reason(self, metric):
+        """The note that explains a missing mean: a conflict first, then NaN values."""
+        for words in (("empty_volume", "class sets"), (f"{metric}:",)):
+            found = [n for n in self.notes if any(w in n for w in words)]
+            if found:
+                return found[0]
+        return self.notes[0] if self.notes else "no value"
+
+    @property
+    def has_value(self):
+        return np.isfinite(self.mean)
+
+
+@dataclass
+class PaperTable:
+    metric: str
+    class_group: str
+    datasets: list
+    labels: list
+    cells: dict = field(default_factory=dict)  # (label, dataset) -> Cell
+    seeds: int = 0  # the most seeds of any cell
+
+    @property
+    def unit(self):
+        return "%" if self.metric in PERCENT_METRICS else "px"
+
+    @property
+    def title(self):
+        return f"{self.metric} ({self.unit}), {GROUP_TITLES[self.class_group]}"
+
+    def best(self, dataset):
+        """Labels whose cell is the best of the column (as printed)."""
+        values = {label: round(cell.mean, 2) for (label, ds), cell in self.cells.items()
+                  if ds == dataset and cell.has_value}
+        if not values:
+            return set()
+        pick = min if self.metric in LOWER_IS_BETTER else max
+        target = pick(values.values())
+        return {label for label, value in values.items() if value == target}
+
+    def text(self, label, dataset):
+        """'81.20 ± 0.31', '81.20' (one seed), 'n/a' (no mean), or '' (no run)."""
+        cell = self.cells.get((label, dataset))
+        if cell is None:
+            return ""
+        if not cell.has_value:
+            return "n/a"
+        text = f"{cell.mean:.2f}"
+        if cell.seeds > 1:
+            text += f" ± {cell.std:.2f}"
+        return text
+
+    def footnote(self, label, dataset):
+        cell = self.cells.get((label, dataset))
+        if cell is None:
+            return ""
+        if not cell.has_value:
+            return cell.reason(self.metric)
+        if cell.seeds < self.seeds:
+            return f"{cell.seeds} seed(s) only"
+        return ""
+
+
+def paper_tables(summary, metrics=("Dice", "HD95")):
+    """One PaperTable per metric and class group present in ``summary`` (summary.csv)."""
+    tables = []
+    group_rows = summary[summary["class"].str.startswith("[")]
+    for metric in metrics:
+        for class_group in ("all", "layers", "lesions"):
+            rows = group_rows[group_rows["class_group"] == class_group]
+            if rows.empty:
+                continue
+            # own test sets first, then external ones ("X (from Y)"), each alphabetically
+            order = sorted(set(zip(rows["dataset"] != rows["trained_on"], rows["dataset"])))
+            table = PaperTable(metric=metric, class_group=class_group,
+                               datasets=[name for _, name in order],
+                               labels=sorted(set(rows["label"])))
+            for _, row in rows.iterrows():
+                seeds = int(row["seeds"]) if np.isfinite(row["seeds"]) else 0
+                table.cells[(row["label"], row["dataset"])] = Cell(
+                    mean=float(row[f"{metric}_mean"]), std=float(row[f"{metric}_std"]),
+                    seeds=seeds, notes=[n for n in str(row["notes"] or "").split(" | ") if n])
+                table.seeds = max(table.seeds, seeds)
+            tables.append(table)
+    return tables
+
+
+def _caption(table):
+    seeds = f"over {table.seeds} seeds" if table.seeds > 1 else "one seed"
+    direction = "lower" if table.metric in LOWER_IS_BETTER else "higher"
+    return (f"{table.title}: mean ± sample std {seeds} of each run's mean over test volumes "
+            f"and classes ({direction} is better; best per column in bold)")
+
+
+# ----------------------------------------------------------------------------- Markdown
+def to_markdown(tables, unused_runs=(), notes=()):
+    """summary.md: every table, its footnotes, then the runs that are in no table."""
+    lines = ["# Summary", ""]
+    if not tables:
+        lines += ["No evaluated run was found.", ""]
+    for table in tables:
+        lines += [f"## {table.title}", "", _caption(table) + ".", ""]
+        lines.append("| model | " + " | ".join(_md_escape(d) for d in table.datasets) + " |")
+        lines.append("|:--|" + "--:|" * len(table.datasets))
+        footnotes = []
+        for label in table.labels:
+            cells = []
+            for dataset in table.datasets:
+                text = table.text(label, dataset) or MISSING_MD
+                if label in table.best(dataset):
+                    text = f"**{text}**"
+                note = table.footnote(label, dataset)
+                if note:
+                    footnotes.append(note)
+                    text += f" [{len(footnotes)}]"
+                cells.append(text)
+            lines.append(f"| {_md_escape(label)} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines += [f"[{i}] {_md_escape(note)}  " for i, note in enumerate(footnotes, 1)]
+        lines += [""] if footnotes else []
+    if notes:
+        lines += ["## Notes", ""] + [f"- {_md_escape(n)}" for n in notes] + [""]
+    if unused_runs:
+        lines += ["## Runs not in the tables", ""]
+        lines += [f"- `{path}`: {_md_escape(status)}" for path, status in unused_runs] + [""]
+    return "\n".join(lines)
+
+
+def _md_escape(text):
+    return str(text).replace("|", "\\|").replace("*", "\\*")
+
+
+# ----------------------------------------------------------------------------- LaTeX
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                  "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text):
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def to_latex(tables):
+    """summary.tex: one booktabs table environment per PaperTable."""
+    out = ["% Written by run_seg_report.py. Needs \\usepackage{booktabs}.", ""]
+    for table in tables:
+        out += [f"% {_caption(table)}", "\\begin{table}[t]", "\\centering",
+                f"\\caption{{{latex_escape(_caption(table))}.}}".replace("±", "$\\pm$"),
+                "\\begin{tabular}{l" + "c" * len(table.datasets) + "}", "\\toprule",
+                "Model & " + " & ".join(latex_escape(d) for d in table.datasets) + " \\\\",
+                "\\midrule"]
+        marks = []
+        for label in table.labels:
+            cells = []
+            for dataset in table.datasets:
+                text = table.text(label, dataset)
+                text = latex_escape(text).replace("±", "$\\pm$") if text else "--"
+                if label in table.best(dataset):
+                    text = f"\\textbf{{{text}}}"
+                note = table.footnote(label, dataset)
+                if note:
+                    marks.append(note)
+                    text += f"$^{{{len(marks)}}}$"
+                cells.append(text)
+            out.append(latex_escape(label) + " & " + " & ".join(cells) + " \\\\")
+        out += ["\\bottomrule", "\\end{tabular}"]
+        if marks:
+            out.append("\\par\\footnotesize " + "; ".join(
+                f"$^{{{i}}}$ {latex_escape(note)}" for i, note in enumerate(marks, 1)))
+        out += ["\\end{table}", ""]
+    return "\n".join(out)

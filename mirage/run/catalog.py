@@ -1,0 +1,163 @@
+"""Find run directories and read each one whole: options, training log, evaluations.
+
+    find_runs([root or run dir, ...])   -> [Run, ...] (every directory with a config.yaml)
+    read_run(run_dir)                   -> Run
+
+A Run never raises for a damaged or unfinished run directory: what cannot be read becomes
+a note (``run.notes``) or a status ("not evaluated: ..."), so a summary lists the run
+instead of dropping it or crashing.
+"""
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mirage.errors import UserError
+from mirage.run.folder import CONFIG, PREDS, RunFolder
+from mirage.run.identity import RUNTIME_OPTIONS
+from mirage.run.results import read_evaluations
+
+DEFAULT_SEED = 42  # run_seg_tuning.py's default, for configs written without a seed
+# Identity entries with a column of their own in the summary (or implied by the dataset).
+KEY_ENTRIES = frozenset({"seed", "weights", "weights_name", "output_adapter", "loss",
+                         "data_path", "dataset"})
+
+_SEED_IN_NAME = re.compile(r"_s(\d+)(?:_[0-9a-f]{8})?$")
+
+
+@dataclass
+class Run:
+    """A run directory: its options, training log, evaluations and what is wrong with it."""
+
+    path: Path
+    config: dict = field(default_factory=dict)
+    log: list = field(default_factory=list)
+    evaluations: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    status: str = ""
+    identity: dict = field(default_factory=dict)
+
+    @property
+    def name(self):
+        return self.path.name
+
+    @property
+    def train_dataset(self):
+        return self.path.parent.name
+
+    @property
+    def seed(self):
+        seed = self.config.get("seed")
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            return seed
+        match = _SEED_IN_NAME.search(self.name)
+        return int(match.group(1)) if match else DEFAULT_SEED
+
+    @property
+    def model(self):
+        weights = self.config.get("weights")
+        return Path(str(weights)).stem if weights else "?"
+
+    @property
+    def decoder(self):
+        return str(self.config.get("output_adapter", "?"))
+
+    @property
+    def loss(self):
+        return str(self.config.get("loss", "?"))
+
+    @property
+    def evaluated(self):
+        return bool(self.evaluations)
+
+    def protocol(self):
+        """((entry, value as JSON text), ...): the identity other than seed, model weights
+        name, decoder, loss and dataset, which have their own columns."""
+        return tuple((name, json.dumps(value, sort_keys=True))
+                     for name, value in sorted(self.identity.items())
+                     if name not in KEY_ENTRIES)
+
+
+def _identity(folder, config):
+    """identity.json of the run when it is readable, else the identity options of its
+    config.yaml (every option except the runtime ones)."""
+    try:
+        identity = folder.read_identity()
+    except UserError:
+        identity = None
+    if isinstance(identity, dict):
+        return identity
+    return {name: value for name, value in config.items() if name not in RUNTIME_OPTIONS}
+
+
+# ----------------------------------------------------------------------------- finding
+def find_runs(paths):
+    """Every run directory (one holding config.yaml) at or under ``paths``, read.
+
+    Raises UserError when a path does not exist or holds no run directory at all.
+    """
+    found = {}
+    for given in paths:
+        root = Path(given).expanduser()
+        if not root.exists():
+            raise UserError(f"{root} not found; give output roots (e.g. ./__output/seg/v1) or "
+                            "run directories")
+        if not root.is_dir():
+            raise UserError(f"{root} is not a directory; give output roots or run directories")
+        run_dirs = list(_run_dirs(root.resolve()))
+        for run_dir in run_dirs:
+            found.setdefault(run_dir, None)
+        if not run_dirs:
+            raise UserError(f"no run directory (a folder with {CONFIG}) in or under "
+                            f"{root}; train first, or give the folder that holds the runs")
+    return [read_run(path) for path in sorted(found)]
+
+
+def _run_dirs(root):
+    """Directories holding config.yaml, not descending into a run directory."""
+    for folder, subdirs, files in os.walk(root):
+        if CONFIG in files:
+            subdirs[:] = []
+            yield Path(folder)
+            continue
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith((".", PREDS)))
+
+
+# ----------------------------------------------------------------------------- reading
+def read_run(run_dir):
+    """Read one run directory into a Run; problems become notes, never exceptions."""
+    run = Run(path=Path(run_dir).resolve())
+    folder = RunFolder(run.path)
+    config_path = folder.config_file
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("not a mapping of option: value")
+        run.config = config
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        run.status = f"not used: unreadable {CONFIG} ({first})"
+        return run
+    run.identity = _identity(folder, config)
+    run.log = folder.read_log(run.notes)
+    _note_training(run)
+    run.evaluations = read_evaluations(run.path, run.notes)
+    if run.evaluations:
+        run.status = "evaluated"
+    elif not folder.preds_dir().is_dir():
+        run.status = "not evaluated: no preds/ (run run_seg_tuning.py ... --infer_only --test)"
+    else:
+        run.status = "not evaluated: no results*.csv (run run_seg_eval.py -m on it)"
+    return run
+
+
+def _note_training(run):
+    epochs = [e["epoch"] for e in run.log if isinstance(e.get("epoch"), int)]
+    wanted = run.config.get("epochs")
+    if isinstance(wanted, int) and epochs and max(epochs) < wanted - 1:
+        run.notes.append(f"training stopped after epoch {max(epochs) + 1} of {wanted}")
+
+

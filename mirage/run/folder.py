@@ -1,0 +1,232 @@
+"""One run directory and every file in it: the names, and how each file is read and written.
+
+    <base_output_dir>/<version>/<dataset>/<run name>/
+        config.yaml                  every option of the run (``-c`` reads it back)
+        identity.json                the options that define what it trains (run/identity.py)
+        .lock                        the process writing into it (run/lock.py)
+        log.txt                      one JSON line per epoch, then one per test
+        checkpoint-<epoch>.pth       resumable training state (the newest --keep_ckpts)
+        checkpoint-best.pth          the checkpoint the validation metric selected
+        images/                      validation panels (--log_images)
+        preds/, preds_<name>/        test predictions + manifest.json (run/predictions.py)
+        config_infer_<name>.yaml     options of the inference that wrote preds*/
+        config_test_<name>.yaml      options of a --test
+        results*.csv                 per-volume scores (run_seg_eval.py; run/results.py)
+        evaluation.json              how each results file was scored
+        report.html, tensorboard/    the run's report and TensorBoard curves
+
+Every tool names these files through :class:`RunFolder`; nothing else spells them.
+Writes are atomic (a temporary file renamed over the old one).
+"""
+import contextlib
+import json
+import re
+from pathlib import Path
+
+from mirage.errors import UserError
+from mirage.fileio import write_text
+
+CONFIG = "config.yaml"
+IDENTITY = "identity.json"
+LOCK = ".lock"
+LOG = "log.txt"
+BEST_CHECKPOINT = "checkpoint-best.pth"
+EPOCH_CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pth$")
+IMAGES = "images"
+PREDS = "preds"
+EVALUATION_RECORD = "evaluation.json"
+REPORT = "report.html"
+TENSORBOARD = "tensorboard"
+RESULTS_GLOB = "results*.csv"
+
+
+class RunFolder:
+    """A run directory ``.../<dataset>/<run name>/`` (which may not exist yet)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __repr__(self):
+        return f"RunFolder({str(self.path)!r})"
+
+    def __fspath__(self):
+        return str(self.path)
+
+    def __eq__(self, other):
+        return isinstance(other, RunFolder) and other.path == self.path
+
+    def __hash__(self):
+        return hash(self.path)
+
+    @property
+    def name(self):
+        return self.path.name
+
+    @property
+    def dataset_name(self):
+        """The training dataset: the name of the folder holding the run."""
+        return self.path.parent.name
+
+    # ------------------------------------------------------------------ file names
+    @property
+    def config_file(self):
+        return self.path / CONFIG
+
+    @property
+    def identity_file(self):
+        return self.path / IDENTITY
+
+    @property
+    def lock_file(self):
+        return self.path / LOCK
+
+    @property
+    def log_file(self):
+        return self.path / LOG
+
+    @property
+    def best_checkpoint(self):
+        return self.path / BEST_CHECKPOINT
+
+    def epoch_checkpoint(self, epoch):
+        return self.path / f"checkpoint-{epoch}.pth"
+
+    @property
+    def images_dir(self):
+        return self.path / IMAGES
+
+    def preds_dir(self, external=""):
+        """``preds/`` (the run's own test split) or ``preds_<external>/``."""
+        return self.path / (f"{PREDS}_{external}" if external else PREDS)
+
+    def options_record(self, kind, dataset_name):
+        """``config_infer_<dataset>.yaml`` / ``config_test_<dataset>.yaml``."""
+        return self.path / f"config_{kind}_{dataset_name}.yaml"
+
+    def results_file(self, group="all", external=""):
+        """``results[_<group>][_<external>].csv``; group "all" has no tag."""
+        tag = "" if group == "all" else f"_{group}"
+        suffix = f"_{external}" if external else ""
+        return self.path / f"results{tag}{suffix}.csv"
+
+    def results_files(self):
+        return sorted(self.path.glob(RESULTS_GLOB))
+
+    @property
+    def evaluation_record(self):
+        return self.path / EVALUATION_RECORD
+
+    @property
+    def report_file(self):
+        return self.path / REPORT
+
+    @property
+    def tensorboard_dir(self):
+        return self.path / TENSORBOARD
+
+    # ------------------------------------------------------------------ config and identity
+    def write_config(self, yaml_text):
+        write_text(self.config_file, yaml_text)
+
+    def read_identity(self):
+        """The identity stored in identity.json, or None if there is none."""
+        path = self.identity_file
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"{path}: unreadable ({err}); restore it or start the run in "
+                            "another --version") from None
+
+    def write_identity(self, identity):
+        write_text(self.identity_file, json.dumps(identity, indent=1, sort_keys=True) + "\n")
+
+    # ------------------------------------------------------------------ log.txt
+    def read_log(self, notes=None):
+        """The JSON lines of log.txt as dicts; unreadable lines are skipped (and counted
+        in ``notes`` when given, as is a missing log)."""
+        path = self.log_file
+        if not path.is_file():
+            if notes is not None:
+                notes.append(f"no {path.name}")
+            return []
+        entries, bad = [], 0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(entry, dict):
+                entries.append(entry)
+            else:
+                bad += 1
+        if bad and notes is not None:
+            notes.append(f"{path.name}: {bad} unreadable line(s) skipped")
+        return entries
+
+    def write_log(self, entries):
+        """Replace log.txt by ``entries`` (rewritten atomically: a kill never truncates it)."""
+        write_text(self.log_file, "".join(json.dumps(e) + "\n" for e in entries))
+
+    def append_log(self, entry):
+        self.write_log(self.read_log() + [entry])
+
+    def trim_log(self, start_epoch):
+        """Drop the entries of epochs a resumed run will redo, and the test lines."""
+        if self.log_file.is_file():
+            self.write_log([e for e in self.read_log() if e.get("epoch", -1) < start_epoch
+                            and "test_epoch" not in e])
+
+    def training_finished(self, epochs):
+        """True when log.txt records the last of ``epochs`` epochs."""
+        return any(entry.get("epoch") == epochs - 1 for entry in self.read_log())
+
+    # ------------------------------------------------------------------ checkpoints
+    def epoch_checkpoints(self):
+        """``{epoch: path}`` of the run's ``checkpoint-<epoch>.pth`` files."""
+        if not self.path.is_dir():
+            return {}
+        found = {}
+        for path in self.path.iterdir():
+            match = EPOCH_CHECKPOINT.match(path.name)
+            if match:
+                found[int(match.group(1))] = path
+        return found
+
+    def latest_checkpoint(self):
+        """Path of the highest-epoch ``checkpoint-<epoch>.pth``, or None."""
+        found = self.epoch_checkpoints()
+        return found[max(found)] if found else None
+
+    def prune_epoch_checkpoints(self, keep):
+        """Delete all but the ``keep`` newest ``checkpoint-<epoch>.pth`` (called right after
+        a new one is safely on disk, so a run can always resume)."""
+        found = self.epoch_checkpoints()
+        for epoch in sorted(found)[:-keep] if keep > 0 else []:
+            with contextlib.suppress(FileNotFoundError):
+                found[epoch].unlink()
+
+    # ------------------------------------------------------------------ evaluation.json
+    def read_evaluation_record(self, notes=None):
+        """{dataset: how its results were scored} from evaluation.json ({} if none)."""
+        path = self.evaluation_record
+        if not path.is_file():
+            return {}
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            return record if isinstance(record, dict) else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            if notes is not None:
+                notes.append(f"{EVALUATION_RECORD} unreadable; evaluation options unknown")
+            return {}
+
+    def record_evaluation(self, dataset, entry):
+        """Set ``dataset``'s entry of evaluation.json (other datasets' entries are kept)."""
+        record = self.read_evaluation_record()
+        record[dataset] = entry
+        write_text(self.evaluation_record, json.dumps(record, indent=1, sort_keys=True) + "\n")
+        return self.evaluation_record

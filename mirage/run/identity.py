@@ -1,0 +1,176 @@
+"""Run identity: which options define what a run trains, its directory, and its lock.
+
+A run's *identity* is every option that changes what it trains (seed, learning rate,
+epochs, sizes, decoder, loss, protocol, ...), with three replaced by what they stand for:
+
+- ``weights``   -> the weights file's name and SHA-256 (moving the file changes nothing;
+  replacing its content does),
+- ``data_path`` -> the dataset's folder name, ``mapping_fn`` -> the class table itself.
+
+Options that only change how or where a run executes (``RUNTIME_OPTIONS``: device,
+workers, logging, checkpoint frequency, --test/--infer_only, ...) are not part of it.
+
+The run directory is ``<base_output_dir>/<version>/<dataset>/<name>`` where the name is
+readable and ends in the seed and a short hash of the identity::
+
+    MIRAGE-Base_frozen_convnext_CEGDice_s42_1a2b3c4d
+
+The full identity is written to ``identity.json`` in the run directory. A directory whose
+identity differs from the current options is never trained into, resumed or skipped: that
+is an error naming the differing options.
+"""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from mirage.config import OPTIONS, demo_paths, parse_config, per_domain
+from mirage.data.layout import open_dataset
+from mirage.errors import UserError
+from mirage.fileio import file_sha256
+from mirage.run.folder import IDENTITY, RunFolder
+
+# Options that change how or where a run executes but not what it trains.
+RUNTIME_OPTIONS = frozenset({
+    "base_output_dir", "version", "device", "num_workers", "pin_mem", "resume",
+    "auto_resume", "save_ckpt", "save_ckpt_freq", "keep_ckpts", "start_epoch",
+    "infer_only", "test", "test_data_path", "log_images", "log_images_freq",
+    "show_user_warnings", "compile", "grad_checkpointing", "feature_cache_dir",
+    # replaced by what they stand for (see run_identity)
+    "weights", "data_path", "mapping_fn",
+})
+
+def check_name_part(value, what):
+    """A user- or file-supplied text used as one folder name: no separators, no '..'."""
+    text = str(value)
+    if (not text or text in (".", "..") or "/" in text or "\\" in text or "\0" in text
+            or os.path.isabs(text)):
+        raise UserError(f"{what} {text!r}: must be a plain folder name (no '/', '\\', '..' "
+                        "or absolute path); runs stay inside --base_output_dir")
+    return text
+
+
+def run_identity(config, dataset):
+    """The options that define what a run trains, as a JSON-able dict.
+
+    ``dataset`` is a :class:`mirage.data.layout.DatasetInfo`.
+    """
+    identity = {}
+    for opt in OPTIONS:
+        if opt.name in RUNTIME_OPTIONS:
+            continue
+        value = config.get(opt.name, opt.default)
+        if opt.kind == "size" and value is not None:
+            value = {d: list(hw) for d, hw in per_domain(value, list(value) if
+                                                        isinstance(value, dict)
+                                                        else ["bscan"]).items()}
+        identity[opt.name] = value
+    weights = Path(config["weights"])
+    if not weights.is_file():
+        raise UserError(f"--weights {weights}: file not found")
+    identity["weights_name"] = weights.name
+    identity["weights_sha256"] = file_sha256(weights)
+    identity["dataset"] = dataset.name
+    identity["classes"] = [[int(v), str(label)] for v, label in
+                           zip(dataset.class_table.values, dataset.class_table.labels)]
+    return identity
+
+
+def identity_hash(identity):
+    """8 hex digits of the SHA-256 of the identity's canonical JSON."""
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+
+
+def run_name(config, identity):
+    """``<weights stem>[_frozen]_<decoder>_<loss>[_minmax][_fullyfrozen]_s<seed>_<hash>``."""
+    name = Path(config["weights"]).stem
+    name += "_frozen" if config["freeze_encoder"] else ""
+    name += f"_{config['output_adapter']}_{config['loss']}"
+    name += "_minmax" if config["minmax"] else ""
+    name += "_fullyfrozen" if config.get("freeze_patch_embed") else ""
+    name += f"_s{config['seed']}_{identity_hash(identity)}"
+    return check_name_part(name, "--weights file name")
+
+
+def run_directory(config, dataset, identity=None):
+    """``<base_output_dir>/<version>/<dataset>/<run name>`` (checked to stay inside)."""
+    identity = run_identity(config, dataset) if identity is None else identity
+    base = Path(config["base_output_dir"])
+    if base.exists() and not base.is_dir():
+        raise UserError(f"--base_output_dir {base}: is a file, not a folder; choose a "
+                        "folder for the run directories")
+    version = check_name_part(config["version"], "--version")
+    dataset_name = check_name_part(dataset.name, "--data_path folder name")
+    return base / version / dataset_name / run_name(config, identity)
+
+
+def run_dir_for_argv(argv):
+    """The run directory ``run_seg_tuning.py <argv>`` would use (for the runner's checks).
+
+    None for a ``--demo`` whose inputs do not exist yet.
+    """
+    config, demo, _ = parse_config(argv)
+    if demo:
+        weights, data_path = demo_paths()
+        config["weights"] = config["weights"] or str(weights)
+        config["data_path"] = config["data_path"] or str(data_path)
+        if not (Path(config["weights"]).is_file() and Path(config["data_path"]).is_dir()):
+            return None  # the demo writes its inputs when it starts
+    for name in ("weights", "data_path"):
+        if not config[name]:
+            raise UserError(f"--{name} is required")
+    dataset = open_dataset(config["data_path"], config["mapping_fn"])
+    return run_directory(config, dataset)
+
+
+# ----------------------------------------------------------------------------- checks
+def differences(stored, current):
+    """``[(option, stored value, current value)]`` for every differing identity entry."""
+    keys = sorted(set(stored) | set(current))
+    return [(k, stored.get(k), current.get(k)) for k in keys
+            if stored.get(k) != current.get(k)]
+
+
+def describe_differences(diffs, limit=6):
+    parts = [f"{k}: {a!r} there, {b!r} now" for k, a, b in diffs[:limit]]
+    more = f" (+{len(diffs) - limit} more)" if len(diffs) > limit else ""
+    return "; ".join(parts) + more
+
+
+def check_identity(run_dir, identity):
+    """Refuse a run directory that holds a run trained with other identity options."""
+    stored = RunFolder(run_dir).read_identity()
+    if stored is None:
+        leftovers = [p.name for p in Path(run_dir).glob("checkpoint-*.pth")] \
+            if Path(run_dir).is_dir() else []
+        if leftovers:
+            raise UserError(f"{run_dir} holds checkpoints ({leftovers[0]}) but no "
+                            f"{IDENTITY}; it was not written by this version: move "
+                            "it away or use another --version")
+        return
+    diffs = differences(stored, identity)
+    if diffs:
+        raise UserError(f"{run_dir} holds a run with other options ("
+                        f"{describe_differences(diffs)}); use another --version or restore "
+                        "those options")
+
+
+def nearest_runs(run_dir, identity):
+    """A hint naming the trained run next to ``run_dir`` closest to ``identity``, or ''."""
+    parent = Path(run_dir).parent
+    if not parent.is_dir():
+        return ""
+    candidates = []
+    for other in parent.iterdir():
+        try:
+            stored = RunFolder(other).read_identity()
+        except UserError:  # a damaged identity.json only makes it no candidate for a hint
+            stored = None
+        if stored is not None and other != Path(run_dir):
+            candidates.append((len(differences(stored, identity)), other, stored))
+    if not candidates:
+        return ""
+    _, other, stored = min(candidates, key=lambda c: c[0])
+    return (f"; the closest trained run, {other.name}, has other options ("
+            f"{describe_differences(differences(stored, identity), limit=3)})")

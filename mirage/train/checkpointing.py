@@ -1,0 +1,170 @@
+"""Training checkpoints: what they hold, how they are saved, and every check on loading one.
+
+A checkpoint of this tool is slim: the tensors training changed (the frozen backbone is
+rebuilt from the weights file, whose SHA-256 it records), the optimiser and scaler state
+to resume, and ``meta``: what it was trained with. Every load compares ``meta`` with the
+current run and refuses a mismatch naming both values. Checkpoints of the first version
+(the full model, no ``meta``) still load.
+"""
+import contextlib
+import math
+from pathlib import Path
+
+from mirage import checkpoint_io
+from mirage.config import per_domain
+from mirage.errors import UserError
+from mirage.fileio import file_sha256
+from mirage.run.folder import RunFolder
+from mirage.train.validation_metrics import selection_key
+
+
+class TrainingState:
+    """Where training stands: the next epoch and the best value so far of the selecting
+    validation metric (``metric``, a fraction)."""
+
+    def __init__(self, start_epoch=0, best_miou=None, best_epoch=None, metric="mIoU_all"):
+        self.start_epoch = start_epoch
+        self.best_miou = best_miou
+        self.best_epoch = best_epoch
+        self.metric = metric
+
+    def improves(self, miou):
+        """True if ``miou`` beats the best so far as the original compares: both x100
+        rounded to 2 decimals, strictly greater (a tie keeps the earlier epoch). The first
+        evaluation always counts, so every run gets a checkpoint-best.pth; NaN never
+        improves."""
+        if self.best_miou is None:
+            return True
+        if math.isnan(miou):
+            return False
+        return math.isnan(self.best_miou) or selection_key(miou) > selection_key(self.best_miou)
+
+
+def trained_state_dict(model):
+    """The tensors training changes: trainable parameters and the decoder's buffers.
+
+    The frozen backbone is left out: loading rebuilds it from the pretrained weights file,
+    whose SHA-256 the checkpoint records (``checkpoint_meta``).
+    """
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {name: tensor for name, tensor in model.state_dict().items()
+            if name in trainable or name.startswith("decoder.")}
+
+
+def checkpoint_meta(config, classes, model):
+    """What a checkpoint was trained with; every load compares it with the current run."""
+    weights = Path(config["weights"])
+    return {
+        "classes": [[int(v), str(label)] for v, label in zip(classes.values, classes.labels)],
+        "input_size": list(model.decoder.image_size),
+        "patch_size": list(model.backbone.patch_size),
+        "decoder": config["output_adapter"],
+        "family": getattr(model, "family", None),
+        "weights": {"path": str(weights), "size": weights.stat().st_size,
+                    "sha256": file_sha256(weights)},
+    }
+
+
+def check_checkpoint_meta(path, stored, expected):
+    """UserError naming both values when a checkpoint does not fit the current options."""
+    names = {"classes": "class table (value, label)", "input_size": "--input_size",
+             "patch_size": "--patch_size", "decoder": "--output_adapter",
+             "family": "model family"}
+    for key, what in names.items():
+        if stored.get(key) is not None and stored[key] != expected[key]:
+            raise UserError(f"checkpoint {path} was trained with {what} {stored[key]}, this "
+                            f"run has {expected[key]}; use the options it was trained with")
+    old, new = stored.get("weights") or {}, expected["weights"]
+    if old.get("sha256") and old["sha256"] != new["sha256"]:
+        raise UserError(f"checkpoint {path} was trained on the weights file {old.get('path')} "
+                        f"(SHA-256 {old['sha256'][:12]}...), but --weights {new['path']} has "
+                        f"SHA-256 {new['sha256'][:12]}...; pass the file it was trained on")
+
+
+def _legacy_meta(payload):
+    """What a checkpoint of the first version (full model, no 'meta') says about itself."""
+    config = payload.get("config") or {}
+    meta = {"decoder": config.get("output_adapter")}
+    if "class_values" in payload and "class_labels" in payload:
+        meta["classes"] = [[int(v), str(label)] for v, label in
+                           zip(payload["class_values"], payload["class_labels"])]
+    with contextlib.suppress(Exception):  # an odd stored size only skips this comparison
+        meta["input_size"] = list(per_domain(config["input_size"], ["bscan"])["bscan"])
+    return meta
+
+
+def save_checkpoint(path, model, optimizer, scaler, epoch, state, config, classes):
+    """What training changed (slim), plus what is needed to resume (optimizer and scaler)
+    and to check a later load; written atomically."""
+    payload = {
+        "format": "slim-v2",
+        "model": trained_state_dict(model),
+        "meta": checkpoint_meta(config, classes, model),
+        "epoch": epoch,
+        "best_miou": state.best_miou,
+        "best_epoch": state.best_epoch,
+        "config": dict(config),
+        "class_values": list(classes.values),
+        "class_labels": list(classes.labels),
+    }
+    if optimizer is not None:
+        payload["optimizer"] = optimizer.state_dict()
+        payload["scaler"] = scaler.state_dict()
+    checkpoint_io.save(path, payload)
+
+
+def load_model_weights(model, path, expected, payload=None):
+    """Load a checkpoint of this tool (or its already-read ``payload``) into ``model``
+    after comparing what it was trained with against ``expected`` (``checkpoint_meta``);
+    returns its epoch.
+
+    Slim checkpoints must hold exactly the model's trained tensors (the backbone comes from
+    the weights file); full checkpoints of the first version must fit the whole model.
+    """
+    payload = checkpoint_io.load_file(path, what="checkpoint") if payload is None else payload
+    state_dict = payload.get("model")
+    if not isinstance(state_dict, dict):
+        raise UserError(f"checkpoint {path}: no 'model' weights in it")
+    slim = payload.get("format") == "slim-v2"
+    check_checkpoint_meta(path, payload["meta"] if slim else _legacy_meta(payload), expected)
+    model_state = model.state_dict()
+    wanted = set(trained_state_dict(model)) if slim else set(model_state)
+    missing = sorted(wanted - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(model_state))
+    if missing or unexpected:
+        name, what = (missing[0], "missing") if missing else (unexpected[0], "unexpected")
+        raise UserError(f"checkpoint {path} does not fit the model ({name} {what}); was it "
+                        "trained with other options (decoder, model, --learnable_pos_emb, "
+                        "--freeze_encoder)?")
+    for name, tensor in state_dict.items():
+        if tuple(tensor.shape) != tuple(model_state[name].shape):
+            raise UserError(f"checkpoint {path} does not fit the model: {name} has shape "
+                            f"{tuple(tensor.shape)} there, {tuple(model_state[name].shape)} "
+                            "here; use the options it was trained with")
+    model.load_state_dict(state_dict, strict=False)
+    return payload.get("epoch")
+
+
+def resume(path, model, optimizer, scaler, expected):
+    """Restore model, optimiser, scaler and position from a checkpoint of this tool."""
+    payload = checkpoint_io.load_file(path, what="--resume")
+    epoch = load_model_weights(model, path, expected, payload)
+    if "optimizer" not in payload or epoch is None:
+        raise UserError(f"--resume {path}: not a training checkpoint (no optimizer state); "
+                        "use a checkpoint-<epoch>.pth file")
+    try:
+        optimizer.load_state_dict(payload["optimizer"])
+    except (ValueError, KeyError) as err:
+        raise UserError(f"--resume {path}: its optimizer state does not fit this run "
+                        f"({err})") from None
+    scaler.load_state_dict(payload.get("scaler") or {})
+    return TrainingState(epoch + 1, payload.get("best_miou"), payload.get("best_epoch"))
+
+
+def resolve_resume(config, run_dir):
+    if config["resume"]:
+        return Path(config["resume"])
+    if config["auto_resume"]:
+        return RunFolder(run_dir).latest_checkpoint()
+    return None
+

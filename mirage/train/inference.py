@@ -1,0 +1,135 @@
+"""Testing and inference with a run's best checkpoint: ``--test`` scores it on a test split,
+``--infer_only --test`` writes its predictions as PNGs, sealed by a manifest.
+
+    test_or_infer(spec, runtime) -> the run directory
+"""
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mirage.config import yaml_text
+from mirage.data.dataset import SegmentationDataset
+from mirage.data.layout import check_split, find_split, open_dataset
+from mirage.errors import UserError
+from mirage.fileio import atomic_folder, write_png, write_text
+from mirage.run import predictions
+from mirage.train import distributed
+from mirage.train.build import make_loader, model_for, test_transform
+from mirage.train.checkpointing import checkpoint_meta, load_model_weights
+from mirage.train.losses import build_loss
+from mirage.train.precision import Precision
+from mirage.train.protocols import apply_speed_options
+from mirage.train.validation import validate
+
+
+@torch.no_grad()
+def predict(model, loader, out_dir, classes, precision, device):
+    """Write ``<out_dir>/<slice_id>.png`` for every B-scan of the loader's dataset.
+
+    Logits are resized bilinearly to the B-scan's original size before the argmax; the
+    PNG holds INFO.json values (uint8, or uint16 if a value exceeds 255).
+    """
+    model.eval()
+    dataset = loader.dataset
+    values = torch.from_numpy(classes.index_to_value().astype(np.int32)).to(device)
+    dtype = classes.index_to_value().dtype
+    for batch in tqdm(loader, desc=f"predicting -> {out_dir.name}/", dynamic_ncols=True):
+        with precision.autocast():
+            logits = model(batch["image"].to(device, non_blocking=True))
+        for logit, index in zip(logits.float(), batch["index"].tolist()):
+            files = dataset.slices[index]
+            height, width = dataset.original_size(index)
+            logit = F.interpolate(logit[None], size=(height, width), mode="bilinear",
+                                  align_corners=False)[0]
+            pred = values[logit.argmax(dim=0)].cpu().numpy().astype(dtype)
+            write_png(out_dir / f"{files.slice_id}.png", pred)
+
+
+# ============================================================================ test / infer
+def test_or_infer(spec, runtime):
+    """``--test``: metrics of the best checkpoint on the test split; with ``--infer_only``:
+    write its predictions. ``--test_data_path`` points both at another dataset."""
+    config, folder, log = spec.options, spec.folder, runtime.log
+    best = folder.best_checkpoint
+    if not best.is_file():
+        raise UserError(f"no trained checkpoint: {best} not found; train this run first "
+                        "(the same command without --test/--infer_only)")
+    classes, dataset = spec.classes, spec.data.dataset
+    target = open_dataset(config["test_data_path"]) if config["test_data_path"] else dataset
+    split_dir = target.split_dir("test")
+    external = target.root.resolve() != dataset.root.resolve()
+    # Masks of another dataset are scored only if they use the training classes.
+    same_classes = (target.class_table.values == classes.values
+                    and target.class_table.labels == classes.labels)
+    score = not config["infer_only"] and (not external or same_classes)
+    if not config["infer_only"] and not score:
+        raise UserError(f"--test_data_path {target.root}: its INFO.json classes differ from "
+                        f"{dataset.name}'s; use --infer_only --test and score the "
+                        f"predictions with run_seg_eval.py --external {target.name}")
+    slices = find_split(split_dir, need_masks=score)
+    if not score:  # predictions only: never read (or require) masks
+        slices = [dataclasses.replace(s, mask=None) for s in slices]
+    sizes = check_split(slices, classes if score else target.class_table,
+                        workers=max(config["num_workers"], 2))
+    out_dir = folder.preds_dir(target.name if external else "")
+    slice_ids = [s.slice_id for s in slices]
+    if config["infer_only"] and predictions.up_to_date(out_dir, best, slice_ids):
+        log(f">> {out_dir} already holds the predictions of {best.name}: skipping")
+        return folder.path
+
+    model = model_for(spec, runtime)
+    apply_speed_options(model, config, runtime.device, log)
+    precision = Precision.from_config(runtime.device, config, log)
+    test_set = SegmentationDataset(slices, classes, test_transform(spec.model),
+                                   original_sizes=sizes)
+    if config["infer_only"]:
+        if runtime.dist.is_main:
+            write_predictions(model, test_set, out_dir, spec, precision, runtime, split_dir)
+            write_text(folder.options_record("infer", target.name), yaml_text(config))
+    else:
+        score_best_checkpoint(model, test_set, target.root, spec, precision, runtime)
+        if runtime.dist.is_main:
+            write_text(folder.options_record("test", target.name), yaml_text(config))
+    distributed.barrier(runtime.dist)
+    distributed.shutdown()
+    return folder.path
+
+
+def write_predictions(model, test_set, out_dir, spec, precision, runtime, split_dir):
+    """The best checkpoint's predictions of ``test_set`` into ``out_dir``, sealed by a
+    manifest; written aside and swapped in whole, so a killed inference never leaves a mix."""
+    best, classes = spec.folder.best_checkpoint, spec.classes
+    epoch = load_model_weights(model, best, checkpoint_meta(spec.options, classes, model))
+    runtime.log(f">> {best.name} (epoch {epoch}) on {len(test_set)} B-scans of {split_dir}")
+    loader = make_loader(test_set, spec.options, distributed.DistInfo(), train=False)
+    with atomic_folder(out_dir) as staging:
+        predict(model, loader, staging, classes, precision, runtime.device)
+        predictions.write_manifest(staging, best, epoch, classes,
+                                   [s.slice_id for s in test_set.slices])
+    runtime.log(f">> wrote {len(test_set)} predictions to {out_dir}")
+
+
+def score_best_checkpoint(model, test_set, data_root, spec, precision, runtime):
+    """Load ``checkpoint-best.pth`` from disk, score ``test_set`` and log the test line
+    (replacing an earlier line of the same checkpoint and data)."""
+    folder, classes = spec.folder, test_set.class_table
+    epoch = load_model_weights(model, folder.best_checkpoint,
+                               checkpoint_meta(spec.options, classes, model))
+    criterion = build_loss(spec.options["loss"], spec.data.ignore_index)
+    loader = make_loader(test_set, spec.options, runtime.dist, train=False)
+    stats = validate(model, loader, criterion, precision, runtime.device, classes.num_classes,
+                     spec.data.ignore_index, runtime.dist, desc="test")
+    if runtime.dist.is_main:
+        entry = {"test_epoch": epoch, "test_data": str(data_root),
+                 **{f"test/{k}": v for k, v in stats.items()}}
+        earlier = [e for e in folder.read_log()
+                   if not (e.get("test_epoch") == epoch and e.get("test_data") == str(data_root))]
+        folder.write_log(earlier + [entry])
+    runtime.log(f">> test of the best checkpoint (epoch {epoch}) on {len(test_set)} B-scans "
+                f"of {data_root}: mIoU {100 * stats['mIoU']:.2f}  aAcc "
+                f"{100 * stats['aAcc']:.2f}  mAcc {100 * stats['mAcc']:.2f}  loss "
+                f"{stats['loss']:.4f}")
+    return stats

@@ -1,0 +1,289 @@
+"""The training loop: data -> model -> optimiser -> epochs (train, validate, checkpoint),
+then a test of the best checkpoint.
+
+    train(spec, runtime, on_epoch_end=None) -> the run directory
+
+``train`` reads top to bottom; the steps it calls are the small functions below it. The
+run folder is locked and its identity checked by the caller (mirage.train.job).
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from mirage.config import yaml_text
+from mirage.data.dataset import SegmentationDataset
+from mirage.data.layout import check_split, find_split
+from mirage.data.transforms import SegmentationTransform
+from mirage.errors import UserError
+from mirage.train import distributed
+from mirage.train.build import make_loader, model_for, test_transform
+from mirage.train.checkpointing import (TrainingState, resolve_resume, resume,
+                                        checkpoint_meta, save_checkpoint)
+from mirage.train.feature_cache import open_feature_cache
+from mirage.train.inference import score_best_checkpoint
+from mirage.train.losses import build_loss
+from mirage.train.optim import apply_schedule, cosine_schedule, param_groups
+from mirage.train.precision import Precision
+from mirage.train.protocols import apply_speed_options, make_optimizer, training_views
+from mirage.train.validation import validate
+
+
+# ============================================================================ train
+def train(spec, runtime, on_epoch_end=None):
+    """Train one run into ``spec.folder`` (locked, identity checked), then test its best
+    checkpoint on the test split if that has masks.
+
+    ``on_epoch_end(folder)``, if given, is called on the main process after each epoch's
+    log line is written (the command line writes TensorBoard curves there).
+    """
+    config, folder, log = spec.options, spec.folder, runtime.log
+    if folder.training_finished(config["epochs"]) and config["auto_resume"] \
+            and not config["resume"]:
+        log(f">> {folder.path} already finished {config['epochs']} epochs: skipping training "
+            "(delete the folder or change --version to train again)")
+        return folder.path
+
+    data = load_data(spec, runtime)
+    model = model_for(spec, runtime)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f">> {trainable / 1e6:.2f} M trainable of "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; decoder "
+        f"{config['output_adapter']}; encoder blocks "
+        f"{'frozen' if config['freeze_encoder'] else 'trained'}"
+        f"{'; fully frozen backbone (no graph)' if config['freeze_patch_embed'] else ''}")
+    apply_speed_options(model, config, runtime.device, log)
+    criterion = build_loss(config["loss"], spec.data.ignore_index)
+    precision = Precision.from_config(runtime.device, config, log)
+    feature_cache = open_feature_cache(config, spec.model.fm, model, data.train_set,
+                                       spec.model.input_size, spec.model.norm, precision,
+                                       runtime.device, log)
+    optimizer, lr_schedule, wd_schedule = optimisation(model, config, data.steps_per_epoch,
+                                                       runtime.device)
+    state = resume_or_start(spec, runtime, model, optimizer, precision)
+    ddp_model = DistributedDataParallel(model) if runtime.dist.enabled else model
+
+    log(f">> training for {config['epochs']} epochs on {runtime.device}")
+    for epoch in range(state.start_epoch, config["epochs"]):
+        started = time.time()
+        if isinstance(data.train_loader.sampler, DistributedSampler):
+            data.train_loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(
+            ddp_model, data.train_loader, criterion, optimizer, precision, runtime.device,
+            epoch, lr_schedule, wd_schedule, epoch * data.steps_per_epoch,
+            config["clip_grad"], runtime.dist, config["epochs"], feature_cache=feature_cache)
+        stats = {"epoch": epoch, **{f"train/{k}": v for k, v in train_stats.items()}}
+        stats.update(validate_and_checkpoint(spec, runtime, model, optimizer, precision,
+                                             criterion, data.val_loader, epoch, state))
+        stats["time"] = round(time.time() - started, 2)
+        if runtime.dist.is_main:
+            folder.append_log(stats)
+            if on_epoch_end is not None:
+                on_epoch_end(folder)
+        log(epoch_line(stats, state, config["epochs"]))
+    distributed.barrier(runtime.dist)
+
+    if data.test_slices and folder.best_checkpoint.is_file():
+        test_set = SegmentationDataset(data.test_slices, spec.classes,
+                                       test_transform(spec.model))
+        score_best_checkpoint(model, test_set, spec.data.dataset.root, spec, precision,
+                              runtime)
+    distributed.shutdown()
+    return folder.path
+
+
+@dataclass
+class TrainingData:
+    """The loaders of one run; test_slices: the test split's files when it has masks."""
+
+    train_set: object
+    train_loader: object
+    val_loader: object
+    steps_per_epoch: int
+    test_slices: list
+
+
+def load_data(spec, runtime):
+    """Find and check every split before anything trains; the training and validation
+    loaders."""
+    config, dataset, classes = spec.options, spec.data.dataset, spec.classes
+    train_slices = find_split(dataset.split_dir("train"), need_masks=True)
+    val_slices = find_split(dataset.split_dir("val"), need_masks=True)
+    test_split = dataset.split_dir("test")  # tested after training if it has masks
+    test_slices = (find_split(test_split, need_masks=True)
+                   if (test_split / "semseg").is_dir() else [])
+    check_split(train_slices + val_slices + test_slices, classes,
+                workers=max(config["num_workers"], 2))
+    model = spec.model
+    train_set = SegmentationDataset(train_slices, classes, SegmentationTransform(
+        model.input_size, train=True, aug_name=config["aug_name"], norm=model.norm,
+        in_chans=model.in_chans))
+    train_set = training_views(train_set, config)  # --aug_name flip
+    val_set = SegmentationDataset(val_slices, classes, test_transform(model))
+    global_batch = config["batch_size"] * runtime.dist.world_size
+    steps_per_epoch = len(train_set) // global_batch
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch_size {config['batch_size']}: the training split has only "
+                        f"{len(train_set)} B-scans; use a smaller batch size")
+    runtime.log(f">> {len(train_set)} training / {len(val_set)} validation B-scans, "
+                f"{steps_per_epoch} steps per epoch of {global_batch}")
+    return TrainingData(train_set=train_set,
+                        train_loader=make_loader(train_set, config, runtime.dist, train=True),
+                        val_loader=make_loader(val_set, config, runtime.dist, train=False),
+                        steps_per_epoch=steps_per_epoch, test_slices=test_slices)
+
+
+def optimisation(model, config, steps_per_epoch, device):
+    """(optimizer, per-step LR schedule, per-step weight-decay schedule)."""
+    groups = param_groups(model, config["weight_decay"], config["layer_decay"],
+                          config["decoder_decay"],
+                          [s for s in config["no_lr_scale_list"].split("-") if s])
+    optimizer = make_optimizer(groups, config, device)  # fused Adam(W) on CUDA
+    lr_schedule = cosine_schedule(config["lr"], config["min_lr"], config["epochs"],
+                                  steps_per_epoch, config["warmup_epochs"],
+                                  config["warmup_steps"], config["warmup_lr"])
+    wd_end = config["weight_decay_end"]
+    wd_schedule = cosine_schedule(config["weight_decay"],
+                                  config["weight_decay"] if wd_end is None else wd_end,
+                                  config["epochs"], steps_per_epoch)
+    return optimizer, lr_schedule, wd_schedule
+
+
+def resume_or_start(spec, runtime, model, optimizer, precision):
+    """Resume an interrupted run (or the file given by --resume), or start a new one; the
+    run's identity.json and config.yaml are written either way. Returns the TrainingState."""
+    config, folder = spec.options, spec.folder
+    state = TrainingState(start_epoch=config["start_epoch"])
+    resume_from = resolve_resume(config, folder.path)
+    if resume_from is not None:
+        state = resume(resume_from, model, optimizer, precision.scaler,
+                       checkpoint_meta(config, spec.classes, model))
+        runtime.log(f">> resumed from {resume_from}: continuing at epoch {state.start_epoch}")
+        if runtime.dist.is_main:
+            folder.trim_log(state.start_epoch)
+    elif folder.epoch_checkpoints():
+        raise UserError(f"{folder.path} already holds checkpoints; use --auto_resume to "
+                        "continue that run, or another --version to start a new one")
+    if runtime.dist.is_main:
+        folder.write_identity(spec.identity)
+        folder.write_config(yaml_text(config))
+    return state
+
+
+def validate_and_checkpoint(spec, runtime, model, optimizer, precision, criterion,
+                            val_loader, epoch, state):
+    """Validate when due (every --eval_freq epochs and at the end), save checkpoint-best.pth
+    when the selecting metric improves and checkpoint-<epoch>.pth when due; returns the
+    validation stats (``val/...``), or {} when not validated this epoch."""
+    config, folder, classes = spec.options, spec.folder, spec.classes
+    is_main = runtime.dist.is_main
+    last = epoch == config["epochs"] - 1
+    stats = {}
+    if epoch % config["eval_freq"] == 0 or last:
+        image_dir = (folder.images_dir if config["log_images"] and is_main
+                     and epoch % config["log_images_freq"] == 0 else None)
+        val_stats = validate(model, val_loader, criterion, precision, runtime.device,
+                             classes.num_classes, spec.data.ignore_index, runtime.dist,
+                             desc="val", image_dir=image_dir, epoch=epoch, classes=classes,
+                             select_metric=config["select_metric"])
+        stats = {f"val/{k}": v for k, v in val_stats.items()}
+        state.metric = config["select_metric"]  # val/mIoU is its value; it picks the best
+        if state.improves(val_stats["mIoU"]):
+            state.best_miou, state.best_epoch = val_stats["mIoU"], epoch
+            if config["save_ckpt"] and is_main:
+                save_checkpoint(folder.best_checkpoint, model, None, None, epoch, state,
+                                config, classes)
+    if config["save_ckpt"] and is_main and ((epoch + 1) % config["save_ckpt_freq"] == 0 or last):
+        save_checkpoint(folder.epoch_checkpoint(epoch), model, optimizer, precision.scaler,
+                        epoch, state, config, classes)
+        folder.prune_epoch_checkpoints(keep=config["keep_ckpts"])
+    return stats
+
+
+# ============================================================================ one epoch
+FINITE_CHECK_STEPS = 50  # steps between the (host-syncing) loss checks and progress updates
+
+
+def train_one_epoch(model, loader, criterion, optimizer, precision, device, epoch,
+                    lr_schedule, wd_schedule, first_step, clip_grad, dist_info, epochs,
+                    feature_cache=None):
+    """One pass over the training loader with per-step LR/WD schedules.
+
+    No step waits for the device: the loss is summed on it, and checked for NaN/Inf (a
+    RuntimeError naming the first bad step) every ``FINITE_CHECK_STEPS`` steps and at the
+    end. With ``feature_cache`` (fully-frozen protocol) the decoder reads cached tokens.
+    Returns ``{"loss": mean over steps and processes, "lr": last peak LR}``.
+    """
+    model.train()
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum, count)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step
+    shown = torch.zeros(2, dtype=torch.float64, device=device)  # loss_sum at the last check
+    bar = tqdm(loader, desc=f"epoch {epoch}/{epochs - 1}", leave=False,
+               disable=not dist_info.is_main, dynamic_ncols=True)
+    for step, batch in enumerate(bar):
+        apply_schedule(optimizer, lr_schedule[first_step + step],
+                       wd_schedule[first_step + step])
+        images = batch["image"].to(device, non_blocking=True)
+        masks = batch["mask"].to(device, non_blocking=True).long()
+        with precision.autocast():
+            if feature_cache is None:
+                logits = model(images)
+            else:
+                logits = model(features=feature_cache.features(inner, images, batch))
+        loss = criterion(logits.float(), masks)
+        optimizer.zero_grad(set_to_none=True)
+        precision.backward(loss, optimizer, clip_grad, params)
+        loss = loss.detach()
+        first_bad.masked_fill_((first_bad < 0) & ~torch.isfinite(loss), step)
+        loss_sum[0] += loss
+        loss_sum[1] += 1.0
+        if (step + 1) % FINITE_CHECK_STEPS == 0:
+            _check_finite(first_bad, loss_sum, epoch, dist_info, precision)
+            recent = loss_sum - shown
+            shown = loss_sum.clone()
+            bar.set_postfix(loss=f"{float(recent[0] / recent[1]):.4f}",
+                            lr=f"{lr_schedule[first_step + step]:.2e}")
+    _check_finite(first_bad, loss_sum, epoch, dist_info, precision)
+    if feature_cache is not None and dist_info.is_main:
+        feature_cache.end_epoch()
+    distributed.all_reduce_sum(loss_sum, dist_info)
+    max_lr = max(group["lr"] for group in optimizer.param_groups)
+    return {"loss": float(loss_sum[0] / loss_sum[1]), "lr": max_lr}
+
+
+def _check_finite(first_bad, loss_sum, epoch, dist_info, precision):
+    """RuntimeError (on every process alike) if a step of this epoch had a NaN/Inf loss."""
+    bad = (first_bad >= 0).to(torch.float64).reshape(1)
+    distributed.all_reduce_sum(bad, dist_info)
+    if bad.item() == 0:
+        return
+    step = int(first_bad)
+    where = f"at epoch {epoch}, step {step}" if step >= 0 else \
+        f"at epoch {epoch} on another process"
+    fp16 = " (float16 is in use)" if precision.dtype == torch.float16 else ""
+    raise RuntimeError(
+        f"the training loss became NaN/Inf {where}; likely causes: a learning rate too high "
+        f"(try a lower --lr), a float16 overflow{fp16} (try --amp_dtype bf16 or --no_fp16), "
+        "or NaN/Inf values in the input images or the weights (check the dataset's B-scans "
+        "and the --weights file)")
+
+
+def epoch_line(stats, state, epochs):
+    """One console line per epoch; validation metrics in %, "best <metric>" names the
+    metric that selects checkpoint-best.pth."""
+    parts = [f"epoch {stats['epoch']}/{epochs - 1}",  # from 0, as log.txt and checkpoints
+             f"train_loss {stats['train/loss']:.4f}", f"lr {stats['train/lr']:.2e}"]
+    if "val/mIoU" in stats:
+        parts.append(f"val_loss {stats['val/loss']:.4f}")
+        parts += [f"{name} {100 * stats[f'val/{name}']:.2f}%"
+                  for name in ("mIoU_all", "mIoU_fg", "aAcc", "mAcc") if f"val/{name}" in stats]
+    if state.best_miou is not None:
+        parts.append(f"best {state.metric} {100 * state.best_miou:.2f}% "
+                     f"(epoch {state.best_epoch})")
+    parts.append(f"{stats['time']:.1f}s")
+    return "  ".join(parts)
