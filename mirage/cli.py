@@ -21,13 +21,11 @@ from mirage.evaluate import EMPTY_VOLUME_MODES  # a constant: imports nothing he
 def tune(argv=None):
     """Train, test or predict one run (``run_seg_tuning.py``); ``--demo`` runs the demo."""
     config, run_demo, _ = parse_config(argv)
-    # Deferred imports here and below: torch, timm, OpenCV and pandas load only once the
-    # options are read.
     if run_demo:
-        from mirage import demo
+        from mirage import demo  # deferred (here and below): torch, timm, OpenCV, pandas
         return demo.run(config)
-    from mirage.report.tensorboard_log import write_tensorboard
-    from mirage.train import job
+    from mirage.report.tensorboard_log import write_tensorboard  # deferred
+    from mirage.train import job  # deferred
     # Training is followed by the run's TensorBoard curves after every epoch.
     return job.main(config, on_epoch_end=write_tensorboard)
 
@@ -80,7 +78,7 @@ def evaluate(argv=None):
     """Score the test predictions of one or more runs (``run_seg_eval.py``)."""
     args = eval_parser().parse_args(argv)
     if args.report_only:
-        from mirage.report.run_report import write_run_report  # matplotlib: only when needed
+        from mirage.report.run_report import write_run_report  # deferred: matplotlib
         paths = [write_run_report(path, args.datasets_path) for path in args.model_path]
         print("\n".join(f"wrote {path}" for path in paths))
         return paths

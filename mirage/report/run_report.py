@@ -18,6 +18,8 @@ from mirage.report import htmlpage as H
 from mirage.report import plots
 from mirage.errors import UserError
 from mirage.run import METRICS
+from mirage.report.gallery import gallery
+from mirage.report.tensorboard_log import write_tensorboard
 from mirage.run.catalog import read_run
 from mirage.run.folder import RunFolder
 
@@ -87,8 +89,6 @@ def _datasets_path(run, evaluation, given):
 
 
 def _evaluation_section(run, evaluation, datasets_path, with_gallery, quiet):
-    from mirage.report.gallery import gallery  # reads the test images: only when drawing them
-
     title = f"Test scores: {evaluation.dataset}"
     if evaluation.external:
         title += f" (external test set; trained on {run.train_dataset})"
@@ -177,6 +177,5 @@ def write_run_report(run_dir, datasets_path=None, tensorboard=True, with_gallery
     text = render_run_report(run, datasets_path, with_gallery, quiet)
     path = H.write_page(RunFolder(run.path).report_file, text)
     if tensorboard and run.log:
-        from mirage.report.tensorboard_log import write_tensorboard
         write_tensorboard(run.path, run.log)
     return path
