@@ -5,7 +5,7 @@ or else chosen from the weights file name (case-insensitive, the longest matchin
 wins): ``MIRAGE-Base.pth`` -> ``mirage-base``, ``VFM_OCT_weights.pth`` -> ``vfm_oct``.
 Registered: MIRAGE-Base/Large (and a toy MIRAGE-Tiny), RETFound (MAE and DINOv2), DINOv2
 ViT-S/B/L/g (with or without registers), SAM ViT-B, MedSAM and VisionFM (one encoder per
-imaging modality); their encoders are in mirage/backbones.py. To add a model, subclass
+imaging modality); their encoders are in mirage/models/backbones.py. To add a model, subclass
 :class:`FoundModel` in this file with a ``name``, the ``keywords`` to match in file names,
 and ``build`` / ``load_weights``; defining the subclass registers it (see
 docs/segmentation_tuning.md, "Adding a model").
@@ -204,7 +204,7 @@ class MirageTiny(MirageFamily):
     embed_dim, depth, num_heads = 128, 4, 4
 
 
-# ------------------------------------------------------ other families (mirage/backbones.py)
+# ------------------------------------------------------ other families (mirage/models/backbones.py)
 class TimmViTFamily(FoundModel):
     """Models that are a timm VisionTransformer: 3 channels, ImageNet mean/std unless the
     family says otherwise.

@@ -7,7 +7,7 @@
     python run_seg_tuning.py --demo                        # everything on synthetic data
 
 Options: ``-h``; documentation: docs/segmentation_tuning.md. The work is done in
-mirage/cli.py (which imports torch only once the options are read) and mirage/engine.py.
+mirage/cli.py (which imports torch only once the options are read) and mirage/train/job.py.
 """
 from mirage.cli import tune as main
 

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from mirage.evaluate.outputs import evaluate_run  # noqa: E402
 from mirage.run.predictions import write_manifest  # noqa: E402
-from mirage.evaluate.metrics import label_boundaries, percentile_float32, hd95_per_class  # noqa: E402
+from mirage.evaluate.metrics import (label_boundaries, percentile_float32,  # noqa: E402
+                                     hd95_per_class)
 
 LABELS = ["Background", "ILM-NFL", "NFL-IPL", "IPL-OPL", "OPL-ONL", "ONL-ISM", "ISM-OS",
           "RPE-BM", "Fluid"]

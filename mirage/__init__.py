@@ -1,3 +1,16 @@
-"""MIRAGE segmentation tuning: train decoders on frozen retinal-OCT foundation models."""
+"""MIRAGE segmentation tuning: train decoders on frozen retinal-OCT foundation models.
+
+One folder per stage, each importing only the stages below it (docs/architecture.md;
+tests/test_architecture.py keeps it so):
+
+    errors.py, fileio.py, checkpoint_io.py, workers.py   the ground floor
+    data/, models/        datasets in the benchmark layout; encoders and decoders
+    config.py             the options: defaults < YAML < command line
+    run/                  one run directory: RunFolder, identity, RunSpec, predictions
+    train/, evaluate/     training/testing/inference; per-volume scoring
+    report/               run and study reports, tables, statistics
+    grid/                 ./runner: grids of commands, locally or on SLURM
+    cli.py, demo.py, report_cli.py   the entry points: the only places that chain stages
+"""
 
 __version__ = "0.1.0"

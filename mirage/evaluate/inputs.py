@@ -96,7 +96,7 @@ def prepare_run(model_path, datasets_path, external=None, ignore_bg=True,
     model_path: the run directory ``.../<dataset>/<run name>/``; the dataset is its parent
     folder's name. external: evaluate ``preds_<external>/`` against dataset ``external``.
     The predictions must carry the manifest of the run's current best checkpoint
-    (mirage/predictions.py) unless ``foreign_predictions`` (made by another tool).
+    (mirage/run/predictions.py) unless ``foreign_predictions`` (made by another tool).
     """
     run_dir = Path(model_path).expanduser()
     if not run_dir.is_dir():

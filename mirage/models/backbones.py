@@ -1,5 +1,6 @@
 """The other foundation-model encoders (RETFound, DINOv2, VisionFM, SAM/MedSAM) behind the
-interface of :class:`mirage.models.segmentation_model.MirageEncoder`, and the loaders of their published files.
+interface of :class:`mirage.models.segmentation_model.MirageEncoder`, and the loaders of
+their published files.
 
 Both wrappers turn images (B, 3, H, W), normalised the model's way, into tokens
 (B, N + G, D): the N = gh * gw patch tokens in row-major order first, then the G global

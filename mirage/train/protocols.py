@@ -6,14 +6,15 @@ Protocols (docs/segmentation_tuning.md, "Protocols and speed options"):
   patch projector, the global tokens and the decoder train, so every step runs the encoder
   forward *and* backward (the gradient reaches the projector through the frozen blocks).
 - **fully-frozen** (``--freeze_patch_embed``): the whole backbone is frozen and runs
-  without a graph (:meth:`mirage.models.segmentation_model.SegmentationModel.freeze_backbone`); the backward
-  pass stops at the decoder. With ``--feature_cache`` (mirage/feature_cache.py) the
+  without a graph (``SegmentationModel.freeze_backbone`` in
+  mirage/models/segmentation_model.py); the backward pass stops at the decoder. With ``--feature_cache`` (mirage/train/feature_cache.py) the
   backbone runs once per training view instead of once per epoch.
 
 Speed options (same maths, less time or memory), applied by :func:`apply_speed_options`
 and :func:`make_optimizer`: fused attention (checked), channels-last decoders, fused AdamW
 and cuDNN autotuning on CUDA, ``--grad_checkpointing``, ``--compile``. Mixed precision and
-the loop without host syncs are in mirage/engine.py (``Precision``, ``train_one_epoch``).
+the loop without host syncs are in mirage/train/precision.py (``Precision``) and
+mirage/train/loop.py (``train_one_epoch``).
 """
 import torch
 from torch.utils.data import Dataset

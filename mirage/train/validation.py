@@ -15,8 +15,8 @@ from mirage.train.validation_metrics import confusion_matrix, validation_scores
 def validate(model, loader, criterion, precision, device, num_classes, ignore_index,
              dist_info, desc="val", image_dir=None, epoch=0, classes=None,
              select_metric="mIoU_all"):
-    """Loss and the metrics of mirage.train.validation_metrics.validation_scores over every pixel of a
-    split (summed over processes): mIoU (= ``select_metric``), mIoU_all, mIoU_fg, aAcc,
+    """Loss and the metrics of mirage.train.validation_metrics.validation_scores over every
+    pixel of a split (summed over processes): mIoU (= ``select_metric``), mIoU_all, mIoU_fg, aAcc,
     mAcc as fractions, IoU as {class label: IoU}.
 
     With ``image_dir``, saves input | truth | prediction panels of the first batch.

@@ -1,6 +1,6 @@
 """Segmentation decoders ("output adapters"): encoder patch tokens -> class logits.
 
-The registry is this folder: every module ``mirage/decoders/<name>.py`` whose name does
+The registry is this folder: every module ``mirage/models/decoders/<name>.py`` whose name does
 not start with an underscore is the decoder ``--output_adapter <name>``, and defines
 
     def build(spec: DecoderSpec) -> Decoder
