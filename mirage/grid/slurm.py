@@ -13,7 +13,8 @@ import time
 from tqdm import tqdm
 
 from mirage.errors import UserError
-from mirage.grid.local import JobResult, failure_note, format_exit, run_one_command, show_progress
+from mirage.grid.local import (JobResult, failure_note, format_exit, run_one_command,
+                               show_progress)
 
 
 def make_executor(options, folder, cluster, parallel):
