@@ -6,6 +6,7 @@ tests/test_architecture.py keeps it so):
     errors.py, fileio.py, checkpoint_io.py, workers.py   the ground floor
     data/, models/        datasets in the benchmark layout; encoders and decoders
     config.py             the options: defaults < YAML < command line
+    option_checks.py      the checks of option values and of options against each other
     run/                  one run directory: RunFolder, identity, RunSpec, predictions
     train/, evaluate/     training/testing/inference; per-volume scoring
     report/               run and study reports, tables, statistics

@@ -4,12 +4,20 @@ Every file this tool writes (checkpoints, prediction PNGs, CSVs, logs of configs
 through :func:`atomic_path`: the data is written to a temporary file in the destination
 folder and renamed over the target only once complete, so a run killed at any moment
 leaves the previous version of the file intact.
+
+Every image this tool reads goes through :func:`read_gray`, which reads the width and
+height from the file's header first (:func:`image_size`) and refuses, before decoding, an
+image of more than :func:`max_image_pixels` pixels (16384 x 16384 unless the environment
+variable ``MIRAGE_MAX_IMAGE_PIXELS`` says otherwise): a small PNG of zeros can announce
+40000 x 40000 pixels and would take gigabytes to decode (a "decompression bomb").
 """
 import contextlib
 import errno
 import hashlib
+import math
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -107,21 +115,195 @@ def write_text(path, text):
         Path(tmp).write_text(text, encoding="utf-8")
 
 
-def read_gray(path):
-    """Decode an image file as a 2-D grayscale array, uint8 or uint16 as stored.
+# ----------------------------------------------------------------------------- image size limit
+MAX_PIXELS_ENV = "MIRAGE_MAX_IMAGE_PIXELS"
+# A B-scan is at most a few thousand pixels per side; 16384 x 16384 leaves a wide margin
+# while a decoded image stays at most 256 MiB (8 bit) or 512 MiB (16 bit).
+DEFAULT_MAX_PIXELS = 16384 * 16384
 
-    Raises :class:`UserError` naming the file when it is missing, empty or not an image.
+
+def max_image_pixels():
+    """The largest width x height :func:`read_gray` decodes: ``$MIRAGE_MAX_IMAGE_PIXELS``,
+    else :data:`DEFAULT_MAX_PIXELS`."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise UserError(f"environment variable {MAX_PIXELS_ENV}={value!r} is not a whole "
+                        f"number of pixels above 0; e.g. {MAX_PIXELS_ENV}={DEFAULT_MAX_PIXELS} "
+                        "(16384x16384)")
+    return limit
+
+
+def _pixels_text(count):
+    side = math.isqrt(count)
+    return f"{count} pixels ({side}x{side})" if side * side == count else f"{count} pixels"
+
+
+class _NotAnImage(Exception):
+    """The header is truncated or is not what the file's first bytes announce."""
+
+
+def image_size(path):
+    """(width, height) of an image file, read from its header without decoding it.
+
+    Reads PNG, JPEG, TIFF (classic and BigTIFF) and BMP, recognised by their first bytes
+    whatever the file's suffix (as OpenCV does). Raises :class:`UserError` naming the file
+    when it cannot be read, is empty, is none of these formats or has a truncated header.
     """
     path = Path(path)
     try:
-        buf = np.fromfile(path, dtype=np.uint8)
+        with open(path, "rb") as handle:
+            return _header_size(handle, path)
     except OSError as err:
         raise UserError(f"cannot read image {path}: {err.strerror or err}") from None
-    if buf.size == 0:
+
+
+def _header_size(handle, path):
+    """(width, height) from the header at the start of the open file ``handle``."""
+    head = handle.read(32)
+    if not head:
         raise UserError(f"image file {path} is empty; replace it with a valid image")
-    image = cv2.imdecode(buf, _GRAY_ANY_DEPTH)
+    try:
+        if head.startswith(b"\x89PNG\r\n\x1a\n"):
+            size = _png_size(head)
+        elif head.startswith(b"\xff\xd8"):
+            size = _jpeg_size(handle)
+        elif head[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+            size = _tiff_size(handle, head)
+        elif head.startswith(b"BM"):
+            size = _bmp_size(head)
+        else:
+            raise UserError(f"{path} is not a readable image (not PNG, JPEG, TIFF or BMP "
+                            "data); replace it with a valid PNG")
+    except (_NotAnImage, struct.error):
+        # struct.error: the file ends inside the header.
+        size = None
+    if size is None or min(size) < 1:
+        raise UserError(f"{path} is not a readable image (truncated or corrupt header); "
+                        "replace it with a valid PNG")
+    return size
+
+
+def _png_size(head):
+    """PNG: the IHDR chunk comes first; width and height are big-endian at bytes 16-24."""
+    if head[12:16] != b"IHDR":
+        raise _NotAnImage
+    return struct.unpack(">II", head[16:24])
+
+
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic ...): all but
+# DHT (C4), JPG (C8) and DAC (CC) in C0-CF.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers without a length field: TEM, RST0-7, SOI.
+_JPEG_STANDALONE = frozenset([0x01, *range(0xD0, 0xD9)])
+
+
+def _jpeg_size(handle):
+    """JPEG: walk the marker segments to the first start-of-frame (EXIF and other segments
+    before it are skipped by their lengths); it holds height then width, big-endian."""
+    handle.seek(2)
+    while True:
+        byte = handle.read(1)
+        if byte != b"\xff":
+            raise _NotAnImage
+        marker = handle.read(1)
+        while marker == b"\xff":  # fill bytes before a marker
+            marker = handle.read(1)
+        if not marker:
+            raise _NotAnImage
+        code = marker[0]
+        if code in _JPEG_STANDALONE:
+            continue
+        if code in (0xD9, 0xDA):  # end of image or start of scan before any frame
+            raise _NotAnImage
+        (length,) = struct.unpack(">H", handle.read(2))
+        if code in _JPEG_SOF:
+            height, width = struct.unpack(">xHH", handle.read(5))
+            return width, height
+        if length < 2:
+            raise _NotAnImage
+        handle.seek(length - 2, os.SEEK_CUR)
+
+
+def _tiff_size(handle, head):
+    """TIFF: tags 256 (ImageWidth) and 257 (ImageLength) of the first image directory,
+    the one OpenCV decodes. Classic TIFF (12-byte entries) or BigTIFF (20-byte entries)."""
+    order = "<" if head[:2] == b"II" else ">"
+    big = head[2:4] in (b"+\0", b"\0+")
+    if big:
+        (offset,) = struct.unpack(order + "Q", head[8:16])
+        count_format, entry_format, entry_size = "Q", "HHQ8s", 20
+    else:
+        (offset,) = struct.unpack(order + "I", head[4:8])
+        count_format, entry_format, entry_size = "H", "HHI4s", 12
+    handle.seek(offset)
+    (count,) = struct.unpack(order + count_format, handle.read(struct.calcsize(count_format)))
+    values = {}
+    value_formats = {3: "H", 4: "I", 16: "Q"}  # SHORT, LONG, LONG8
+    for _ in range(min(count, 4096)):  # real directories hold a few dozen tags
+        tag, kind, _, value = struct.unpack(order + entry_format, handle.read(entry_size))
+        if tag in (256, 257) and kind in value_formats:
+            fmt = value_formats[kind]
+            values[tag] = struct.unpack(order + fmt, value[:struct.calcsize(fmt)])[0]
+        if len(values) == 2:
+            return values[256], values[257]
+    raise _NotAnImage
+
+
+def _bmp_size(head):
+    """BMP: the DIB header after the 14-byte file header; OS/2 1.x headers (12 bytes) hold
+    16-bit sizes, all later ones signed 32-bit (a negative height means top-down rows)."""
+    (dib_size,) = struct.unpack("<I", head[14:18])
+    if dib_size == 12:
+        return struct.unpack("<HH", head[18:22])
+    width, height = struct.unpack("<ii", head[18:26])
+    return width, abs(height)
+
+
+def _check_pixels(path, width, height):
+    """UserError when ``width`` x ``height`` is over :func:`max_image_pixels`."""
+    limit = max_image_pixels()
+    if width * height > limit:
+        raise UserError(
+            f"{path} is {width}x{height} pixels, over the limit of {_pixels_text(limit)}; "
+            "it was not decoded (a B-scan this large is likely a broken file or a "
+            "decompression bomb); if the image is genuine, raise the limit with the "
+            f"environment variable {MAX_PIXELS_ENV}={width * height}")
+
+
+def read_gray(path):
+    """Decode an image file as a 2-D grayscale array, uint8 or uint16 as stored.
+
+    The header is read first: an image over :func:`max_image_pixels` is refused before it
+    is decoded. Raises :class:`UserError` naming the file when it is missing, empty, not an
+    image, truncated or over the limit.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            width, height = _header_size(handle, path)
+            _check_pixels(path, width, height)
+            handle.seek(0)
+            buf = np.fromfile(handle, dtype=np.uint8)
+    except OSError as err:
+        raise UserError(f"cannot read image {path}: {err.strerror or err}") from None
+    try:
+        image = cv2.imdecode(buf, _GRAY_ANY_DEPTH)
+    except cv2.error as err:
+        reason = str(err).strip().splitlines()[-1]
+        # OpenCV has its own limit (2**30 pixels), met only when ours is raised above it.
+        hint = ("; raise OpenCV's own limit too with the environment variable "
+                "OPENCV_IO_MAX_IMAGE_PIXELS" if "MAX_IMAGE_PIXELS" in reason else "")
+        raise UserError(f"OpenCV could not decode {path} ({width}x{height} pixels): "
+                        f"{reason}{hint}") from None
     if image is None or image.size == 0:
-        raise UserError(f"{path} is not a readable image; replace it with a valid PNG")
+        raise UserError(f"{path} is not a readable image (truncated or corrupt data); "
+                        "replace it with a valid PNG")
     if image.dtype not in (np.uint8, np.uint16):
         raise UserError(f"{path} has pixel type {image.dtype}; expected an 8- or 16-bit "
                         "grayscale image")

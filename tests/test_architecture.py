@@ -45,7 +45,7 @@ def stage_of(module):
         return "ground"
     if module in ENTRY:
         return "entry"
-    if module == "mirage.config":
+    if module in ("mirage.config", "mirage.option_checks"):
         return "config"
     part = module.split(".")[1]
     if part in ALLOWED:

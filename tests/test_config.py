@@ -2,8 +2,8 @@
 import pytest
 import yaml
 
-from mirage.config import (OPTIONS, build_parser, check_config, load_yaml, parse_config,
-                           per_domain, yaml_text)
+from mirage.config import OPTIONS, build_parser, load_yaml, parse_config, per_domain, yaml_text
+from mirage.option_checks import check_config
 from mirage.errors import UserError
 
 REQUIRED = ["--weights", "w/MIRAGE-Base.pth", "--data_path", "d/Duke_DME"]

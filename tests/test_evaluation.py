@@ -417,16 +417,16 @@ BAD_INPUTS = {
     "slice without prediction": (
         lambda d, r: drop_preds(r, ["scanA_0", "scanA_2", "scanB_1"]),
         "3 of 6 ground-truth slices have no prediction"),
-    "prediction value not in INFO.json": (
-        lambda d, r: cv2.imwrite(str(r / "preds" / "scanB_2.png"),
-                                 np.full((24, 32), 77, np.uint8)),
+    "prediction value not in INFO.json": (  # as inference wrote it: sealed
+        lambda d, r: write_images(r / "preds", {"scanB_2": np.full((24, 32), 77, np.uint8)}),
         "scanB_2.png has pixel values 77 that are not in"),
     "mask value not in INFO.json": (
         lambda d, r: cv2.imwrite(str(d / "Tiny_DME" / "test" / "semseg" / "scanA_1.png"),
                                  np.full((24, 32), 13, np.uint8)),
         "scanA_1.png has pixel values 13"),
-    "unreadable image": (
-        lambda d, r: (r / "preds" / "scanA_1.png").write_bytes(b"not a png"),
+    "unreadable image": (  # sealed, as if written so
+        lambda d, r: ((r / "preds" / "scanA_1.png").write_bytes(b"not a png"),
+                      seal_predictions(r / "preds")),
         "scanA_1.png is not a readable image"),
     "slice name without _<integer>": (
         lambda d, r: [shutil.copy(d / "Tiny_DME" / "test" / "semseg" / "scanA_0.png",

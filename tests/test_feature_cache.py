@@ -99,7 +99,8 @@ def test_folder_without_room_is_an_error_before_training(tiny_dataset, tmp_path,
     monkeypatch.setattr(fc.shutil, "disk_usage", lambda path: usage(10**6, 10**6, 20000))
     with pytest.raises(UserError) as info:
         open_cache(tmp_path, data)
-    assert "needs about 0.00 GB more for 8 views but only 0.00 GB are free" in str(info.value)
+    # 28672 B = 28.67 kB, 20000 B = 20.00 kB (decimal units)
+    assert "needs about 28.67 kB more for 8 views but only 20.00 kB are free" in str(info.value)
     monkeypatch.setattr(fc.shutil, "disk_usage", lambda path: usage(10**6, 0, 28672))
     open_cache(tmp_path, data)
 

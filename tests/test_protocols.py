@@ -16,7 +16,7 @@ import run_seg_tuning
 from conftest import make_dataset
 from mirage import checkpoint_io as ckpt
 from fm_seg_config import MirageTiny, build_backbone
-from mirage.config import check_config
+from mirage.option_checks import check_config
 from mirage.train import distributed, precision as precision_module
 from mirage.train import loop as engine
 from mirage.train.precision import Precision

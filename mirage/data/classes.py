@@ -95,6 +95,13 @@ def read_class_table(path):
     if len(values) > UNKNOWN_CLASS:
         raise UserError(f"{path}: {len(values)} classes; at most {UNKNOWN_CLASS} supported")
     labels = tuple(entries[i][1] for i in range(len(entries)))
+    seen = {}
+    for index, label in enumerate(labels):
+        key = label.strip().lower()  # labels are compared this way everywhere
+        if key in seen:
+            raise UserError(f"{path}: classes {seen[key]} and {index} are both labelled "
+                            f"{label!r}; every class needs its own label")
+        seen[key] = index
     return ClassTable(values=values, labels=labels, source=str(path))
 
 

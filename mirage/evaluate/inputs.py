@@ -11,13 +11,13 @@ What is read (docs/segmentation_tuning.md, "Evaluation (run_seg_eval.py)")::
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirage.data.classes import read_class_table
+from mirage.data.classes import ClassTable, read_class_table
 from mirage.data.layout import parse_slice_name
 from mirage.errors import UserError
 from mirage.evaluate.class_plan import ClassPlan, plan_classes
 from mirage.fileio import list_images
 from mirage.run.folder import RunFolder
-from mirage.run.predictions import check_predictions
+from mirage.run.predictions import MANIFEST, check_predictions, class_entries, data_record
 
 _SHOW_MISSING = 5  # how many missing predictions an error message lists
 
@@ -95,15 +95,45 @@ def prepare_run(model_path, datasets_path, external=None, ignore_bg=True,
 
     model_path: the run directory ``.../<dataset>/<run name>/``; the dataset is its parent
     folder's name. external: evaluate ``preds_<external>/`` against dataset ``external``.
-    The predictions must carry the manifest of the run's current best checkpoint
-    (mirage/run/predictions.py) unless ``foreign_predictions`` (made by another tool).
+    The predictions must carry the manifest of the run's current best checkpoint, with
+    unchanged files, made from the B-scans of the dataset scored (mirage/run/predictions.py),
+    unless ``foreign_predictions`` (made by another tool). Their pixel values are read
+    with the class table the manifest records.
     """
     run_dir = Path(model_path).expanduser()
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} not found; pass -m/--model_path "
                         "<output>/<version>/<dataset>/<run name>/")
     run_dir = run_dir.resolve()
-    datasets_path = Path(datasets_path).expanduser()
+    found = _locate(run_dir, Path(datasets_path).expanduser(), external)
+    gt_table = read_class_table(found.gt_info)
+    train_table = read_class_table(found.train_info) if external else None
+    volumes, unscored = pair_slices(found.gt_dir, found.pred_dir)
+    if foreign_predictions:
+        note = "foreign predictions: not checked against the run's checkpoint"
+    else:
+        data = _scored_data(found.gt_dir, found.gt_info, volumes)
+        manifest, note = check_predictions(found.pred_dir, run_dir,
+                                           found.hint.replace(" first", " again"), data)
+        train_table = _prediction_classes(manifest, found.pred_dir, gt_table, train_table)
+    plan = plan_classes(gt_table, train_table, ignore_bg)
+    return RunInputs(run_dir=run_dir, dataset=external or found.dataset,
+                     external=external or "", gt_dir=found.gt_dir, pred_dir=found.pred_dir,
+                     plan=plan, volumes=volumes, unscored_predictions=unscored, note=note)
+
+
+@dataclass
+class _Located:
+    dataset: str
+    gt_dir: Path
+    gt_info: Path
+    train_info: Path
+    pred_dir: Path
+    hint: str
+
+
+def _locate(run_dir, datasets_path, external):
+    """The folders and class tables of a run's evaluation; UserError naming a missing one."""
     dataset = run_dir.parent.name
     train_dir = datasets_path / dataset
     if not train_dir.is_dir():
@@ -133,20 +163,56 @@ def prepare_run(model_path, datasets_path, external=None, ignore_bg=True,
     if not gt_info.is_file():
         raise UserError(f"{gt_info} not found; the dataset's class table is needed to read "
                         "its masks (see docs/segmentation_benchmark.md)")
-    gt_table = read_class_table(gt_info)
-    train_table = None
-    if external:
-        train_info = train_dir / "INFO.json"
-        if not train_info.is_file():
-            raise UserError(f"{train_info} not found; it gives the pixel values of the "
-                            f"predictions in {pred_dir.name}/ (the training dataset's classes)")
-        train_table = read_class_table(train_info)
-    plan = plan_classes(gt_table, train_table, ignore_bg)
-    volumes, unscored = pair_slices(gt_dir, pred_dir)
-    if foreign_predictions:
-        note = "foreign predictions: not checked against the run's checkpoint"
-    else:
-        note = check_predictions(pred_dir, run_dir, hint.replace(" first", " again")) or ""
-    return RunInputs(run_dir=run_dir, dataset=external or dataset, external=external or "",
-                     gt_dir=gt_dir, pred_dir=pred_dir, plan=plan, volumes=volumes,
-                     unscored_predictions=unscored, note=note)
+    train_info = train_dir / "INFO.json"
+    if external and not train_info.is_file():
+        raise UserError(f"{train_info} not found; it gives the pixel values of the "
+                        f"predictions in {pred_dir.name}/ (the training dataset's classes)")
+    return _Located(dataset=dataset, gt_dir=gt_dir, gt_info=gt_info, train_info=train_info,
+                    pred_dir=pred_dir, hint=hint)
+
+
+def _scored_data(gt_dir, gt_info, volumes):
+    """The data record (mirage/run/predictions.py) of the B-scans next to the masks scored,
+    or None for a dataset without a bscan/ folder (masks only)."""
+    bscan_dir = Path(gt_dir).parent / "bscan"
+    if not bscan_dir.is_dir():
+        return None
+    scored = {mask.stem for slices in volumes.values() for _, mask, _ in slices}
+    bscans = {p.stem: p for p in list_images(bscan_dir) if p.stem in scored}
+    return data_record(bscan_dir.parent, bscans, gt_info)
+
+
+def _prediction_classes(manifest, pred_dir, gt_table, train_table):
+    """The class table of the predictions' pixel values: the one their manifest records.
+
+    Scoring on the run's own test set (``train_table`` None) needs the dataset's INFO.json
+    to be that same table; returns None then (masks and predictions share it). Manifests
+    that record no classes keep the INFO.json tables.
+    """
+    entries = [list(e) for e in manifest.get("classes") or []]
+    if not entries:
+        return train_table
+    if train_table is None:
+        if class_entries(gt_table) != entries:
+            raise UserError(f"{gt_table.source} does not hold the classes the predictions in "
+                            f"{pred_dir.name}/ were made with ({_difference(entries, gt_table)}); "
+                            "restore it, or run inference again with this class table")
+        return None
+    return ClassTable(values=tuple(int(v) for v, _ in entries),
+                      labels=tuple(str(label) for _, label in entries),
+                      source=str(Path(pred_dir) / MANIFEST))
+
+
+def _difference(entries, table):
+    """The first difference between manifest class entries and a ClassTable, as text."""
+    recorded = {int(v): str(label) for v, label in entries}
+    current = dict(zip(table.values, table.labels))
+    for value in sorted(set(recorded) | set(current)):
+        if value not in current:
+            return f"value {value} ({recorded[value]!r}) is not in it"
+        if value not in recorded:
+            return f"value {value} ({current[value]!r}) was not a class of the predictions"
+        if recorded[value] != current[value]:
+            return (f"value {value} is {current[value]!r} there but was "
+                    f"{recorded[value]!r} for the predictions")
+    return "the classes are in another order"

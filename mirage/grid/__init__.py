@@ -1,7 +1,7 @@
 """The grid stage: ``./runner``, a grid of commands from one command line, run and reported.
 
     expand.py   the runner's command line: options, value axes, filters, one Job per combination
-    checks.py   pre-flight checks: cluster, program, GPUs, --runners, distinct run directories
+    checks.py   pre-flight checks: grid size, cluster, program, GPUs, --runners, run dirs
     local.py    running commands here: the job pool, one GPU per job, retries, timeouts, signals
     slurm.py    the SLURM backend: one submitit job array, waited for or detached
     runner.py   main(): the order of the steps, the log folder, the report and its summary file

@@ -1,6 +1,7 @@
 """Pre-flight checks: what must hold before any job of the grid starts.
 
-The SLURM cluster is usable, the base command's program exists, the requested GPUs exist,
+The grid is at most ``MAX_JOBS`` commands (counted before any job is built), the SLURM
+cluster is usable, the base command's program exists, the requested GPUs exist,
 ``--runners`` fits the GPU slots, and no two ``run_seg_tuning.py`` training jobs resolve
 to one run directory (a dry resolution of each job's arguments). Each failed check is a
 :class:`mirage.errors.UserError`, so the runner stops with one line and exit 2.
@@ -19,6 +20,35 @@ FAKE_GPUS_ENV = "MIRAGE_RUNNER_FAKE_GPUS"
 CLUSTER_ENV = "MIRAGE_RUNNER_CLUSTER"
 # A job whose base command runs this program gets its run directory checked (dry resolution).
 TUNING_SCRIPT = "run_seg_tuning.py"
+# The most commands one ./runner call runs (docs/runner.md, "Grid size"): every job is built,
+# its run directory resolved and its log named before the first starts (and a SLURM array
+# is submitted whole), so a grid a typo away from billions must be refused, not built.
+MAX_JOBS = 100_000
+
+
+# ----------------------------------------------------------------------------- grid size
+
+
+def check_grid_size(grid):
+    """The number of commands of ``grid``, counted without building them; UserError when it
+    is over ``MAX_JOBS`` (or the filters are too intricate to count)."""
+    count = grid.count_jobs()
+    if count is not None and count <= MAX_JOBS:
+        return count
+    axes = ", ".join(f"{axis.option} x{len(axis.values)}" for axis in grid.axes
+                     if len(axis.values) > 1)
+    filtered = grid.options.filters
+    if count is None:
+        size = (f"{grid.num_combinations} combinations ({axes}), and its --runner-filter "
+                "groups are too many to count what they leave")
+    elif filtered:
+        size = (f"{count} commands ({axes}: {grid.num_combinations} combinations, "
+                f"{grid.num_combinations - count} removed by --runner-filter)")
+    else:
+        size = f"{count} commands ({axes})"
+    raise UserError(f"the grid has {size}; one ./runner call runs at most {MAX_JOBS} "
+                    "commands: narrow the grid with fewer values per option or a "
+                    "--runner-filter, or split it into several ./runner calls")
 
 
 # ----------------------------------------------------------------------------- machine

@@ -10,6 +10,7 @@ A runner command line is ``BASE COMMAND [runner options] -- --option v1 v2 ... -
 Every command is an argument list (never a shell string), so a value such as ``a b`` or
 ``$(rm -rf x)`` reaches the child exactly as typed. See ``docs/runner.md``.
 """
+import collections
 import difflib
 import functools
 import itertools
@@ -93,12 +94,19 @@ class Job:
     name: str  # short file-name-safe label made of the values that differ between jobs
 
 
+# Counting what --runner-filter leaves tracks one entry per distinct set of filter values a
+# partial combination holds: a few for ordinary filters. Past this many steps (about a
+# second), the filters are too intricate to count that way.
+MAX_FILTER_WORK = 2_000_000
+
+
 class Grid:
     """A parsed command line: base command, runner options and axes.
 
-    ``num_combinations`` is computed, not counted, and :meth:`iter_jobs` expands the product
-    lazily, so a huge grid can be listed (``--runner-info``) without holding it in memory;
-    ``jobs`` is the full list, for running.
+    ``num_combinations`` is computed, not counted, :meth:`count_jobs` counts what the
+    filters leave without listing it, and :meth:`iter_jobs` expands the product lazily, so
+    a huge grid can be sized and listed (``--runner-info``) without holding it in memory;
+    ``jobs`` is the full list, for running (only under the runner's job limit).
     """
 
     def __init__(self, base, options, axes):
@@ -133,6 +141,41 @@ class Grid:
     def jobs(self):
         return list(self.iter_jobs())
 
+    def count_jobs(self):
+        """The number of commands: the combinations the filters leave, counted axis by axis
+        without listing them; None when the filters are too intricate to count that way.
+
+        A partial combination is known by the set of filter values it already holds (a
+        bit mask) and how many prefixes share it; one that holds a whole group is dropped
+        with all its extensions, as values only ever add to the set.
+        """
+        if not self.options.filters:
+            return self.num_combinations
+        names = {axis.name for axis in self.axes}
+        items = [item for group in self.options.filters for item in group]
+        groups, bit = [], 0
+        for group in self.options.filters:
+            groups.append(((1 << len(group)) - 1) << bit)
+            bit += len(group)
+        states = {0: 1}  # filter values held (bit mask) -> number of partial combinations
+        work = 0
+        for axis in (axis for axis in self.axes if axis.values):
+            # values that hold the same filter values count alike: one step for all of them
+            masks = collections.Counter(
+                sum(1 << i for i, item in enumerate(items)
+                    if _item_matches(item, axis.option, value, names))
+                for value in axis.values)
+            work += len(states) * len(masks) * len(groups)
+            if work > MAX_FILTER_WORK:
+                return None
+            merged = {}
+            for held, count in states.items():
+                for mask, values in masks.items():
+                    now = held | mask
+                    if not any(now & group == group for group in groups):
+                        merged[now] = merged.get(now, 0) + count * values
+            states = merged
+        return sum(states.values())
 
 # Runner option -> the kind of value it takes.
 _FLAG, _INT, _TEXT, _GROUPS = "flag", "int", "text", "groups"

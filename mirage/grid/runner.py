@@ -10,8 +10,10 @@ Either way each job's output goes to its own log file, failed commands can be re
 (never after exit 2, a user error), a job can be given a time limit (its whole process
 group is stopped), a progress line shows done / failed / running, and the end shows a
 table of the commands that failed with their exit codes and logs. The exit status is 0
-only if every command succeeded. Before a grid of ``run_seg_tuning.py`` trainings starts,
-each job's run directory is resolved and a grid in which two jobs share one is refused.
+only if every command succeeded. A grid of more than ``checks.MAX_JOBS`` commands is
+refused before any job is built (``--runner-info`` still lists it, one command at a time).
+Before a grid of ``run_seg_tuning.py`` trainings starts, each job's run directory is
+resolved and a grid in which two jobs share one is refused.
 Commands are argument lists run without a shell. See ``docs/runner.md``.
 
 This module is the entry point (:func:`main`), the log folder and the report; the work is
@@ -26,8 +28,8 @@ import sys
 from pathlib import Path
 
 from mirage.errors import UserError, exit_on_user_error
-from mirage.grid.checks import (RunDirCheck, check_cluster, check_gpus, check_program,
-                                local_parallelism)
+from mirage.grid.checks import (MAX_JOBS, RunDirCheck, check_cluster, check_grid_size,
+                                check_gpus, check_program, local_parallelism)
 from mirage.grid.expand import USAGE, build_grid
 from mirage.grid.local import (EXIT_USER_ERROR, STOP_GRACE_S, LocalPool, format_exit,
                                format_seconds, sigterm_as_interrupt)
@@ -170,6 +172,9 @@ def print_info(grid):
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     print(f"runner: {_count_text(grid, count)}", flush=True)
+    if count > MAX_JOBS:
+        print(f"runner: more than the {MAX_JOBS} commands one ./runner call runs: running "
+              "this grid would be refused (docs/runner.md, \"Grid size\")", flush=True)
     check.check()
     print("runner: --runner-info given, nothing was run", flush=True)
     return 0
@@ -189,8 +194,9 @@ def main(argv=None, poll_s=None, stop_grace_s=STOP_GRACE_S):
     options = grid.options
     if options.info:
         return print_info(grid)
-    print(_describe_grid(grid, len(grid.jobs)), flush=True)
-    if not grid.jobs:
+    count = check_grid_size(grid)  # before any job is built: a typo can mean billions
+    print(_describe_grid(grid, count), flush=True)
+    if not count:
         raise UserError(f"--runner-filter removes all {grid.num_combinations} combinations; "
                         "nothing is left to run")
     if options.slurm:

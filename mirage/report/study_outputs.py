@@ -42,6 +42,28 @@ def check_output_dir(output_dir):
                         "run_seg_report.py; choose a new or empty folder")
 
 
+def make_output_dir(output_dir):
+    """Create ``output_dir`` (and its parents) and check that it is writable; a one-line
+    UserError naming it otherwise."""
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        # What failed may be a parent: a read-only one ("Permission denied" at it), or a
+        # file in the way ("Not a directory": name the file).
+        failed = Path(err.filename) if err.filename else output_dir
+        where = "" if failed == output_dir else f" at {failed}"
+        in_the_way = [p for p in output_dir.parents if p.is_file()]
+        if in_the_way:
+            where = f": {in_the_way[0]} is a file"
+        raise UserError(f"--output_dir {output_dir}: cannot create the folder "
+                        f"({err.strerror or err}{where}); choose a folder you can write to "
+                        "with -o") from None
+    if not os.access(output_dir, os.W_OK | os.X_OK):  # an existing read-only folder
+        raise UserError(f"--output_dir {output_dir}: the folder is not writable; choose a "
+                        "folder you can write to with -o")
+
+
 def _group_of(study):
     """{(run path, dataset label): group label} of the runs used in a group."""
     found = {}
@@ -127,7 +149,7 @@ def write_study(paths, output_dir, datasets_path=None, run_reports="missing",
     unused = [(row.path, row.status) for row in runs_frame.itertuples()
               if row.status != "in the summary"]
 
-    output_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(output_dir)
     write_text(output_dir / MARKER, "Written by run_seg_report.py; its files may be "
                                     "replaced by the next run_seg_report.py.\n")
     written = {name: output_dir / name for name in OUTPUTS}

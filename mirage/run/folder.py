@@ -8,8 +8,8 @@
         checkpoint-<epoch>.pth       resumable training state (the newest --keep_ckpts)
         checkpoint-best.pth          the checkpoint the validation metric selected
         images/                      validation panels (--log_images)
-        preds/, preds_<name>/        test predictions + manifest.json (run/predictions.py)
-        config_infer_<name>.yaml     options of the inference that wrote preds*/
+        preds/, preds_<name>/        test predictions, their manifest.json and the options
+                                     of the inference, config_infer.yaml (run/predictions.py)
         config_test_<name>.yaml      options of a --test
         results*.csv                 per-volume scores (run_seg_eval.py; run/results.py)
         evaluation.json              how each results file was scored
@@ -99,9 +99,9 @@ class RunFolder:
         """``preds/`` (the run's own test split) or ``preds_<external>/``."""
         return self.path / (f"{PREDS}_{external}" if external else PREDS)
 
-    def options_record(self, kind, dataset_name):
-        """``config_infer_<dataset>.yaml`` / ``config_test_<dataset>.yaml``."""
-        return self.path / f"config_{kind}_{dataset_name}.yaml"
+    def test_record(self, dataset_name):
+        """``config_test_<dataset>.yaml``: the options of the last --test on a dataset."""
+        return self.path / f"config_test_{dataset_name}.yaml"
 
     def results_file(self, group="all", external=""):
         """``results[_<group>][_<external>].csv``; group "all" has no tag."""
@@ -134,10 +134,15 @@ class RunFolder:
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            identity = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise UserError(f"{path}: unreadable ({err}); restore it or start the run in "
                             "another --version") from None
+        if not isinstance(identity, dict):
+            raise UserError(f"{path}: not a JSON object of options (found "
+                            f"{type(identity).__name__}); restore it or start the run in "
+                            "another --version")
+        return identity
 
     def write_identity(self, identity):
         write_text(self.identity_file, json.dumps(identity, indent=1, sort_keys=True) + "\n")
@@ -175,11 +180,23 @@ class RunFolder:
     def append_log(self, entry):
         self.write_log(self.read_log() + [entry])
 
-    def trim_log(self, start_epoch):
-        """Drop the entries of epochs a resumed run will redo, and the test lines."""
-        if self.log_file.is_file():
-            self.write_log([e for e in self.read_log() if e.get("epoch", -1) < start_epoch
-                            and "test_epoch" not in e])
+    def trim_log(self, start_epoch, restore=None, notes=None):
+        """Prepare log.txt for a run that continues at ``start_epoch``: drop the entries of
+        the epochs it will redo (``start_epoch`` on) and the test lines; every complete
+        entry of an earlier epoch stays. A line that is not valid JSON (torn by an
+        interrupted write) cannot be kept; it is counted in ``notes``. ``restore``: an
+        entry (the resumed checkpoint's copy of its epoch's line) put back in its place
+        when the log lacks its epoch, e.g. because that line was the torn one."""
+        entries = [e for e in self.read_log(notes if self.log_file.is_file() else None)
+                   if e.get("epoch", -1) < start_epoch and "test_epoch" not in e]
+        epoch = restore.get("epoch") if isinstance(restore, dict) else None
+        if isinstance(epoch, int) and epoch < start_epoch \
+                and all(e.get("epoch") != epoch for e in entries):
+            later = [i for i, e in enumerate(entries) if e.get("epoch", -1) > epoch]
+            entries.insert(later[0] if later else len(entries), dict(restore))
+        elif not self.log_file.is_file():
+            return
+        self.write_log(entries)
 
     def training_finished(self, epochs):
         """True when log.txt records the last of ``epochs`` epochs."""

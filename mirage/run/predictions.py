@@ -1,34 +1,74 @@
-"""Prediction folders tied to the checkpoint that made them.
+"""Prediction folders sealed to the checkpoint and the data that made them.
 
 ``run_seg_tuning.py --infer_only --test`` writes every PNG into a temporary folder next to
-``preds/`` and, once all are written, adds ``manifest.json`` and swaps the folder in: a
-killed inference leaves the previous ``preds/`` untouched, never a mix. The manifest
-records the checkpoint (file name, epoch, SHA-256), the class table and the slice list.
+``preds/`` and, once all are written, adds ``config_infer.yaml`` (the options of that
+inference) and ``manifest.json``, and swaps the folder in: a killed inference leaves the
+previous ``preds/`` untouched, never a mix. The manifest records
+
+- the checkpoint (file name, epoch, SHA-256) and its class table,
+- the data predicted: the test split's folder, the class table file's SHA-256 and, per
+  B-scan, its file size and SHA-256,
+- every prediction file's size and SHA-256.
 
 ``run_seg_eval.py`` calls :func:`check_predictions` and refuses a folder whose manifest is
-missing, whose files differ from its slice list, or whose checkpoint is not the run's
-current ``checkpoint-best.pth``.
+missing or from an earlier version, whose files were changed, added or removed, whose
+B-scans are not the ones of the dataset being scored, or whose checkpoint is not the run's
+current ``checkpoint-best.pth``. Inference calls :func:`up_to_date` and predicts again
+when anything it would write differs.
 """
 import json
 import time
 from pathlib import Path
 
 from mirage.errors import UserError
-from mirage.fileio import write_text
-from mirage.fileio import file_sha256
+from mirage.fileio import file_sha256, write_text
 
 MANIFEST = "manifest.json"
+INFERENCE_RECORD = "config_infer.yaml"  # the options of the inference, inside its folder
+FORMAT = 2  # 1: slice list only (no file or data hashes)
 
 
-def write_manifest(folder, checkpoint, epoch, classes, slice_ids):
-    """``manifest.json`` for predictions of ``checkpoint`` (a path) over ``slice_ids``."""
+def class_entries(classes):
+    """``[[value, label], ...]`` of a ClassTable, as manifests and checkpoints hold it."""
+    return [[int(v), str(label)] for v, label in zip(classes.values, classes.labels)]
+
+
+def file_entry(path):
+    """``[size in bytes, SHA-256]`` of a file."""
+    return [Path(path).stat().st_size, file_sha256(path)]
+
+
+def data_record(split_dir, bscans, class_table_file):
+    """What a prediction folder was predicted from: the split folder, the SHA-256 of its
+    class table (INFO.json or --mapping_fn) and ``{slice id: [size, SHA-256]}`` of the
+    B-scans (``bscans``: ``{slice id: path}``)."""
+    return {"split": str(Path(split_dir).resolve()),
+            "class_table_sha256": file_sha256(class_table_file),
+            "bscans": {slice_id: file_entry(path) for slice_id, path in sorted(bscans.items())}}
+
+
+def _prediction_files(folder):
+    """``{file name: path}`` of the files a manifest seals (all but its own records)."""
+    return {p.name: p for p in Path(folder).iterdir()
+            if p.is_file() and p.name not in (MANIFEST, INFERENCE_RECORD)
+            and not p.name.startswith(".")}
+
+
+def write_manifest(folder, checkpoint, epoch, classes, slice_ids, data=None):
+    """``manifest.json`` for predictions of ``checkpoint`` (a path) over ``slice_ids``,
+    sealing every file now in ``folder``; ``data``: :func:`data_record` of the B-scans
+    predicted (None: not recorded, so scoring cannot check which data was predicted)."""
     checkpoint = Path(checkpoint)
     manifest = {
+        "format": FORMAT,
         "checkpoint": checkpoint.name,
         "checkpoint_sha256": file_sha256(checkpoint),
         "epoch": epoch,
-        "classes": [[int(v), str(label)] for v, label in zip(classes.values, classes.labels)],
+        "classes": class_entries(classes),
         "slices": sorted(slice_ids),
+        "files": {name: file_entry(path)
+                  for name, path in sorted(_prediction_files(folder).items())},
+        "data": data,
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     write_text(Path(folder) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
@@ -40,25 +80,64 @@ def read_manifest(folder):
     path = Path(folder) / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return manifest if isinstance(manifest, dict) and "slices" in manifest else None
 
 
-def up_to_date(folder, checkpoint, slice_ids):
-    """True when ``folder`` holds ``checkpoint``'s predictions of exactly ``slice_ids``."""
+def changed_file(folder, manifest):
+    """The first way ``folder``'s files differ from what ``manifest`` sealed, as text
+    ("<name> was changed", ...), or None when they are exactly the sealed files."""
+    sealed = manifest.get("files")
+    if not isinstance(sealed, dict):
+        return "its manifest is from an earlier version and seals no file contents"
+    on_disk = _prediction_files(folder)
+    for name in sorted(set(sealed) | set(on_disk)):
+        if name not in on_disk:
+            return f"{name} is missing"
+        if name not in sealed:
+            return f"{name} is not in the manifest"
+        if file_entry(on_disk[name]) != list(sealed[name]):
+            return f"{name} was changed after it was written"
+    return None
+
+
+def changed_data(manifest, data):
+    """The first way ``data`` (a :func:`data_record`) differs from the data the manifest's
+    predictions were made from, as text, or None. Only the B-scans that both hold are
+    compared; a manifest without a data record cannot be checked (None)."""
+    sealed = manifest.get("data")
+    if not isinstance(sealed, dict) or data is None:
+        return None
+    predicted, current = sealed.get("bscans") or {}, data["bscans"]
+    for slice_id in sorted(set(predicted) & set(current)):
+        if list(predicted[slice_id]) != list(current[slice_id]):
+            return (f"B-scan {slice_id} of {data['split']} is not the one predicted (from "
+                    f"{sealed.get('split')})")
+    return None
+
+
+def up_to_date(folder, checkpoint, slice_ids, classes, data):
+    """True when ``folder`` holds, unchanged, ``checkpoint``'s predictions of exactly
+    ``slice_ids`` in ``classes``, made from ``data`` (a :func:`data_record`)."""
     manifest = read_manifest(folder)
     if manifest is None or manifest.get("checkpoint_sha256") != file_sha256(checkpoint):
         return False
-    on_disk = {p.stem for p in Path(folder).glob("*.png")}
-    return sorted(slice_ids) == manifest["slices"] and on_disk == set(manifest["slices"])
+    return (sorted(slice_ids) == manifest["slices"]
+            and manifest.get("classes") == class_entries(classes)
+            and (manifest.get("data") or {}).get("bscans") == data["bscans"]
+            and (manifest.get("data") or {}).get("class_table_sha256")
+            == data["class_table_sha256"]
+            and changed_file(folder, manifest) is None)
 
 
-def check_predictions(pred_dir, run_dir, rerun_hint):
-    """Refuse predictions that cannot be tied to the run's current best checkpoint.
+def check_predictions(pred_dir, run_dir, rerun_hint, data=None):
+    """Refuse predictions that cannot be tied to the run's current best checkpoint, whose
+    files changed after inference, or that were predicted from other B-scans than ``data``
+    (a :func:`data_record` of the dataset being scored; None: not checked).
 
-    Returns a note (str) when the check passes with a caveat (the checkpoint is gone),
-    else None. ``rerun_hint``: the command that rewrites the predictions.
+    Returns ``(manifest, note)``: note (str) when the check passes with a caveat (the
+    checkpoint is gone), else "". ``rerun_hint``: the command that rewrites the predictions.
     """
     pred_dir, run_dir = Path(pred_dir), Path(run_dir)
     manifest = read_manifest(pred_dir)
@@ -66,8 +145,7 @@ def check_predictions(pred_dir, run_dir, rerun_hint):
         raise UserError(f"{pred_dir} has no {MANIFEST}: it was not (completely) written by "
                         f"run_seg_tuning.py --infer_only --test; {rerun_hint}, or pass "
                         "--foreign_predictions to score predictions made by another tool")
-    on_disk = {p.stem for p in pred_dir.iterdir()
-               if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+    on_disk = {p.stem for p in _prediction_files(pred_dir).values()}
     listed = set(manifest["slices"])
     if on_disk != listed:
         extra, missing = sorted(on_disk - listed), sorted(listed - on_disk)
@@ -75,11 +153,19 @@ def check_predictions(pred_dir, run_dir, rerun_hint):
                   else f"{len(extra)} file(s) not in the manifest, e.g. {extra[0]}")
         raise UserError(f"{pred_dir}: its files differ from its {MANIFEST} ({detail}); "
                         f"{rerun_hint}")
+    problem = changed_file(pred_dir, manifest)
+    if problem:
+        raise UserError(f"{pred_dir}: {problem}; {rerun_hint}, or pass "
+                        "--foreign_predictions to score the files as they are")
+    problem = changed_data(manifest, data)
+    if problem:
+        raise UserError(f"{pred_dir} was predicted from other data: {problem}; {rerun_hint} "
+                        "with --data_path set to the dataset you score")
     best = run_dir / manifest.get("checkpoint", "checkpoint-best.pth")
     if not best.is_file():
-        return (f"{best.name} is no longer in {run_dir}: the predictions' checkpoint "
-                f"(epoch {manifest.get('epoch')}) cannot be verified")
+        return manifest, (f"{best.name} is no longer in {run_dir}: the predictions' "
+                          f"checkpoint (epoch {manifest.get('epoch')}) cannot be verified")
     if file_sha256(best) != manifest.get("checkpoint_sha256"):
         raise UserError(f"{pred_dir} holds predictions of an earlier {best.name} (epoch "
                         f"{manifest.get('epoch')}); the run has a newer one: {rerun_hint}")
-    return None
+    return manifest, ""

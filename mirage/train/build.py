@@ -1,6 +1,9 @@
 """Building what a run trains: the segmentation model (backbone + decoder) and the loaders."""
+import random
+
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fm_seg_config import build_backbone
 from mirage.data.transforms import SegmentationTransform
@@ -38,22 +41,69 @@ def build_model(config, fm, num_classes, input_size, patch_size):
 
 
 def make_loader(dataset, config, dist_info, train):
-    """Training: shuffled (seeded per epoch), drop_last. Evaluation: each process a shard."""
+    """Training: shuffled (seeded per epoch), drop_last. Evaluation: each process a shard.
+
+    With workers, a training item's random draws depend only on (--seed, epoch, item)
+    (``SeededItems``), and the loaders draw their workers' base seed from their own
+    generator, not from torch's global one: persistent workers are started once, in the
+    first epoch a process runs, so what they draw must not depend on when that was (a
+    resumed run starts them later). Without workers the items draw from the main process's
+    generators, which checkpoints save and a resume restores.
+    """
+    workers = config["num_workers"]
     if train:
-        sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size,
-                                     rank=dist_info.rank, shuffle=True, seed=config["seed"],
-                                     drop_last=True)
+        sampler_class = EpochItemSampler if workers > 0 else DistributedSampler
+        sampler = sampler_class(dataset, num_replicas=dist_info.world_size,
+                                rank=dist_info.rank, shuffle=True, seed=config["seed"],
+                                drop_last=True)
+        if workers > 0:
+            dataset = SeededItems(dataset, config["seed"])
     else:
         sampler = distributed.ShardSampler(len(dataset), dist_info)
-    workers = config["num_workers"]
     # Workers stay alive between epochs (no restart and re-import per epoch) and keep
     # PREFETCH_BATCHES batches each ready; pinned memory makes the .to(device,
     # non_blocking=True) copies asynchronous.
-    extra = {"prefetch_factor": PREFETCH_BATCHES, "persistent_workers": True} \
-        if workers > 0 else {}
+    extra = {"prefetch_factor": PREFETCH_BATCHES, "persistent_workers": True,
+             "generator": torch.Generator().manual_seed(0)} if workers > 0 else {}
     return DataLoader(dataset, batch_size=config["batch_size"], sampler=sampler,
                       num_workers=workers, drop_last=train,
                       pin_memory=config["pin_mem"] and torch.cuda.is_available(), **extra)
+
+
+class EpochItemSampler(DistributedSampler):
+    """DistributedSampler (seeded per epoch with ``set_epoch``) whose items are
+    ``(epoch, index)``, so that ``SeededItems`` in a worker knows the epoch."""
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, index) for index in super().__iter__())
+
+
+class SeededItems(Dataset):
+    """Item ``(epoch, i)`` is ``dataset[i]`` with its random draws (torch, numpy, Python
+    ``random``) made from generators seeded by (seed, epoch, i): the augmentation of an
+    item does not depend on which worker loads it, how many there are, or when they were
+    started. The process's own generators are left as they were."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        words = np.random.SeedSequence([self.seed % 2**64, epoch, index]).generate_state(4)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(words[0]) << 32 | int(words[1]))
+                np.random.seed(words[2])
+                random.seed(int(words[3]))
+                return self.dataset[index]
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def model_for(spec, runtime):

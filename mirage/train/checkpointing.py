@@ -2,7 +2,8 @@
 
 A checkpoint of this tool is slim: the tensors training changed (the frozen backbone is
 rebuilt from the weights file, whose SHA-256 it records), the optimiser and scaler state
-to resume, and ``meta``: what it was trained with. Every load compares ``meta`` with the
+to resume (with every random generator's state and the epoch's log line, so that a resume
+is exact), and ``meta``: what it was trained with. Every load compares ``meta`` with the
 current run and refuses a mismatch naming both values. Checkpoints of the first version
 (the full model, no ``meta``) still load.
 """
@@ -14,19 +15,24 @@ from mirage import checkpoint_io
 from mirage.config import per_domain
 from mirage.errors import UserError
 from mirage.fileio import file_sha256
-from mirage.run.folder import RunFolder
 from mirage.train.validation_metrics import selection_key
 
 
 class TrainingState:
     """Where training stands: the next epoch and the best value so far of the selecting
-    validation metric (``metric``, a fraction)."""
+    validation metric (``metric``, a fraction). A resumed state also holds what its
+    checkpoint saved for an exact continuation: ``random_state`` (every process's random
+    generators, mirage.train.runtime.random_state) and ``log_entry`` (its epoch's line of
+    log.txt); both None for checkpoints that predate them."""
 
-    def __init__(self, start_epoch=0, best_miou=None, best_epoch=None, metric="mIoU_all"):
+    def __init__(self, start_epoch=0, best_miou=None, best_epoch=None, metric="mIoU_all",
+                 random_state=None, log_entry=None):
         self.start_epoch = start_epoch
         self.best_miou = best_miou
         self.best_epoch = best_epoch
         self.metric = metric
+        self.random_state = random_state
+        self.log_entry = log_entry
 
     def improves(self, miou):
         """True if ``miou`` beats the best so far as the original compares: both x100
@@ -93,9 +99,11 @@ def _legacy_meta(payload):
     return meta
 
 
-def save_checkpoint(path, model, optimizer, scaler, epoch, state, config, classes):
-    """What training changed (slim), plus what is needed to resume (optimizer and scaler)
-    and to check a later load; written atomically."""
+def save_checkpoint(path, model, optimizer, scaler, epoch, state, config, classes,
+                    random_state=None, log_entry=None):
+    """What training changed (slim), plus what is needed to resume (optimizer and scaler;
+    for an exact resume the random generators' states and the epoch's log line) and to
+    check a later load; written atomically."""
     payload = {
         "format": "slim-v2",
         "model": trained_state_dict(model),
@@ -110,6 +118,10 @@ def save_checkpoint(path, model, optimizer, scaler, epoch, state, config, classe
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
         payload["scaler"] = scaler.state_dict()
+    if random_state is not None:
+        payload["random_state"] = random_state
+    if log_entry is not None:
+        payload["log_entry"] = dict(log_entry)
     checkpoint_io.save(path, payload)
 
 
@@ -145,26 +157,62 @@ def load_model_weights(model, path, expected, payload=None):
     return payload.get("epoch")
 
 
-def resume(path, model, optimizer, scaler, expected):
-    """Restore model, optimiser, scaler and position from a checkpoint of this tool."""
-    payload = checkpoint_io.load_file(path, what="--resume")
+def resume(path, model, optimizer, scaler, expected, payload=None, what="--resume"):
+    """Restore model, optimiser, scaler and position from a checkpoint of this tool (or
+    its already-read ``payload``); the TrainingState carries its saved random state and
+    log line (restored by the caller, mirage.train.loop)."""
+    if payload is None:
+        payload = checkpoint_io.load_file(path, what=what)
     epoch = load_model_weights(model, path, expected, payload)
     if "optimizer" not in payload or epoch is None:
-        raise UserError(f"--resume {path}: not a training checkpoint (no optimizer state); "
+        raise UserError(f"{what} {path}: not a training checkpoint (no optimizer state); "
                         "use a checkpoint-<epoch>.pth file")
     try:
         optimizer.load_state_dict(payload["optimizer"])
     except (ValueError, KeyError) as err:
-        raise UserError(f"--resume {path}: its optimizer state does not fit this run "
+        raise UserError(f"{what} {path}: its optimizer state does not fit this run "
                         f"({err})") from None
     scaler.load_state_dict(payload.get("scaler") or {})
-    return TrainingState(epoch + 1, payload.get("best_miou"), payload.get("best_epoch"))
+    return TrainingState(epoch + 1, payload.get("best_miou"), payload.get("best_epoch"),
+                         random_state=payload.get("random_state"),
+                         log_entry=payload.get("log_entry"))
 
 
-def resolve_resume(config, run_dir):
+def find_resume_checkpoint(config, folder, log):
+    """``(path, payload, what)`` of the checkpoint to resume from, or None; ``folder``: the
+    run's RunFolder.
+
+    ``--resume PATH`` is read as given. Auto-resume reads the run's newest
+    ``checkpoint-<epoch>.pth``; if that file is damaged (a truncated copy, a disk that
+    failed), it falls back to the newest intact one with a notice, and raises a UserError
+    naming the damaged file when there is none.
+    """
     if config["resume"]:
-        return Path(config["resume"])
-    if config["auto_resume"]:
-        return RunFolder(run_dir).latest_checkpoint()
-    return None
+        path = Path(config["resume"])
+        return path, checkpoint_io.load_file(path, what="--resume"), "--resume"
+    if not config["auto_resume"]:
+        return None
+    found = folder.epoch_checkpoints()
+    damaged = []
+    for epoch in sorted(found, reverse=True):
+        try:
+            payload = checkpoint_io.load_file(found[epoch], what="checkpoint")
+        except UserError as err:
+            damaged.append((found[epoch], str(err)))
+            continue
+        if damaged:
+            log(f">> note: {_names(damaged)} {'is' if len(damaged) == 1 else 'are'} "
+                "damaged (truncated or unreadable); resuming from the previous intact "
+                f"{found[epoch].name} instead (the epochs after it are trained again)")
+        return found[epoch], payload, "checkpoint"
+    if not damaged:
+        return None
+    newest, reason = damaged[0]
+    detail = reason.split(f"{newest}: ", 1)[-1]
+    raise UserError(f"checkpoint {newest} is damaged (truncated or unreadable: {detail}) "
+                    "and no earlier intact checkpoint-<epoch>.pth is left to resume from; "
+                    f"delete {_names(damaged)} to train the run again from its first epoch")
 
+
+def _names(damaged):
+    return ", ".join(path.name for path, _ in damaged)

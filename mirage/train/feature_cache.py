@@ -79,8 +79,15 @@ def group_name(bscan_path):
     return f"{split_dir.parent.name}-{split_dir.name}-{digest}"
 
 
-def _gb(num_bytes):
-    return f"{num_bytes / 1e9:.2f} GB"
+def format_size(num_bytes):
+    """A size in bytes for a message: '512 B', '28.67 kB', '1.50 MB', '12.35 GB' (SI units,
+    as disk tools report them; a unit small enough that a small size is not '0.00 GB')."""
+    if num_bytes < 1000:
+        return f"{int(num_bytes)} B"
+    for unit, size in (("kB", 1e3), ("MB", 1e6), ("GB", 1e9)):
+        if round(num_bytes / size, 2) < 1000:
+            return f"{num_bytes / size:.2f} {unit}"
+    return f"{num_bytes / 1e12:.2f} TB"
 
 
 def _memory_available():
@@ -192,18 +199,19 @@ class FeatureCache:
         free = shutil.disk_usage(folder).free
         if need > free:
             raise UserError(f"--feature_cache_dir {folder.parent}: the cache needs about "
-                            f"{_gb(need)} more for {missing} views but only {_gb(free)} are "
-                            "free; free some space, choose another --feature_cache_dir, or "
-                            "use --feature_cache ram")
+                            f"{format_size(need)} more for {missing} views but only "
+                            f"{format_size(free)} are free; free some space, choose another "
+                            "--feature_cache_dir, or use --feature_cache ram")
 
     def check_memory(self):
         """'ram': the whole cache must fit in the memory available now."""
         need = len(self.slices) * self.views * self.entry_bytes()
         available = _memory_available()
         if available is not None and need > 0.8 * available:
-            raise UserError(f"--feature_cache ram: the cache needs about {_gb(need)} of "
-                            f"memory for {len(self.slices) * self.views} views but "
-                            f"{_gb(available)} are available; use --feature_cache disk")
+            raise UserError(f"--feature_cache ram: the cache needs about {format_size(need)} "
+                            f"of memory for {len(self.slices) * self.views} views but "
+                            f"{format_size(available)} are available; use --feature_cache "
+                            "disk")
 
     def _write_error(self, err):
         """fileio's one-line error of a failed write, placed in the cache's context."""

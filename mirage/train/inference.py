@@ -75,8 +75,10 @@ def test_or_infer(spec, runtime):
     sizes = check_split(slices, classes if score else target.class_table,
                         workers=max(config["num_workers"], 2))
     out_dir = folder.preds_dir(target.name if external else "")
-    slice_ids = [s.slice_id for s in slices]
-    if config["infer_only"] and predictions.up_to_date(out_dir, best, slice_ids):
+    data = predictions.data_record(split_dir, {s.slice_id: s.bscan for s in slices},
+                                   target.class_table.source)
+    if config["infer_only"] and predictions.up_to_date(
+            out_dir, best, [s.slice_id for s in slices], classes, data):
         log(f">> {out_dir} already holds the predictions of {best.name}: skipping")
         return folder.path
 
@@ -87,29 +89,34 @@ def test_or_infer(spec, runtime):
                                    original_sizes=sizes)
     if config["infer_only"]:
         if runtime.dist.is_main:
-            write_predictions(model, test_set, out_dir, spec, precision, runtime, split_dir)
-            write_text(folder.options_record("infer", target.name), yaml_text(config))
+            write_predictions(model, test_set, out_dir, spec, precision, runtime, data)
     else:
         score_best_checkpoint(model, test_set, target.root, spec, precision, runtime)
         if runtime.dist.is_main:
-            write_text(folder.options_record("test", target.name), yaml_text(config))
+            write_text(folder.test_record(target.name), yaml_text(config))
     distributed.barrier(runtime.dist)
     distributed.shutdown()
     return folder.path
 
 
-def write_predictions(model, test_set, out_dir, spec, precision, runtime, split_dir):
-    """The best checkpoint's predictions of ``test_set`` into ``out_dir``, sealed by a
-    manifest; written aside and swapped in whole, so a killed inference never leaves a mix."""
-    best, classes = spec.folder.best_checkpoint, spec.classes
+def write_predictions(model, test_set, out_dir, spec, precision, runtime, data):
+    """The best checkpoint's predictions of ``test_set`` into ``out_dir``, with the options
+    and a manifest sealing them to the checkpoint and ``data`` (the B-scans predicted);
+    written aside and swapped in whole, so a killed inference never leaves a mix."""
+    best, classes, log = spec.folder.best_checkpoint, spec.classes, runtime.log
     epoch = load_model_weights(model, best, checkpoint_meta(spec.options, classes, model))
-    runtime.log(f">> {best.name} (epoch {epoch}) on {len(test_set)} B-scans of {split_dir}")
+    log(f">> {best.name} (epoch {epoch}) on {len(test_set)} B-scans of {data['split']}")
+    earlier = (predictions.read_manifest(out_dir) or {}).get("data") or {}
+    if earlier.get("split") and earlier["split"] != data["split"]:
+        log(f">> note: {out_dir.name}/ held predictions of {earlier['split']}; replacing "
+            f"them with predictions of {data['split']}")
     loader = make_loader(test_set, spec.options, distributed.DistInfo(), train=False)
     with atomic_folder(out_dir) as staging:
         predict(model, loader, staging, classes, precision, runtime.device)
+        write_text(staging / predictions.INFERENCE_RECORD, yaml_text(spec.options))
         predictions.write_manifest(staging, best, epoch, classes,
-                                   [s.slice_id for s in test_set.slices])
-    runtime.log(f">> wrote {len(test_set)} predictions to {out_dir}")
+                                   [s.slice_id for s in test_set.slices], data)
+    log(f">> wrote {len(test_set)} predictions to {out_dir}")
 
 
 def score_best_checkpoint(model, test_set, data_root, spec, precision, runtime):

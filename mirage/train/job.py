@@ -6,8 +6,8 @@
 The options are checked, the runtime started and the options resolved into a RunSpec
 once; then the run folder is locked, its identity checked, and the job runs.
 """
-from mirage.config import check_config
 from mirage.errors import UserError
+from mirage.option_checks import check_config
 from mirage.run.identity import check_identity, nearest_runs
 from mirage.run.spec import resolve_spec
 from mirage.train.inference import test_or_infer

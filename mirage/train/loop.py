@@ -8,6 +8,7 @@ run folder is locked and its identity checked by the caller (mirage.train.job).
 """
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -21,14 +22,15 @@ from mirage.data.transforms import SegmentationTransform
 from mirage.errors import UserError
 from mirage.train import distributed
 from mirage.train.build import make_loader, model_for, test_transform
-from mirage.train.checkpointing import (TrainingState, resolve_resume, resume,
-                                        checkpoint_meta, save_checkpoint)
+from mirage.train.checkpointing import (TrainingState, checkpoint_meta,
+                                        find_resume_checkpoint, resume, save_checkpoint)
 from mirage.train.feature_cache import open_feature_cache
 from mirage.train.inference import score_best_checkpoint
 from mirage.train.losses import build_loss
 from mirage.train.optim import apply_schedule, cosine_schedule, param_groups
 from mirage.train.precision import Precision
 from mirage.train.protocols import apply_speed_options, make_optimizer, training_views
+from mirage.train.runtime import random_state, restore_random_state
 from mirage.train.validation import validate
 
 
@@ -65,6 +67,9 @@ def train(spec, runtime, on_epoch_end=None):
                                                        runtime.device)
     state = resume_or_start(spec, runtime, model, optimizer, precision)
     ddp_model = DistributedDataParallel(model) if runtime.dist.enabled else model
+    # Last before the first epoch: everything above (model, cache) drew from the seeded
+    # generators; a resumed run continues them where its checkpoint left them.
+    restore_generators(state, runtime)
 
     log(f">> training for {config['epochs']} epochs on {runtime.device}")
     for epoch in range(state.start_epoch, config["epochs"]):
@@ -76,9 +81,13 @@ def train(spec, runtime, on_epoch_end=None):
             epoch, lr_schedule, wd_schedule, epoch * data.steps_per_epoch,
             config["clip_grad"], runtime.dist, config["epochs"], feature_cache=feature_cache)
         stats = {"epoch": epoch, **{f"train/{k}": v for k, v in train_stats.items()}}
-        stats.update(validate_and_checkpoint(spec, runtime, model, optimizer, precision,
-                                             criterion, data.val_loader, epoch, state))
+        stats.update(validate_epoch(spec, runtime, model, precision, criterion,
+                                    data.val_loader, epoch, state))
         stats["time"] = round(time.time() - started, 2)
+        # The checkpoint holds a copy of the log line: a kill between the two writes leaves
+        # a checkpoint whose line the resumed run puts back (never a finished-looking log
+        # without the checkpoint it needs).
+        save_epoch_checkpoint(spec, runtime, model, optimizer, precision, epoch, state, stats)
         if runtime.dist.is_main:
             folder.append_log(stats)
             if on_epoch_end is not None:
@@ -155,52 +164,88 @@ def optimisation(model, config, steps_per_epoch, device):
 def resume_or_start(spec, runtime, model, optimizer, precision):
     """Resume an interrupted run (or the file given by --resume), or start a new one; the
     run's identity.json and config.yaml are written either way. Returns the TrainingState."""
-    config, folder = spec.options, spec.folder
+    config, folder, is_main = spec.options, spec.folder, runtime.dist.is_main
     state = TrainingState(start_epoch=config["start_epoch"])
-    resume_from = resolve_resume(config, folder.path)
-    if resume_from is not None:
-        state = resume(resume_from, model, optimizer, precision.scaler,
-                       checkpoint_meta(config, spec.classes, model))
-        runtime.log(f">> resumed from {resume_from}: continuing at epoch {state.start_epoch}")
-        if runtime.dist.is_main:
-            folder.trim_log(state.start_epoch)
+    found = find_resume_checkpoint(config, folder, runtime.log)
+    if found is not None:
+        path, payload, what = found
+        state = resume(path, model, optimizer, precision.scaler,
+                       checkpoint_meta(config, spec.classes, model), payload, what)
+        runtime.log(f">> resumed from {path}: continuing at epoch {state.start_epoch}")
+        if state.random_state is None:
+            runtime.log(f">> note: {path.name} holds no random state (an older version "
+                        "saved it): the resumed epochs draw other random numbers than an "
+                        "uninterrupted run would")
+        if is_main:
+            # Its own copy of its epoch's log line, if log.txt lost it (a torn write);
+            # not for a checkpoint of another run directory (--resume).
+            own = Path(path).resolve().parent == folder.path.resolve()
+            notes = []
+            folder.trim_log(state.start_epoch, state.log_entry if own else None, notes)
+            for note in notes:
+                runtime.log(f">> note: {note} (torn by an interrupted write)")
     elif folder.epoch_checkpoints():
         raise UserError(f"{folder.path} already holds checkpoints; use --auto_resume to "
                         "continue that run, or another --version to start a new one")
-    if runtime.dist.is_main:
+    elif is_main:
+        folder.trim_log(state.start_epoch)  # lines of an earlier start that had no checkpoint
+    if is_main:
         folder.write_identity(spec.identity)
         folder.write_config(yaml_text(config))
     return state
 
 
-def validate_and_checkpoint(spec, runtime, model, optimizer, precision, criterion,
-                            val_loader, epoch, state):
-    """Validate when due (every --eval_freq epochs and at the end), save checkpoint-best.pth
-    when the selecting metric improves and checkpoint-<epoch>.pth when due; returns the
-    validation stats (``val/...``), or {} when not validated this epoch."""
+def restore_generators(state, runtime):
+    """Set every random generator to the state a resumed checkpoint saved, so that the
+    next epochs draw what an uninterrupted run would (no-op for a new run or an older
+    checkpoint)."""
+    if state.random_state is None:
+        return
+    reason = restore_random_state(state.random_state, runtime.dist)
+    if reason is not None:
+        runtime.log(f">> note: the checkpoint's random state is not restored ({reason}): "
+                    "the resumed epochs draw other random numbers than an uninterrupted "
+                    "run would")
+
+
+def validate_epoch(spec, runtime, model, precision, criterion, val_loader, epoch, state):
+    """Validate when due (every --eval_freq epochs and at the end) and save
+    checkpoint-best.pth when the selecting metric improves; returns the validation stats
+    (``val/...``), or {} when not validated this epoch."""
     config, folder, classes = spec.options, spec.folder, spec.classes
     is_main = runtime.dist.is_main
-    last = epoch == config["epochs"] - 1
-    stats = {}
-    if epoch % config["eval_freq"] == 0 or last:
-        image_dir = (folder.images_dir if config["log_images"] and is_main
-                     and epoch % config["log_images_freq"] == 0 else None)
-        val_stats = validate(model, val_loader, criterion, precision, runtime.device,
-                             classes.num_classes, spec.data.ignore_index, runtime.dist,
-                             desc="val", image_dir=image_dir, epoch=epoch, classes=classes,
-                             select_metric=config["select_metric"])
-        stats = {f"val/{k}": v for k, v in val_stats.items()}
-        state.metric = config["select_metric"]  # val/mIoU is its value; it picks the best
-        if state.improves(val_stats["mIoU"]):
-            state.best_miou, state.best_epoch = val_stats["mIoU"], epoch
-            if config["save_ckpt"] and is_main:
-                save_checkpoint(folder.best_checkpoint, model, None, None, epoch, state,
-                                config, classes)
-    if config["save_ckpt"] and is_main and ((epoch + 1) % config["save_ckpt_freq"] == 0 or last):
+    if epoch % config["eval_freq"] != 0 and epoch != config["epochs"] - 1:
+        return {}
+    image_dir = (folder.images_dir if config["log_images"] and is_main
+                 and epoch % config["log_images_freq"] == 0 else None)
+    val_stats = validate(model, val_loader, criterion, precision, runtime.device,
+                         classes.num_classes, spec.data.ignore_index, runtime.dist,
+                         desc="val", image_dir=image_dir, epoch=epoch, classes=classes,
+                         select_metric=config["select_metric"])
+    state.metric = config["select_metric"]  # val/mIoU is its value; it picks the best
+    if state.improves(val_stats["mIoU"]):
+        state.best_miou, state.best_epoch = val_stats["mIoU"], epoch
+        if config["save_ckpt"] and is_main:
+            save_checkpoint(folder.best_checkpoint, model, None, None, epoch, state,
+                            config, classes)
+    return {f"val/{k}": v for k, v in val_stats.items()}
+
+
+def save_epoch_checkpoint(spec, runtime, model, optimizer, precision, epoch, state,
+                          log_entry):
+    """checkpoint-<epoch>.pth when due (every --save_ckpt_freq epochs and the last), then
+    prune the older ones. It holds every process's random generators (saved at the end of
+    the epoch, after validation) and the epoch's log line, so that a resume continues
+    exactly where this run is now."""
+    config, folder = spec.options, spec.folder
+    due = (epoch + 1) % config["save_ckpt_freq"] == 0 or epoch == config["epochs"] - 1
+    if not (config["save_ckpt"] and due):
+        return
+    generators = random_state(runtime.dist)  # collective: every process takes part
+    if runtime.dist.is_main:
         save_checkpoint(folder.epoch_checkpoint(epoch), model, optimizer, precision.scaler,
-                        epoch, state, config, classes)
+                        epoch, state, config, spec.classes, generators, log_entry)
         folder.prune_epoch_checkpoints(keep=config["keep_ckpts"])
-    return stats
 
 
 # ============================================================================ one epoch

@@ -62,6 +62,53 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def random_state(dist_info):
+    """Every random generator of every process (Python, numpy, torch CPU and each CUDA
+    device), one dict per process in rank order; a collective call under torchrun."""
+    version, words, gauss = random.getstate()
+    numpy_state = np.random.get_state(legacy=False)
+    state = {
+        "python": [version, list(words), gauss],
+        "numpy": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                  "pos": int(numpy_state["state"]["pos"]),
+                  "has_gauss": int(numpy_state["has_gauss"]),
+                  "gauss": float(numpy_state["gauss"])},
+        "torch": torch.get_rng_state(),
+        # Only where CUDA is in use: asking would start it (and take GPU memory) in a
+        # CPU run on a machine with GPUs.
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available()
+        and torch.cuda.is_initialized() else [],
+    }
+    if not dist_info.enabled:
+        return [state]
+    gathered = [None] * dist_info.world_size
+    torch.distributed.all_gather_object(gathered, state)  # only rank 0 saves them
+    return gathered
+
+
+def restore_random_state(states, dist_info):
+    """Set this process's generators to its entry of ``states`` (as ``random_state``
+    returned them); returns None, or why they were left as seeded."""
+    if len(states) != dist_info.world_size:
+        return (f"it was saved by {len(states)} process(es), this run has "
+                f"{dist_info.world_size}")
+    state = states[dist_info.rank]
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": numpy_state["key"].numpy().astype(np.uint32),
+                                   "pos": numpy_state["pos"]},
+                         "has_gauss": numpy_state["has_gauss"],
+                         "gauss": numpy_state["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():
+        # Devices beyond those saved (a resume on a larger machine) keep their seeds.
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
+    return None
+
+
 def _logger(dist_info):
     def log(message):
         if dist_info.is_main:
