@@ -40,7 +40,7 @@ from mirage.models.backbones import (build_sam_encoder, build_vit_encoder, load_
 from mirage.checkpoint_io import load_file
 from mirage.errors import UserError
 from mirage.models.input_adapters import resample_pos_embed
-from mirage.models.segmentation_model import MirageEncoder
+from mirage.models.segmentation_model import MirageEncoder, width_and_depth
 from mirage.data.transforms import MEAN_STD
 
 REGISTRY = {}  # keyword -> FoundModel subclass
@@ -144,6 +144,7 @@ class MirageFamily(FoundModel):
                 ignored.append(key)
             else:
                 mapped[name] = tensor
+        self._check_width(mapped, source)  # before any tensor: the cause, not a symptom
         expected = backbone.state_dict()
         extra = sorted(set(mapped) - set(expected))
         if extra:
@@ -158,7 +159,9 @@ class MirageFamily(FoundModel):
                                 f"{self.name} checkpoint?")
             tensor = self._fit(name, mapped[name], target.shape, self.pos_embed_rule)
             if tuple(tensor.shape) != tuple(target.shape):
-                hint = " (set --num_global_tokens to match)" if name == "global_tokens" else ""
+                # Only another number of tokens of the right width is fixed by the option.
+                hint = (" (set --num_global_tokens to match)" if name == "global_tokens"
+                        and tensor.shape[-1] == target.shape[-1] else "")
                 raise UserError(f"{source}: tensor {key} has shape {tuple(mapped[name].shape)}"
                                 f" but {self.name} needs {tuple(target.shape)}{hint}")
             loaded[name] = tensor.to(target.dtype)
@@ -168,6 +171,22 @@ class MirageFamily(FoundModel):
         return (f"loaded {len(loaded)} encoder tensors from {source}; ignored "
                 f"{len(ignored)} not used for B-scan segmentation"
                 + (f": {summary}" if summary else ""))
+
+    def _check_width(self, mapped, source):
+        """UserError when the file holds a MIRAGE model of another width than this family
+        (e.g. MIRAGE-Tiny weights named MIRAGE-Base.pth): every tensor would mismatch, so
+        the first mismatch found would point at the wrong cause."""
+        width, depth = width_and_depth(mapped)
+        if width is None or width == self.embed_dim:
+            return
+        same = [cls for cls in dict.fromkeys(REGISTRY.values())
+                if issubclass(cls, MirageFamily) and (cls.embed_dim, cls.depth) == (width, depth)]
+        fix = (f": it looks like {same[0].name} (pass --fm {same[0].keywords[0]} or put "
+               f"{same[0].name} in the file name)" if same else
+               ": use the weights of the model the file name says, or pass --fm NAME")
+        raise UserError(f"{source}: the file holds a model of width {width} ({depth} blocks) "
+                        f"but {self.name} has width {self.embed_dim} ({self.depth} blocks), "
+                        f"so the file name or --fm names the wrong model{fix}")
 
     @staticmethod
     def _fit(name, tensor, shape, rule):

@@ -3,7 +3,7 @@
 
     python run_seg_eval.py --model_path ./__output/seg/v1/Duke_DME/<run name>/
     python run_seg_eval.py -m <AROI run> --external Duke_iAMD
-    python run_seg_eval.py -m <run 1> <run 2> ... --summary table.csv --workers 4
+    python run_seg_eval.py -m <run 1> <run 2> ... --summary table.csv --num_workers 4
 
 Reads <model_path>/preds/ (written by run_seg_tuning.py --infer_only --test) and the
 dataset's test masks; writes results.csv (or results_layers.csv + results_lesions.csv)

@@ -11,7 +11,8 @@ tests/test_architecture.py keeps it so):
     train/, evaluate/     training/testing/inference; per-volume scoring
     report/               run and study reports, tables, statistics
     grid/                 ./runner: grids of commands, locally or on SLURM
-    cli.py, demo.py, report_cli.py   the entry points: the only places that chain stages
+    cli.py, demo.py, report_cli.py, predict_cli.py   the entry points: the only places
+                          that chain stages
 """
 
 __version__ = "0.1.0"

@@ -9,12 +9,13 @@ followed by TensorBoard curves, scoring by the run's report.html.
 Only the option parsers are imported up front: torch, timm, OpenCV and pandas load once
 the options are read, so ``-h`` answers at once and a bad option fails fast.
 """
-import argparse
+from pathlib import Path
 
+from mirage.argparsing import ArgumentParser
 from mirage.config import parse_config
 from mirage.errors import exit_on_user_error
 
-from mirage.evaluate import EMPTY_VOLUME_MODES  # a constant: imports nothing heavy
+from mirage.evaluate import EMPTY_VOLUME_MODES, HD95_MISSING_RULES  # constants only
 
 
 @exit_on_user_error
@@ -26,23 +27,30 @@ def tune(argv=None):
         return demo.run(config)
     from mirage.report.tensorboard_log import write_tensorboard  # deferred
     from mirage.train import job  # deferred
-    # Training is followed by the run's TensorBoard curves after every epoch.
-    return job.main(config, on_epoch_end=write_tensorboard)
+    # Training is followed by the run's TensorBoard curves after every epoch, and once
+    # more at the end for the test line of the best checkpoint.
+    run_dir = job.main(config, on_epoch_end=write_tensorboard)
+    write_tensorboard(run_dir)
+    return run_dir
 
 
 def eval_parser():
     """The options of ``run_seg_eval.py``."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="run_seg_eval.py",
         description="Per-volume Dice, IoU and HD95 of a run's test predictions.")
     parser.add_argument("-d", "--datasets_path", default="./__datasets/Segmentation/",
                         help="folder holding the datasets (default: %(default)s)")
-    parser.add_argument("-m", "--model_path", nargs="+", required=True, metavar="RUN_DIR",
-                        help="run directory <output>/<version>/<dataset>/<run name>/; "
-                             "several for a summary table")
+    parser.add_argument("--run_dir", "-m", "--model_path", dest="run_dir", nargs="+",
+                        required=True, metavar="RUN_DIR",
+                        help="run folders <output>/<version>/<dataset>/<run name>/ (several "
+                             "for a summary table), or a folder holding run folders; a run "
+                             "name without its _s<seed>_<hash> ending (as in the MIRAGE "
+                             "guide) means every seed of it. -m/--model_path: the original's "
+                             "name")
     parser.add_argument("-e", "--external", metavar="NAME", default=None,
-                        help="evaluate preds_NAME/ against dataset NAME (masks in "
-                             "NAME/test/semseg or NAME/semseg)")
+                        help="evaluate preds_NAME/ (written with --test_data_path .../NAME) "
+                             "against dataset NAME (masks in NAME/test/semseg or NAME/semseg)")
     parser.add_argument("--ignore_bg", dest="ignore_bg", action="store_true", default=True,
                         help="do not score background-like classes (bg, background, "
                              "above ilm) (default)")
@@ -58,8 +66,16 @@ def eval_parser():
                         help="a class absent from both the volume's truth and prediction: "
                              "Dice = IoU = 0 as the original tool (zero, default) or left "
                              "out of the means (nan)")
-    parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="processes scoring B-scans in parallel (default: %(default)s)")
+    parser.add_argument("--hd95_missing", choices=HD95_MISSING_RULES, default="original",
+                        help="HD95 of a volume where a class is present but never in the "
+                             "truth and the prediction of the same B-scan (e.g. never "
+                             "predicted): original = the original tool's mean over B-scans, "
+                             "often a perfect 0 (default); nan = left out of the means; "
+                             "diagonal = the image diagonal sqrt(H^2+W^2)")
+    parser.add_argument("--num_workers", "--workers", dest="num_workers", type=int,
+                        default=1, metavar="N",
+                        help="processes scoring B-scans in parallel (default: %(default)s; "
+                             "--workers: the old name)")
     parser.add_argument("--summary", metavar="CSV", default=None,
                         help="also write one row per run and class group (mean ± std) here")
     parser.add_argument("--foreign_predictions", action="store_true",
@@ -67,33 +83,59 @@ def eval_parser():
                              "checkpoint (e.g. made by another tool); noted in the output")
     parser.add_argument("--no_report", dest="report", action="store_false",
                         help="do not write report.html into each run directory")
+    parser.add_argument("--overlays", action="store_true",
+                        help="also draw every test B-scan (B-scan | truth | prediction | "
+                             "errors) into <run>/overlays/ (or overlays_<external>/)")
     parser.add_argument("--report_only", action="store_true",
                         help="only (re)write each run's report.html from its results "
                              "CSVs; nothing is scored")
     return parser
 
 
+def run_dirs_given(paths):
+    """The run folders of ``--run_dir``: each path as given, or every seed of a run named
+    as the MIRAGE guide names it (printed, so the user sees what is scored)."""
+    from mirage.run.folder import runs_named  # deferred: mirage.run loads OpenCV
+
+    found = []
+    for path in paths:
+        named = runs_named(path)
+        if named and named != [Path(path)]:
+            print(f"note: {path} names {len(named)} run folder(s): "
+                  f"{', '.join(p.name for p in named)}")
+        found += named or [path]
+    return found
+
+
 @exit_on_user_error
 def evaluate(argv=None):
     """Score the test predictions of one or more runs (``run_seg_eval.py``)."""
     args = eval_parser().parse_args(argv)
+    run_dirs = run_dirs_given(args.run_dir)
     if args.report_only:
         from mirage.report.run_report import write_run_report  # deferred: matplotlib
-        paths = [write_run_report(path, args.datasets_path) for path in args.model_path]
+        paths = [write_run_report(path, args.datasets_path) for path in run_dirs]
         print("\n".join(f"wrote {path}" for path in paths))
         return paths
     from mirage.evaluate.outputs import evaluate_runs  # deferred: pandas, OpenCV, SciPy
 
-    def write_report(evaluation):  # scoring is followed by the run's report.html
-        from mirage.report.run_report import write_run_report  # deferred: matplotlib
-        path = write_run_report(evaluation.run_dir, args.datasets_path, quiet=False)
-        print(f"wrote {path}")
+    def after_scoring(evaluation):  # scoring is followed by the run's report and overlays
+        if args.report:
+            from mirage.report.run_report import write_run_report  # deferred: matplotlib
+            print(f"wrote {write_run_report(evaluation.run_dir, args.datasets_path, quiet=False)}")
+        if args.overlays:
+            from mirage.report.overlays import write_overlays  # deferred: OpenCV, matplotlib
+            folder = write_overlays(evaluation.run_dir, args.datasets_path,
+                                    evaluation.external, ignore_bg=args.ignore_bg,
+                                    foreign_predictions=args.foreign_predictions, quiet=False)
+            print(f"wrote {folder}")
 
-    return evaluate_runs(args.model_path, args.datasets_path, external=args.external,
+    return evaluate_runs(run_dirs, args.datasets_path, external=args.external,
                          ignore_bg=args.ignore_bg, empty_sets_nan=args.empty_sets_nan,
-                         empty_volume=args.empty_volume, workers=args.workers,
+                         empty_volume=args.empty_volume, workers=args.num_workers,
                          summary=args.summary, foreign_predictions=args.foreign_predictions,
-                         on_scored=write_report if args.report else None)
+                         hd95_missing=args.hd95_missing,
+                         on_scored=after_scoring)
 
 
 # Console scripts exit with their function's return value: these return None (status 0);

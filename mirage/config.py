@@ -15,11 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from mirage.models import decoders
+from mirage.argparsing import ArgumentParser
 from mirage.errors import UserError
+from mirage.models import decoders
 
 DEVICE_AUTO = "auto"
-DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"  # package data: works installed
+CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: works installed
+DEMO_CONFIG = CONFIGS / "demo.yaml"
 DEMO_ROOT = Path("__demo")  # --demo writes its dataset and weights here
 DEMO_DATASET = "Synth_OCT"
 
@@ -186,6 +188,11 @@ OPTIONS = (
            group="runtime"),
     Option("show_user_warnings", False, "Show Python UserWarnings.", "bool",
            group="runtime"),
+    Option("run_dir", None, "A trained run's folder: its config.yaml gives every option, and "
+           "only options that do not change what was trained (device, workers, --test, "
+           "--infer_only, --test_data_path, moved --weights/--data_path files, ...) may be "
+           "given beside it, e.g. --run_dir RUN --infer_only --test.", "path", nullable=True,
+           group="runtime"),
     Option("version", "v1", "Experiment version: a folder level of the run directory.",
            short="-v", group="runtime"),
     Option("weights", None, "Foundation-model weights file; its name selects the model "
@@ -195,6 +202,15 @@ OPTIONS = (
            nullable=True, group="required"),
 )
 OPTION_BY_NAME = {opt.name: opt for opt in OPTIONS}
+# Options that change how or where a run executes but not what it trains.
+RUNTIME_OPTIONS = frozenset({
+    "base_output_dir", "version", "device", "num_workers", "pin_mem", "resume",
+    "auto_resume", "save_ckpt", "save_ckpt_freq", "keep_ckpts", "start_epoch",
+    "infer_only", "test", "test_data_path", "log_images", "log_images_freq",
+    "show_user_warnings", "compile", "grad_checkpointing", "feature_cache_dir", "run_dir",
+    # replaced by what they stand for (see run_identity)
+    "weights", "data_path", "mapping_fn",
+})
 POSITIVE_INTS = ("batch_size", "epochs", "save_ckpt_freq", "eval_freq", "log_images_freq",
                  "num_global_tokens", "keep_ckpts")
 
@@ -308,7 +324,7 @@ def per_domain(value, domains):
 # ----------------------------------------------------------------------------- parser
 def build_parser():
     """The argparse parser; ``-h`` lists every option with its built-in default."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="run_seg_tuning.py",
         description="Tune a segmentation decoder on a frozen retinal-OCT foundation model. "
                     "Precedence: built-in defaults < YAML config (-c) < command line.",
@@ -340,37 +356,39 @@ def build_parser():
     return parser
 
 
-def load_yaml(path):
-    """Read a YAML config into a checked ``{option: value}`` dict."""
+def load_yaml(path, what="--config"):
+    """Read a YAML config into a checked ``{option: value}`` dict (``what``: the option that
+    named the file, for messages)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--config {path}: file not found")
+        raise UserError(f"{what} {path}: file not found")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         first_line = str(err).splitlines()[0] if str(err) else "syntax error"
-        raise UserError(f"--config {path}: not valid YAML ({first_line})") from None
+        raise UserError(f"{what} {path}: not valid YAML ({first_line})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise UserError(f"--config {path}: expected a mapping of option: value")
+        raise UserError(f"{what} {path}: expected a mapping of option: value")
     values = {}
     for key, value in raw.items():
         opt = OPTION_BY_NAME.get(str(key))
         if opt is None:
             close = difflib.get_close_matches(str(key), OPTION_BY_NAME, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise UserError(f"--config {path}: unknown option {key!r}{hint} "
+            raise UserError(f"{what} {path}: unknown option {key!r}{hint} "
                             "(run with -h for the list)")
-        values[opt.name] = _coerce(opt, value, f"--config {path}")
+        values[opt.name] = _coerce(opt, value, f"{what} {path}")
     return values
 
 
 def parse_config(argv=None):
     """Parse ``argv`` into ``(config dict of every option, demo flag, YAML path or None)``.
 
-    Layers, each overriding the one before: built-in defaults, ``mirage/demo.yaml`` (with
-    ``--demo``), the ``-c`` YAML file, the command line.
+    Layers, each overriding the one before: built-in defaults, ``mirage/configs/demo.yaml``
+    (with ``--demo``), the ``-c`` YAML file or the ``--run_dir`` run's own config.yaml, the
+    command line.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     given = vars(build_parser().parse_args(argv))
@@ -379,14 +397,66 @@ def parse_config(argv=None):
     config = {opt.name: opt.default for opt in OPTIONS}
     if demo:
         config.update(load_yaml(DEMO_CONFIG))
-    if config_file:
+    if given.get("run_dir"):
+        config_file = _run_config(given, demo, config_file)
+        config.update(load_yaml(config_file, what="--run_dir"))
+    elif config_file:
+        config_file = resolve_config_file(config_file)
         config.update(load_yaml(config_file))
     for name, value in given.items():
         opt = OPTION_BY_NAME[name]
         if opt.kind == "size" and len(value) > 2:
             raise UserError(f"--{name}: give one size or two (height width)")
         config[name] = _coerce(opt, value, "command line")
+    if config["run_dir"]:
+        _place_in_run_dir(config, given)
     return config, demo, config_file
+
+
+def resolve_config_file(name):
+    """``-c`` as given, or else the packaged config of that name (``seg_200e_convnext``,
+    ``seg_200e_convnext.yaml`` or ``_cfgs/seg_200e_convnext.yaml`` from any folder)."""
+    path = Path(name)
+    if path.is_file():
+        return name
+    stem = path.name[:-len(".yaml")] if path.name.endswith(".yaml") else path.name
+    packaged = CONFIGS / f"{stem}.yaml"
+    if packaged.is_file():
+        return packaged
+    shipped = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+    raise UserError(f"--config {name}: file not found (configs shipped with the package: "
+                    f"{shipped})")
+
+
+def _run_config(given, demo, config_file):
+    """The config.yaml of ``--run_dir``, after checking what may be given beside it."""
+    run_dir = Path(given["run_dir"])
+    if demo or config_file:
+        raise UserError(f"--run_dir {run_dir}: its config.yaml gives the options; drop "
+                        f"{'--demo' if demo else '-c/--config'}")
+    training = sorted(name for name in given if name not in RUNTIME_OPTIONS)
+    if training:
+        raise UserError(f"--{training[0]} cannot be given with --run_dir: it changes what "
+                        f"was trained; the run's value is in {run_dir / 'config.yaml'} (train "
+                        "a new run without --run_dir to change it)")
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"--run_dir {run_dir}: no config.yaml there; give a run folder "
+                        "<output>/<version>/<dataset>/<run name>/ written by run_seg_tuning.py")
+    return path
+
+
+def _place_in_run_dir(config, given):
+    """Make the run folder the one ``--run_dir`` names (its output root and version), and
+    check that the weights and data it names exist from here."""
+    run_dir = Path(config["run_dir"]).resolve()
+    config["base_output_dir"] = str(run_dir.parent.parent.parent)
+    config["version"] = run_dir.parent.parent.name
+    for name in ("weights", "data_path"):
+        if name not in given and config[name] and not Path(config[name]).exists():
+            raise UserError(f"--run_dir {config['run_dir']}: its {name} {config[name]} is "
+                            f"not found from {Path.cwd()}; give --{name} (the same file or "
+                            "folder, moved)")
 
 
 def domains_of(config):

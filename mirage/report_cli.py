@@ -3,20 +3,21 @@
 Only argparse is imported up front: pandas, SciPy and matplotlib load once the options
 are read, so ``-h`` answers at once. The work is done by mirage.report.study_outputs.
 """
-import argparse
+import yaml
 
+from mirage.argparsing import ArgumentParser
 from mirage.errors import UserError, exit_on_user_error
 from mirage.report import RUN_REPORT_MODES  # constants: import nothing heavy
 from mirage.run import METRICS
 
 
 def report_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="run_seg_report.py",
         description="Summarise evaluated runs over seeds: paper tables (CSV, Markdown, "
                     "LaTeX), paired Wilcoxon tests and HTML reports.")
     parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="output roots (e.g. ./__output/seg/v1) or run directories")
+                        help="output roots (e.g. ./__output/seg/v1) or run folders")
     parser.add_argument("-o", "--output_dir", default="./__output/study",
                         help="folder for the study's files (default: %(default)s)")
     parser.add_argument("-d", "--datasets_path", default=None,
@@ -33,6 +34,11 @@ def report_parser():
     parser.add_argument("--run_reports", choices=RUN_REPORT_MODES, default="missing",
                         help="write each run's report.html when it has none (missing, "
                              "default), rewrite all, or none")
+    parser.add_argument("--label", action="append", default=None, metavar="NAME=TEXT",
+                        help="row label TEXT for the weights file NAME (file name or stem: "
+                             "MIRAGE-Base.pth=Ours gives 'Ours, lr 1e-3') or for a whole "
+                             "automatic row label NAME; repeatable; @FILE.yaml reads "
+                             "NAME: TEXT lines")
     parser.add_argument("--no_tensorboard", dest="tensorboard", action="store_false",
                         help="do not write TensorBoard event files with the run reports")
     return parser
@@ -44,11 +50,35 @@ def main(argv=None):
     args = report_parser().parse_args(argv)
     if not 0 < args.alpha < 1:
         raise UserError(f"--alpha must be between 0 and 1, not {args.alpha}")
+    labels = parse_labels(args.label or [])
     from mirage.report.study_outputs import write_study  # deferred: pandas, SciPy, matplotlib
     return write_study(args.paths, args.output_dir, datasets_path=args.datasets_path,
                        run_reports=args.run_reports, metric=args.metric,
                        table_metrics=tuple(args.table_metrics), alpha=args.alpha,
-                       tensorboard=args.tensorboard)
+                       tensorboard=args.tensorboard, labels=labels)
+
+
+def parse_labels(items):
+    """``["NAME=TEXT", ...]`` (--label) -> ``{NAME: TEXT}``; a file of them: ``@labels.yaml``
+    holding ``NAME: TEXT`` lines (the YAML form)."""
+    labels = {}
+    for item in items:
+        if item.startswith("@"):
+            path = item[1:]
+            try:
+                loaded = yaml.safe_load(open(path, encoding="utf-8"))
+            except (OSError, yaml.YAMLError) as err:
+                raise UserError(f"--label {item}: cannot read {path} ({err})") from None
+            if not isinstance(loaded, dict):
+                raise UserError(f"--label {item}: {path} must map NAME: TEXT")
+            labels.update({str(k): str(v) for k, v in loaded.items()})
+            continue
+        name, equals, text = item.partition("=")
+        if not equals or not name.strip() or not text.strip():
+            raise UserError(f"--label {item!r}: write NAME=TEXT, e.g. --label "
+                            "MIRAGE-Base.pth=Ours")
+        labels[name.strip()] = text.strip()
+    return labels
 
 
 def report_command():

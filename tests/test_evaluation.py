@@ -178,7 +178,9 @@ def test_rows_match_per_slice_reference_and_csv_layout(tmp_path):
     assert_rows_match(evaluation.rows, reference_rows(truths, preds, [40, 80, 120]), values)
     layers = pd.read_csv(run_dir / "results_layers.csv")
     lesions = pd.read_csv(run_dir / "results_lesions.csv")
-    assert list(layers.columns) == ["ID", "Class", "Dice", "IoU", "HD95"]
+    # the original's five columns first; then the pixel counts that flag a missed class
+    assert list(layers.columns) == ["ID", "Class", "Dice", "IoU", "HD95", "truth_pixels",
+                                    "pred_pixels", "missed"]
     assert list(layers["Class"]) == ["ILM-IPL", "IPL-RPE"] * 2
     assert list(layers["ID"]) == ["scanA", "scanA", "scanB", "scanB"]
     assert list(lesions["Class"]) == ["Fluid"] * 2

@@ -6,6 +6,7 @@ no Python package is needed: console messages, uncaught exceptions and failed lo
 image is checked to have decoded. Chromium comes from the OS packages (``.ci/run`` installs
 it with ``apt-get install chromium``); where it cannot be installed these tests are skipped.
 """
+import base64
 import json
 import os
 import select
@@ -15,7 +16,7 @@ import time
 
 import pytest
 
-from test_study import make_grid
+from test_study import make_grid, make_wide_grid
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 TIMEOUT_S = 60
@@ -98,6 +99,25 @@ class Browser:
         images, broken = json.loads(counts["result"]["value"])
         return self._problems(), images, broken
 
+    def value(self, expression):
+        """The JSON-able value of a JavaScript expression in the loaded page."""
+        reply = self.call("Runtime.evaluate", session=True, returnByValue=True,
+                          expression=expression)
+        return reply["result"].get("value")
+
+    def set_width(self, width, height=900):
+        """Lay pages out as on a screen ``width`` CSS pixels wide (scale 1)."""
+        self.call("Emulation.setDeviceMetricsOverride", session=True, width=width,
+                  height=height, deviceScaleFactor=1, mobile=False)
+
+    def screenshot(self, path):
+        """Save the whole page (beyond the viewport) as a PNG; returns its bytes."""
+        data = self.call("Page.captureScreenshot", session=True, format="png",
+                         captureBeyondViewport=True)["data"]
+        png = base64.b64decode(data)
+        path.write_bytes(png)
+        return png
+
     def _problems(self):
         problems = []
         for event in self.events:
@@ -171,3 +191,35 @@ def test_run_and_grid_reports_render_without_console_errors(browser, tmp_path):
         problems, images, broken = browser.load(path.as_uri())
         assert problems == [], f"{path}: {problems}"
         assert (images, broken) == (expected_images, 0), path
+
+
+# Where each p-value cell, each table and each image ends, and how wide the page scrolls.
+LAYOUT_JS = """JSON.stringify((() => {
+  const right = el => el.getBoundingClientRect().right;
+  const table = document.getElementById("significance-table");
+  const pCells = table ? Array.from(table.querySelectorAll("td.p")) : [];
+  return {pCells: pCells.length, pRight: Math.max(0, ...pCells.map(right)),
+          tablesRight: Math.max(0, ...Array.from(document.querySelectorAll("table")).map(right)),
+          imagesRight: Math.max(0, ...Array.from(document.images).map(right)),
+          scrollWidth: document.documentElement.scrollWidth};
+})())"""
+
+
+def test_a_six_by_six_study_report_fits_a_1280_pixel_screen(browser, tmp_path):
+    from mirage.report.study_outputs import write_study
+    _, output = make_wide_grid(tmp_path)
+    files = write_study([output], tmp_path / "study", quiet=True, run_reports="none")
+    browser.set_width(1280)
+    try:
+        problems, images, broken = browser.load(files["report.html"].as_uri())
+        layout = json.loads(browser.value(LAYOUT_JS))
+        png = browser.screenshot(tmp_path / "study_1280.png")
+    finally:
+        browser.call("Emulation.clearDeviceMetricsOverride", session=True)
+    assert problems == [] and broken == 0 and images == 3
+    assert png.startswith(b"\x89PNG")
+    # 15 model pairs x 6 datasets + pooled, per class group: every p-value in view
+    assert layout["pCells"] >= 2 * 15 * 7
+    assert layout["pRight"] <= 1280, layout
+    assert layout["tablesRight"] <= 1280 and layout["imagesRight"] <= 1280, layout
+    assert layout["scrollWidth"] <= 1280, layout

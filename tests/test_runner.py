@@ -425,7 +425,7 @@ BAD = [
     (["{base}", "--runners", "two", "--", "--v", "a"], "whole number"),
     (["{base}", "--runner-filer", "a", "--", "--v", "a"], "did you mean --runner-filter"),
     (["{base}", "--runnerss", "2", "--", "--v", "a"], "unknown runner option '--runnerss'"),
-    (["{base}", "--runner_gpus", "0", "--", "--v", "a"], "unknown runner option"),
+    (["{base}", "--runner-gpu", "0", "--", "--v", "a"], "unknown runner option"),
     (["{base}", "--runner-gpus", "0,5", "--", "--v", "a"], "GPU 5 does not exist"),
     (["{base}", "--runner-gpus", "0,1", "--runners", "3", "--", "--v", "a"], "GPU slot"),
     (["{base}", "--", "--v", "a", "--runners", "2"], "must come before '--'"),
@@ -533,8 +533,8 @@ def test_test_jobs_may_share_their_run_directory(env, tiny_dataset, tiny_weights
     (["--lr", "1e-3", "abc"], "job 2 (--lr abc) has bad arguments, so the grid is not "
                               "started: "),
     (["--no_such_option", "1", "2"], "job 1 (--no_such_option 1) has bad arguments, so the "
-                                     "grid is not started: run_seg_tuning.py: error: "
-                                     "unrecognized arguments: --no_such_option 1"),
+                                     "grid is not started: error: unknown option "
+                                     "--no_such_option"),
 ])
 def test_a_job_with_bad_arguments_stops_the_grid_before_it_starts(
         env, tiny_dataset, tiny_weights, tmp_path, capsys, axis, message):

@@ -4,6 +4,7 @@ The grid is fabricated as run_seg_tuning.py leaves it (config.yaml, identity.jso
 log.txt, preds/) on the synthetic demo data, and scored by the real evaluation; expected
 numbers are recomputed here from the results CSVs with plain pandas, by the rule.
 """
+import hashlib
 import json
 from pathlib import Path
 
@@ -55,17 +56,22 @@ def write_prediction(truth_path, pred_path, shift, rng):
     write_png(pred_path, pred)
 
 
-def make_run(output, datasets, model, seed, shift, evaluate=True, name=None):
-    """A run directory as training + inference leave it; evaluated unless told not to."""
-    data_path = datasets / DATASET
+def make_run(output, datasets, model, seed, shift, evaluate=True, name=None,
+             dataset=DATASET, identity_changes=None):
+    """A run directory as training + inference leave it; evaluated unless told not to.
+
+    identity_changes: entries replaced in its identity.json (e.g. {"lr": 0.001}).
+    """
+    data_path = datasets / dataset
     name = name or f"{model}_frozen_convnext_CEGDice_s{seed}_{abs(hash((model, seed))) % 16**8:08x}"
-    run_dir = output / "v1" / DATASET / name
+    run_dir = output / "v1" / dataset / name
     run_dir.mkdir(parents=True)
     config = _config(model, seed, data_path)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     identity = {k: config[k] for k in ("seed", "lr", "epochs", "output_adapter", "loss",
                                        "input_size", "freeze_encoder")}
-    identity.update(weights_name=f"{model}.pth", dataset=DATASET)
+    identity.update(weights_name=f"{model}.pth", dataset=dataset)
+    identity.update(identity_changes or {})
     (run_dir / "identity.json").write_text(json.dumps(identity))
     (run_dir / "log.txt").write_text(_log(seed, shift))
     rng = np.random.default_rng([seed, shift])
@@ -90,6 +96,31 @@ def make_grid(root, models=MODELS, seeds=SEEDS, volumes=TEST_VOLUMES):
     runs = {(model, seed): make_run(output, datasets, model, seed, shift)
             for model, shift in models.items() for seed in seeds}
     return datasets, output, runs
+
+
+# A study as wide as a paper's: 6 models (3 weights x 2 learning rates) on 6 datasets
+# with long names; row labels near the 40-character limit.
+WIDE_WEIGHTS = {"MIRAGE-Large_pretrain_ep400": 1, "RETFound_MAE_natureOCT": 2,
+                "DINOv2_ViT-L14_reg4_ft": 3}
+WIDE_DATASETS = ("Duke_DME_Chiu_2015_full_resolution", "AROI_Melinscak_2021",
+                 "Duke_iAMD_Farsiu_2014", "OCTID_layers", "RETOUCH_Cirrus_fluid",
+                 "Synthetic_OCT_benchmark_v2")
+
+
+def make_wide_grid(root, volumes=6):
+    """6 datasets x 6 models, one seed each, all evaluated (enough volumes for p-values)."""
+    datasets, output = Path(root) / "datasets", Path(root) / "output"
+    for i, dataset in enumerate(WIDE_DATASETS):
+        write_synthetic_dataset(datasets, name=dataset, splits={"test": volumes},
+                                slices_per_volume=1, size=(32, 48), seed=10 + i)
+        for model, shift in WIDE_WEIGHTS.items():
+            for lr in (1e-3, 1e-4):
+                # as run_seg_tuning.py writes it: the weights' SHA-256 in the identity
+                sha256 = hashlib.sha256(model.encode()).hexdigest()
+                make_run(output, datasets, model, 1, shift + int(lr > 1e-4), dataset=dataset,
+                         name=f"{model}_lr{lr:g}_s1_0000000{i}",
+                         identity_changes={"lr": lr, "weights_sha256": sha256})
+    return datasets, output
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +201,7 @@ def test_runs_are_grouped_by_protocol_and_labelled_by_what_differs(tmp_path):
     (run / "identity.json").write_text(json.dumps(dict(identity, lr=0.01)))
     summary = pd.read_csv(summarise([output], tmp_path / "s")["summary.csv"])
     labels = sorted(set(summary["label"]))
-    assert labels == ["MIRAGE-Tiny lr=0.0001", "MIRAGE-Tiny lr=0.01"]
+    assert labels == ["MIRAGE-Tiny, lr 1e-2", "MIRAGE-Tiny, lr 1e-4"]
 
 
 # ----------------------------------------------------------------------------- bad input

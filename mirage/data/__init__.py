@@ -5,6 +5,7 @@
     dataset.py     a split as a torch Dataset
     transforms.py  resizing, augmentation and normalisation of B-scans and masks
     synthetic.py   synthetic OCT volumes in the benchmark layout (demo, tests, benchmarks)
+    check.py       every check training makes, as a command with a summary
 
 It stands on the ground floor only (mirage.errors, mirage.fileio).
 """

@@ -11,3 +11,6 @@ or report stages: run_seg_eval.py (mirage.cli) decides that a report follows the
 This file stays free of imports so that ``-h`` can read the choices below at once.
 """
 EMPTY_VOLUME_MODES = ("zero", "nan")  # run_seg_eval.py --empty_volume
+# run_seg_eval.py --hd95_missing: the HD95 of a volume where a class is never in the truth
+# and the prediction of the same B-scan (e.g. never predicted); see scoring.volume_scores.
+HD95_MISSING_RULES = ("original", "nan", "diagonal")

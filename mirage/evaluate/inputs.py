@@ -16,7 +16,8 @@ from mirage.data.layout import parse_slice_name
 from mirage.errors import UserError
 from mirage.evaluate.class_plan import ClassPlan, plan_classes
 from mirage.fileio import list_images
-from mirage.run.folder import RunFolder
+from mirage.run.catalog import find_run_dirs
+from mirage.run.folder import CONFIG, RunFolder
 from mirage.run.predictions import MANIFEST, check_predictions, class_entries, data_record
 
 _SHOW_MISSING = 5  # how many missing predictions an error message lists
@@ -105,6 +106,10 @@ def prepare_run(model_path, datasets_path, external=None, ignore_bg=True,
         raise UserError(f"run directory {run_dir} not found; pass -m/--model_path "
                         "<output>/<version>/<dataset>/<run name>/")
     run_dir = run_dir.resolve()
+    if not (run_dir / CONFIG).is_file() and _looks_like_data(run_dir):
+        raise UserError(f"{run_dir} is not a run folder (no {CONFIG}; it looks like a "
+                        "dataset folder): pass -m <output>/<version>/<dataset>/<run name>/ "
+                        "as run_seg_tuning.py wrote it, and -d the folder holding the datasets")
     found = _locate(run_dir, Path(datasets_path).expanduser(), external)
     gt_table = read_class_table(found.gt_info)
     train_table = read_class_table(found.train_info) if external else None
@@ -120,6 +125,51 @@ def prepare_run(model_path, datasets_path, external=None, ignore_bg=True,
     return RunInputs(run_dir=run_dir, dataset=external or found.dataset,
                      external=external or "", gt_dir=found.gt_dir, pred_dir=found.pred_dir,
                      plan=plan, volumes=volumes, unscored_predictions=unscored, note=note)
+
+
+_DATA_MARKS = ("INFO.json", "bscan", "semseg", "train", "val", "test")  # benchmark layout
+
+
+def _looks_like_data(folder):
+    """True for a dataset folder in the benchmark layout, or a folder of them."""
+    if any((folder / mark).exists() for mark in _DATA_MARKS):
+        return True
+    return any((child / "INFO.json").is_file() for child in folder.iterdir() if child.is_dir())
+
+
+def _is_run_folder(folder):
+    """A folder run_seg_tuning.py wrote (config.yaml), or one holding predictions or
+    results (runs of other tools, and older runs, may have no config.yaml)."""
+    return (folder / CONFIG).is_file() or any(
+        child.name.startswith(("preds", "results")) for child in folder.iterdir())
+
+
+def expand_run_paths(paths, external=None):
+    """The run folders ``paths`` stand for: ([run folder, ...], [skipped run folder, ...]).
+
+    A run folder, and any path that is not a folder, stays as given (prepare_run says
+    what is wrong with it). A folder that is not a run folder but holds run folders (an
+    output root, as run_seg_report.py takes) stands for those of them that have
+    predictions to score (``preds/``, or ``preds_<external>/``); the others are skipped.
+    """
+    found, skipped = [], []
+    for given in paths:
+        path = Path(given).expanduser()
+        if not path.is_dir() or _is_run_folder(path):
+            found.append(given)
+            continue
+        runs = find_run_dirs(path)
+        if not runs:
+            found.append(given)  # prepare_run names the problem
+            continue
+        ready = [run for run in runs if RunFolder(run).preds_dir(external or "").is_dir()]
+        if not ready:
+            preds = f"preds_{external}/" if external else "preds/"
+            raise UserError(f"{path} holds {len(runs)} run folder(s) but none has {preds} "
+                            "to score; run run_seg_tuning.py ... --infer_only --test first")
+        found += ready
+        skipped += [run for run in runs if run not in ready]
+    return found, skipped
 
 
 @dataclass

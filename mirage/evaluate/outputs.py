@@ -13,14 +13,17 @@ import numpy as np
 import pandas as pd
 
 from mirage.fileio import atomic_path
-from mirage.evaluate.inputs import prepare_run
+from mirage.evaluate.inputs import expand_run_paths, prepare_run
 from mirage.evaluate.scoring import check_options, evaluate_prepared
 from mirage.run import METRICS
 from mirage.run.folder import RunFolder
 from mirage.run.identity import identity_hash
-from mirage.run.results import record_evaluation
+from mirage.run.results import COUNT_COLUMNS, MISSED, missed_counts, record_evaluation
 
-CSV_COLUMNS = ("ID", "Class") + METRICS
+# The first five columns are the original tool's; the pixel counts and the missed flag
+# come after them so that readers of the original layout keep working.
+CSV_COLUMNS = ("ID", "Class") + METRICS + COUNT_COLUMNS + (MISSED,)
+MISSED_MARK = "†"  # marks a class (or class group) never predicted in a volume holding it
 
 
 def result_files(evaluation):
@@ -31,7 +34,8 @@ def result_files(evaluation):
 
 
 def write_results(evaluation):
-    """Write the run's CSV files (ID, Class, Dice, IoU, HD95); all of them or none.
+    """Write the run's CSV files (ID, Class, Dice, IoU, HD95, truth_pixels, pred_pixels,
+    missed); all of them or none.
 
     Each file goes to a temporary name first; all are renamed only once every one of
     them has been written, so an existing results file is never replaced by a partial one.
@@ -77,19 +81,45 @@ def print_results(evaluation, stream=None):
     print(f"\n{evaluation.run_dir}{target}: {volumes} volume(s), {evaluation.num_slices} "
           "B-scans. Dice and IoU in %, HD95 in pixels; means over volumes", file=stream)
     table = results_table(evaluation)
-    width = max(len("class"), *(len(name) for name in table.index))
+    flagged = _flagged_rows(evaluation)
+    names = [f"{name} {MISSED_MARK}" if name in flagged else name for name in table.index]
+    width = max(len("class"), *(len(name) for name in names))
     print(f"{'class':<{width}}" + "".join(f"{m:>9}" for m in METRICS), file=stream)
-    for name, row in table.iterrows():
+    for name, (_, row) in zip(names, table.iterrows()):
         cells = "".join("      n/a" if np.isnan(v) else f"{v:9.2f}" for v in row)
         print(f"{name:<{width}}{cells}", file=stream)
+    for label, (missed, holding) in missed_counts(evaluation.rows).items():
+        print(f"{MISSED_MARK} {label}: never predicted in {missed} of {holding} volume(s) "
+              f"that hold it; {_missed_hd95(evaluation.hd95_missing)}", file=stream)
     if evaluation.files:
         names = ", ".join(path.name for path in evaluation.files)
         print(f"wrote {names} in {evaluation.run_dir}", file=stream)
 
 
+def _flagged_rows(evaluation):
+    """Names of the printed rows (classes and [groups]) holding a missed class."""
+    missed = evaluation.rows[evaluation.rows[MISSED].astype(bool)]
+    flagged = set(missed["Class"])
+    for group in evaluation.groups:
+        if (missed["Group"] == group).any():
+            flagged.add(f"[{group}]")
+    if flagged:
+        flagged.add("[all]")
+    return flagged
+
+
+def _missed_hd95(rule):
+    """What HD95 a missed volume got under ``rule`` (--hd95_missing), in words."""
+    return {"original": "HD95 there is the mean over its B-scans (0 where neither mask "
+                        "holds the class), so it can look perfect (--hd95_missing "
+                        "original, as the original tool)",
+            "nan": "HD95 there is NaN, left out of the means (--hd95_missing nan)",
+            "diagonal": "HD95 there is the image diagonal (--hd95_missing diagonal)"}[rule]
+
+
 def evaluate_run(model_path, datasets_path, external=None, ignore_bg=True,
                  empty_sets_nan=True, empty_volume="zero", workers=1, quiet=False,
-                 foreign_predictions=False):
+                 foreign_predictions=False, hd95_missing="original"):
     """Evaluate one run directory, write its CSV files and print its tables.
 
     model_path: ``.../<dataset>/<run name>/`` holding ``preds/`` (or ``preds_<external>/``).
@@ -100,11 +130,15 @@ def evaluate_run(model_path, datasets_path, external=None, ignore_bg=True,
     both volumes, as the original tool) or "nan" (such pairs left out of the means).
     workers: processes scoring B-scans in parallel. foreign_predictions: score predictions
     that carry no manifest of the run's best checkpoint (made by another tool).
+    hd95_missing: HD95 of a volume where a class is never in the truth and the prediction
+    of the same B-scan, e.g. never predicted: "original" (the mean over B-scans, often 0),
+    "nan" or "diagonal" (see mirage.evaluate.scoring.volume_scores).
     Returns a RunEvaluation (``.rows`` is the DataFrame of all rows, ``.files`` the CSVs).
     """
     return evaluate_runs([model_path], datasets_path, external, ignore_bg, empty_sets_nan,
                          empty_volume, workers, quiet=quiet,
-                         foreign_predictions=foreign_predictions)[0]
+                         foreign_predictions=foreign_predictions,
+                         hd95_missing=hd95_missing)[0]
 
 
 def _note_unscored(inputs):
@@ -122,6 +156,7 @@ def summary_table(evaluations):
     Dice and IoU in percent, HD95 in pixels; the text columns read "mean ± std". Each row
     names its run's seed and identity hash (identity.json), so seeds of one configuration
     are told apart and runs of different options are never mistaken for one another.
+    ``missed``: how many (volume, class) rows of the group hold a class never predicted.
     """
     records = []
     for ev in evaluations:
@@ -133,7 +168,8 @@ def summary_table(evaluations):
             record = {"run": ev.run_dir.name, "dataset": ev.dataset, "group": group,
                       "seed": identity.get("seed"),
                       "identity": identity_hash(identity) if identity else "",
-                      "volumes": len(per_volume), "path": str(ev.run_dir), "note": ev.note}
+                      "volumes": len(per_volume), "path": str(ev.run_dir), "note": ev.note,
+                      "missed": sum(n for n, _ in missed_counts(rows).values())}
             for metric in METRICS:
                 mean, std = rows[metric].mean(), per_volume[metric].std()
                 spread = "n/a" if np.isnan(std) else f"{std:.2f}"  # n/a: one volume
@@ -153,27 +189,36 @@ def write_summary(evaluations, path):
 
 def evaluate_runs(model_paths, datasets_path, external=None, ignore_bg=True,
                   empty_sets_nan=True, empty_volume="zero", workers=1, summary=None,
-                  quiet=False, foreign_predictions=False, on_scored=None):
+                  quiet=False, foreign_predictions=False, on_scored=None,
+                  hd95_missing="original"):
     """Evaluate several runs (what run_seg_eval.py does); returns their RunEvaluations.
 
+    A path that is not a run folder but holds run folders (an output root such as
+    ``./__output/seg/v1``) stands for those of them that have predictions to score.
     Every run's files are checked before any is scored, so a typo in the last path fails
     at once. Each run's CSVs are written when that run is done, with evaluation.json
     (how they were scored); then ``on_scored(evaluation)`` is called if given (the command
     line writes the run's report there). ``summary`` (a CSV path) is written at the end.
     """
-    check_options(empty_volume, workers)
+    check_options(empty_volume, workers, hd95_missing)
+    run_dirs, skipped = expand_run_paths(model_paths, external)
+    if skipped and not quiet:
+        print(f"note: {len(skipped)} run folder(s) without predictions to score skipped: "
+              f"{', '.join(p.name for p in skipped)}")
     prepared = [prepare_run(path, datasets_path, external, ignore_bg, foreign_predictions)
-                for path in model_paths]
+                for path in run_dirs]
     evaluations = []
     for inputs in prepared:
         if inputs.note and not quiet:
             print(f"note: {inputs.run_dir.name}: {inputs.note}")
-        evaluation = evaluate_prepared(inputs, empty_sets_nan, empty_volume, workers, quiet)
+        evaluation = evaluate_prepared(inputs, empty_sets_nan, empty_volume, workers, quiet,
+                                       hd95_missing)
         evaluation.note = inputs.note
         write_results(evaluation)
         record_evaluation(evaluation, datasets_path=str(Path(datasets_path).resolve()),
                           ignore_bg=ignore_bg, empty_sets_nan=empty_sets_nan,
-                          empty_volume=empty_volume, note=inputs.note or "")
+                          empty_volume=empty_volume, hd95_missing=hd95_missing,
+                          note=inputs.note or "")
         if not quiet:
             _note_unscored(inputs)
             print_results(evaluation)

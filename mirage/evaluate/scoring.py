@@ -4,7 +4,9 @@ run's rows, with the B-scans spread over worker processes.
     evaluate_prepared(inputs, ...) -> RunEvaluation (rows: one per volume and scored class)
 
 Scores are per volume (all B-scans sharing ``<scan>``) and per foreground class. The
-arithmetic lives in mirage.evaluate.metrics.
+arithmetic lives in mirage.evaluate.metrics. Each row also keeps the class's pixel counts
+in the volume's truth and prediction and whether the class was missed (in the truth,
+never predicted), so that a perfect-looking HD95 of a missed class is never hidden.
 """
 import math
 import multiprocessing
@@ -22,10 +24,11 @@ from tqdm import tqdm
 
 from mirage.data.classes import UNKNOWN_CLASS
 from mirage.errors import UserError
-from mirage.evaluate import EMPTY_VOLUME_MODES
+from mirage.evaluate import EMPTY_VOLUME_MODES, HD95_MISSING_RULES
 from mirage.evaluate.metrics import dice_score, hd95_per_class, iou_score
 from mirage.fileio import read_gray
 from mirage.run import METRICS
+from mirage.run.results import COUNT_COLUMNS, MISSED
 from mirage.workers import dying_with_parent
 
 
@@ -59,9 +62,9 @@ def _to_classes(image, lut, path, table_source):
 def score_slice(paths, plan, empty_sets_nan=True):
     """Decode one B-scan's mask and prediction and score it.
 
-    paths: (ground-truth path, prediction path). Returns (intersection, pred_count,
-    true_count), each (K,) int64 pixel counts per class, and (len(plan.scored),) float64
-    HD95 per scored class.
+    paths: (ground-truth path, prediction path). Returns ((intersection, pred_count,
+    true_count), hd, diagonal): (K,) int64 pixel counts per class, (len(plan.scored),)
+    float64 HD95 per scored class, and the mask's diagonal sqrt(H^2 + W^2) in pixels.
     """
     gt_path, pred_path = paths
     truth = _to_classes(read_gray(gt_path), plan.gt_lut, gt_path, plan.gt_source)
@@ -81,9 +84,11 @@ def score_slice(paths, plan, empty_sets_nan=True):
     confusion = np.bincount((truth.astype(np.uint16) * k + pred).ravel(),
                             minlength=k * k).reshape(k, k)
     height, width = truth.shape
-    one_empty = float("nan") if empty_sets_nan else math.sqrt(height ** 2 + width ** 2)
+    diagonal = math.sqrt(height ** 2 + width ** 2)
+    one_empty = float("nan") if empty_sets_nan else diagonal
     hd = hd95_per_class(pred, truth, plan.scored, one_empty)
-    return (np.diagonal(confusion).copy(), confusion.sum(axis=0), confusion.sum(axis=1)), hd
+    counts = (np.diagonal(confusion).copy(), confusion.sum(axis=0), confusion.sum(axis=1))
+    return counts, hd, diagonal
 
 
 def _map_in_workers(func, items, workers):
@@ -109,8 +114,10 @@ def _map_in_workers(func, items, workers):
 class RunEvaluation:
     """The result of evaluating one run.
 
-    rows: DataFrame, one row per (volume, scored class): ID, Class, Group, Dice, IoU (fractions),
-    HD95 (pixels). files: the CSV files written. groups: {group: [class labels]}.
+    rows: DataFrame, one row per (volume, scored class): ID, Class, Group, Dice, IoU
+    (fractions), HD95 (pixels), truth_pixels, pred_pixels (the class's pixels in the
+    volume's truth and prediction) and missed (in the truth, never predicted).
+    files: the CSV files written. groups: {group: [class labels]}.
     """
 
     run_dir: Path
@@ -121,6 +128,7 @@ class RunEvaluation:
     num_slices: int
     files: list = field(default_factory=list)
     note: str = ""  # a caveat about where the predictions come from
+    hd95_missing: str = "original"  # the HD95 rule of volumes with a missed class
 
     def group_rows(self, group):
         return self.rows if group == "all" else self.rows[self.rows["Group"] == group]
@@ -133,41 +141,59 @@ def _nanmean(values):
         return float(np.nanmean(np.ascontiguousarray(values)))
 
 
-def volume_scores(plan, slice_results, empty_volume="zero"):
-    """Aggregate one volume's per-B-scan results into rows (class label, Dice, IoU, HD95).
+def volume_scores(plan, slice_results, empty_volume="zero", hd95_missing="original"):
+    """Aggregate one volume's per-B-scan results into rows (class label, Dice, IoU, HD95,
+    truth pixels, predicted pixels, missed).
 
-    slice_results: [(counts, hd), ...] from score_slice, in slice order. Dice and IoU use
-    the pixel counts summed over the volume; HD95 is the NaN-ignoring mean over B-scans.
-    With empty_volume="nan", classes absent from both volumes get NaN for all three.
+    slice_results: [(counts, hd, diagonal), ...] from score_slice, in slice order. Dice and
+    IoU use the pixel counts summed over the volume; HD95 is the NaN-ignoring mean over
+    B-scans. With empty_volume="nan", classes absent from both volumes get NaN for all
+    three. A class that is in the volume but never in the truth and the prediction of the
+    same B-scan (never predicted, predicted but absent from the truth, or both in
+    different B-scans) has no measured distance: "original" keeps the mean over the
+    B-scans (0 where both masks are empty, so a missed class can score a perfect 0),
+    "nan" makes its HD95 NaN, "diagonal" the volume's image diagonal sqrt(H^2 + W^2).
     """
     inter, pred_count, true_count = (sum(r[0][i] for r in slice_results) for i in range(3))
     hd = np.stack([r[1] for r in slice_results])  # (S, len(scored))
+    # classes found in the truth and the prediction of at least one same B-scan
+    both = np.any([(r[0][1] > 0) & (r[0][2] > 0) for r in slice_results], axis=0)
+    diagonal = max(r[2] for r in slice_results)
     dice = dice_score(inter, pred_count, true_count)
     iou = iou_score(inter, pred_count, true_count)
     rows = []
     for j, c in enumerate(plan.scored):
-        values = [float(dice[c]), float(iou[c]), _nanmean(hd[:, j])]
-        if empty_volume == "nan" and pred_count[c] + true_count[c] == 0:
+        present = pred_count[c] + true_count[c] > 0
+        distance = _nanmean(hd[:, j])
+        if present and not both[c] and hd95_missing != "original":
+            distance = float("nan") if hd95_missing == "nan" else diagonal
+        values = [float(dice[c]), float(iou[c]), distance]
+        if empty_volume == "nan" and not present:
             values = [float("nan")] * 3
-        rows.append((plan.labels[c], *values))
+        missed = bool(true_count[c] > 0 and pred_count[c] == 0)
+        rows.append((plan.labels[c], *values, int(true_count[c]), int(pred_count[c]),
+                     missed))
     return rows
 
 
-def check_options(empty_volume, workers):
+def check_options(empty_volume, workers, hd95_missing="original"):
     if empty_volume not in EMPTY_VOLUME_MODES:
         raise UserError(f"--empty_volume must be one of {', '.join(EMPTY_VOLUME_MODES)}, "
                         f"not {empty_volume!r}")
+    if hd95_missing not in HD95_MISSING_RULES:
+        raise UserError(f"--hd95_missing must be one of {', '.join(HD95_MISSING_RULES)}, "
+                        f"not {hd95_missing!r}")
     if int(workers) < 1:
         raise UserError(f"--workers must be at least 1, not {workers}")
 
 
 def evaluate_prepared(inputs, empty_sets_nan=True, empty_volume="zero", workers=1,
-                      quiet=False):
+                      quiet=False, hd95_missing="original"):
     """Score every volume of ``inputs`` (a RunInputs); returns the rows as a RunEvaluation.
 
     Writes nothing; see evaluate_run.
     """
-    check_options(empty_volume, workers)
+    check_options(empty_volume, workers, hd95_missing)
     plan = inputs.plan
     tasks = [(gt, pred) for slices in inputs.volumes.values() for _, gt, pred in slices]
     score = partial(score_slice, plan=plan, empty_sets_nan=empty_sets_nan)
@@ -181,11 +207,12 @@ def evaluate_prepared(inputs, empty_sets_nan=True, empty_volume="zero", workers=
     rows, start = [], 0
     for scan_id, slices in inputs.volumes.items():
         for label, *values in volume_scores(plan, results[start:start + len(slices)],
-                                            empty_volume):
+                                            empty_volume, hd95_missing):
             rows.append((scan_id, label, group_of[label], *values))
         start += len(slices)
-    frame = pd.DataFrame(rows, columns=["ID", "Class", "Group", *METRICS])
+    frame = pd.DataFrame(rows, columns=["ID", "Class", "Group", *METRICS, *COUNT_COLUMNS,
+                                        MISSED])
     groups = {g: [plan.labels[c] for c in members] for g, members in plan.groups.items()}
     return RunEvaluation(run_dir=inputs.run_dir, dataset=inputs.dataset,
                          external=inputs.external, rows=frame, groups=groups,
-                         num_slices=len(tasks))
+                         num_slices=len(tasks), hd95_missing=hd95_missing)

@@ -20,6 +20,8 @@ FAKE_GPUS_ENV = "MIRAGE_RUNNER_FAKE_GPUS"
 CLUSTER_ENV = "MIRAGE_RUNNER_CLUSTER"
 # A job whose base command runs this program gets its run directory checked (dry resolution).
 TUNING_SCRIPT = "run_seg_tuning.py"
+# The training command as a script or as the command `pip install .` puts on the PATH.
+TUNING_COMMANDS = (TUNING_SCRIPT, "run_seg_tuning")
 # The most commands one ./runner call runs (docs/runner.md, "Grid size"): every job is built,
 # its run directory resolved and its log named before the first starts (and a SLURM array
 # is submitted whole), so a grid a typo away from billions must be refused, not built.
@@ -134,7 +136,7 @@ def tuning_args(command):
     """The arguments after ``run_seg_tuning.py`` in ``command`` (python, torchrun or the
     script itself), or None when the command runs another program."""
     for i, token in enumerate(command):
-        if os.path.basename(token) == TUNING_SCRIPT:
+        if os.path.basename(token) in TUNING_COMMANDS:
             return command[i + 1:]
     return None
 

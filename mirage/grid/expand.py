@@ -43,6 +43,7 @@ USAGE = (
     "  --runner-slurm-partition P, --runner-slurm-gpus G (default 1),\n"
     "  --runner-slurm-cpus C, --runner-slurm-mem GB, --runner-slurm-account A\n"
     "  --runner-detach          with --runner-slurm: submit and return without waiting\n"
+    "(runner options may also be written with underscores: --runner_gpus)\n"
     "full documentation: docs/runner.md"
 )
 
@@ -241,6 +242,8 @@ def _parse_front(tokens):
             base.append(token)
             continue
         name, has_inline, inline = token.partition("=")
+        # Every other tool spells options with underscores: --runner_gpus is --runner-gpus.
+        name = name.replace("_", "-")
         kind = RUNNER_OPTIONS.get(name)
         if kind is None:
             raise UserError(f"unknown runner option '{name}'{_did_you_mean(name)}; "

@@ -26,6 +26,11 @@ from tqdm import tqdm
 
 EXIT_USER_ERROR = 2  # the project's scripts (and argparse) exit 2 for bad input
 STOP_GRACE_S = 10.0  # after Ctrl-C or a timeout, how long a job may take to exit before SIGKILL
+# A job's output goes to its log file, where every redraw of a progress bar is kept: the
+# children's tqdm bars (tqdm >= 4.66 reads TQDM_* variables as its defaults) show only
+# once a bar has run this long, and redraw at most this often. Set them yourself to
+# override.
+LOG_BAR_ENV = {"TQDM_DELAY": "30", "TQDM_MININTERVAL": "30"}
 
 
 @dataclass
@@ -51,8 +56,11 @@ def _write_attempt_header(log, command, attempt, attempts, gpus):
 
 
 def _child_env(gpu=None):
+    """The environment of a job whose output goes to a log file."""
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")  # Python children write their logs as they go
+    for name, value in LOG_BAR_ENV.items():
+        env.setdefault(name, value)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     return env
@@ -91,6 +99,7 @@ class _Running:
     gpu: Optional[int]
     log: object  # open log file
     deadline: float  # time.monotonic() at which --runner-timeout stops it (inf: never)
+    started: float  # time.monotonic() at its start
     kill_at: Optional[float] = None  # set when the timeout fired: SIGKILL after the grace
 
 
@@ -115,17 +124,19 @@ class LocalPool:
         self.running = {}  # Popen -> _Running
         self.results = {}  # job index -> JobResult
         self.total = len(jobs)
+        self.done_seconds = []  # how long each job that succeeded ran (for the estimate)
 
     def run(self):
         """Run every job; returns (results in grid order, interrupted?)."""
         interrupted = False
-        bar = tqdm(total=self.total, desc="runner", unit="job", dynamic_ncols=True)
+        bar = progress_bar(self.total)
         try:
             while self.pending or self.running:
                 self._start_ready()
                 self._enforce_timeouts()
                 self._reap()
-                show_progress(bar, self.results.values(), len(self.running))
+                show_progress(bar, self.results.values(), len(self.running),
+                              self._estimate())
                 if self.pending or self.running:
                     time.sleep(self.poll_s)
         except KeyboardInterrupt:
@@ -158,7 +169,8 @@ class LocalPool:
                 continue
             deadline = (time.monotonic() + self.timeout_s if self.timeout_s is not None
                         else math.inf)
-            self.running[proc] = _Running(job, attempt, gpu, log, deadline)
+            self.running[proc] = _Running(job, attempt, gpu, log, deadline,
+                                          started=time.monotonic())
 
     def _enforce_timeouts(self):
         """SIGTERM to the process group of a job past its time, SIGKILL after the grace."""
@@ -185,7 +197,23 @@ class LocalPool:
                 # SIGTERM) would hold its GPU: the group goes entirely.
                 _signal_group(proc, signal.SIGKILL)
             run.log.close()
+            if proc.returncode == 0:
+                self.done_seconds.append(time.monotonic() - run.started)
             self._finish(run.job, run.attempt, proc.returncode, run.gpu, timed_out)
+
+    def _estimate(self):
+        """The time-left words of the progress line (see time_left_estimate); None once
+        nothing is left."""
+        if not (self.pending or self.running):
+            return None
+        now = time.monotonic()
+        left = time_left_estimate(self.done_seconds,
+                                  [now - run.started for run in self.running.values()],
+                                  len(self.pending), self.parallel)
+        if left is None:
+            return "no estimate before the first job is done"
+        mean = sum(self.done_seconds) / len(self.done_seconds)
+        return f"estimate: {format_duration(left)} left (mean job {format_duration(mean)})"
 
     def _finish(self, job, attempt, code, gpu, timed_out=False):
         if gpu is not None:
@@ -259,18 +287,58 @@ def _signal_group(proc, sig):
         os.killpg(proc.pid, sig)
 
 
-def show_progress(bar, results, running):
-    """Redraw the line when a count changed, else at most once a second (elapsed time)."""
+# The runner's progress line: finished/total, elapsed time and the counts. tqdm's own rate
+# and time left ({rate}, {remaining}) are left out: its rate over jobs of very different
+# lengths jumps (a few quick failures make a long grid look nearly done).
+PROGRESS_FORMAT = "{desc}: {n_fmt}/{total_fmt} jobs finished |{bar}| {elapsed} elapsed{postfix}"
+
+
+def progress_bar(total):
+    """The runner's live progress line (on stderr)."""
+    return tqdm(total=total, desc="runner", unit="job", dynamic_ncols=True,
+                bar_format=PROGRESS_FORMAT)
+
+
+def show_progress(bar, results, running, estimate=None):
+    """Redraw the line when a count changed, else at most once a second (elapsed time).
+    ``estimate``: words on the time left, or None for none (e.g. a SLURM queue)."""
+    results = list(results)
     done = sum(r.status == "done" for r in results)
     failed = sum(r.status == "failed" for r in results)
-    state = (done, failed, running)
+    timed_out = sum(r.status == "timed out" for r in results)
+    state = (done, failed, timed_out, running)
     now = time.monotonic()
     if state == getattr(bar, "runner_state", None) and now - bar.runner_shown < 1.0:
         return
     bar.runner_state, bar.runner_shown = state, now
-    bar.set_postfix_str(f"done {done}, failed {failed}, running {running}", refresh=False)
-    bar.update(done + failed - bar.n)  # redraws, also when the count is unchanged
+    text = f"done {done}, failed {failed}, " + (f"timed out {timed_out}, " if timed_out
+                                                 else "") + f"running {running}"
+    bar.set_postfix_str(text + (f"; {estimate}" if estimate else ""), refresh=False)
+    bar.update(len(results) - bar.n)  # redraws, also when the count is unchanged
     bar.refresh()
+
+
+def time_left_estimate(done_seconds, running_seconds, pending, parallel):
+    """Seconds until every job is finished, from the mean time of the jobs done so far:
+    a mean job for each pending job, the rest of one for each running job (none once it
+    ran longer), the sum shared by the jobs that can run at once. None before the first
+    job is done (nothing measured: no guess)."""
+    if not done_seconds:
+        return None
+    mean = sum(done_seconds) / len(done_seconds)
+    work = pending * mean + sum(max(mean - seconds, 0.0) for seconds in running_seconds)
+    slots = max(1, min(parallel, pending + len(running_seconds)))
+    return work / slots
+
+
+def format_duration(seconds):
+    """45 -> '45s', 250 -> '4m10s', 7500 -> '2h05m'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 @contextlib.contextmanager
@@ -302,8 +370,7 @@ def run_one_command(command, log_path, retries=0, timeout_s=None, grace_s=STOP_G
     Returns {"exit_code": int, "attempts": int, "timed_out": bool}. Uses only the standard
     library because it is pickled by value and runs on the cluster node.
     """
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
+    env = _child_env()
     attempts = retries + 1
     code, attempt, timed_out = 127, 0, False
     for attempt in range(1, attempts + 1):

@@ -13,8 +13,8 @@ import time
 from tqdm import tqdm
 
 from mirage.errors import UserError
-from mirage.grid.local import (JobResult, failure_note, format_exit, run_one_command,
-                               show_progress)
+from mirage.grid.local import (JobResult, failure_note, format_exit, progress_bar,
+                               run_one_command, show_progress)
 
 
 def make_executor(options, folder, cluster, parallel):
@@ -65,7 +65,8 @@ def wait_for_array(sub_jobs, jobs, log_paths, poll_s, retries=0):
     """
     results, waiting = {}, dict(enumerate(sub_jobs))
     interrupted = False
-    bar = tqdm(total=len(jobs), desc="runner", unit="job", dynamic_ncols=True)
+    # No time-left estimate: how long the tasks wait in the queue is not known here.
+    bar = progress_bar(len(jobs))
     try:
         while waiting:
             for i, sub in list(waiting.items()):

@@ -15,6 +15,7 @@ Segmentation model: encoder -> the outputs of the blocks the decoder asks for, g
 tokens dropped -> decoder -> logits (B, K, H, W).
 """
 import contextlib
+from collections import Counter
 from functools import partial
 
 import torch
@@ -112,6 +113,23 @@ class MirageEncoder(nn.Module):
     def block_parameters(self):
         """The transformer blocks' parameters (what --freeze_encoder freezes)."""
         return self.blocks.parameters()
+
+
+def width_and_depth(tensors):
+    """(embedding width, number of blocks) of the tensors of a MirageEncoder (named as
+    its parameters), e.g. to tell a checkpoint of another model size. The width is the one
+    most of the tensors that carry it agree on (None if none does): one damaged tensor
+    does not decide it."""
+    widths = Counter()
+    for name, tensor in tensors.items():
+        if name.endswith(("norm1.weight", "norm2.weight")) and tensor.ndim == 1:
+            widths[tensor.shape[0]] += 1
+        elif name == "input_adapter.proj.weight" and tensor.ndim == 4:
+            widths[tensor.shape[0]] += 1
+        elif name == "global_tokens" and tensor.ndim == 3:
+            widths[tensor.shape[-1]] += 1
+    depth = len({name.split(".")[1] for name in tensors if name.startswith("blocks.")})
+    return (widths.most_common(1)[0][0] if widths else None), depth
 
 
 class SegmentationModel(nn.Module):

@@ -2,8 +2,10 @@
 
     htmlpage.py, plots.py   static HTML building blocks and matplotlib figures
     run_report.py           report.html of one run (with gallery.py's overlays)
+    overlays.py             every test B-scan drawn; a predicted mask on its B-scan
     tensorboard_log.py      log.txt as TensorBoard event files
     study.py                runs grouped over seeds; summary statistics
+    labels.py               readable row labels (model + what differs, in words)
     significance.py         paired Wilcoxon tests with Holm-Bonferroni
     tables.py               paper tables (Markdown, LaTeX)
     grid_report.py          the study's report.html

@@ -77,7 +77,8 @@ def _display(gt_path, truth, pred, scored):
 def compose(image, truth, pred, wrong, colors, shown, gap=4):
     """The four panels side by side as one (H, 4W + 3 gap, 3) uint8 RGB image: the B-scan,
     truth and prediction with the ``shown`` classes tinted in ``colors`` ((K, 3) floats in
-    [0, 1]), and the wrong pixels in red on the darkened B-scan."""
+    [0, 1]), and the wrong pixels in red (plots.ERROR_RGB, which no class colour resembles)
+    on the darkened B-scan."""
     gray = np.repeat(image[..., None], 3, axis=2)
 
     def tinted(classes):
@@ -88,7 +89,7 @@ def compose(image, truth, pred, wrong, colors, shown, gap=4):
         return out
 
     errors = 0.7 * gray
-    errors[wrong] = (1.0, 0.1, 0.1)
+    errors[wrong] = plots.ERROR_RGB
     white = np.ones((image.shape[0], gap, 3))
     panels = [gray, white, tinted(truth), white, tinted(pred), white, errors]
     return np.round(255 * np.clip(np.concatenate(panels, axis=1), 0, 1)).astype(np.uint8)
@@ -141,6 +142,8 @@ def gallery(run_dir, datasets_path, external="", ignore_bg=True, quiet=True):
     colors = plots.class_colors(plan.num_classes)
     result.legend = [(plan.labels[c], tuple(int(round(255 * v)) for v in colors[c]))
                      for c in scored]
+    result.legend.append(("errors (4th panel; no class is red)",
+                          tuple(int(round(255 * v)) for v in plots.ERROR_RGB)))
     scores.sort(key=lambda s: (s[0], s[1]))
     picks = {"worst": scores[0], "median": scores[(len(scores) - 1) // 2], "best": scores[-1]}
     seen = set()

@@ -11,52 +11,68 @@ import pandas as pd
 from mirage.report import htmlpage as H
 from mirage.report import plots
 from mirage.report.study import LOWER_IS_BETTER
+from mirage.report.tables import MISSED_MARK
+
+# The significance table's columns, p-values first after the pair so that they stay in
+# view on narrow screens; long labels and notes wrap (htmlpage's CSS).
+SIGNIFICANCE_COLUMNS = ["dataset", "class_group", "model_a", "model_b", "p_value", "p_holm",
+                        "significant", "better", "median_diff", "n_volumes", "note"]
 
 
 def _paper_table_html(table):
+    """The table (cells with their † and [n] marks, never-predicted cells not bold) and
+    its footnotes."""
     columns = ["model", *table.datasets]
+    rows, footnotes, missed = table.layout()
     records, bold = [], set()
-    for i, label in enumerate(table.labels):
+    for i, (label, views) in enumerate(rows):
         record = {"model": label}
-        for dataset in table.datasets:
-            text = table.text(label, dataset) or "–"
-            note = table.footnote(label, dataset)
-            record[dataset] = f"{text} ({note})" if note else text
-            if label in table.best(dataset):
+        for dataset, view in zip(table.datasets, views):
+            text = (view.text or "–") + (f" {view.mark}" if view.mark else "")
+            record[dataset] = text + (f" [{view.number}]" if view.number else "")
+            if view.bold:
                 bold.add((i, dataset))
         records.append(record)
+    notes = [f"[{i}] {note}" for i, note in enumerate(footnotes, 1)]
+    notes += [table.missed_footnote(missed)] if missed else []
     return H.table(pd.DataFrame(records, columns=columns), bold=bold,
-                   text_columns={"model"})
+                   text_columns={"model"}) + H.notes_list(notes)
 
 
 def _heat_map(table):
     values = np.full((len(table.labels), len(table.datasets)), np.nan)
+    marks = np.full(values.shape, "", dtype=object)
     for i, label in enumerate(table.labels):
         for j, dataset in enumerate(table.datasets):
             cell = table.cells.get((label, dataset))
             if cell is not None and cell.has_value:
                 values[i, j] = cell.mean
+                marks[i, j] = MISSED_MARK if cell.missed else ""
     if not np.isfinite(values).any():
         return ""
-    fig = plots.heat_map(values, table.labels, table.datasets, f"mean {table.title}",
-                         higher_is_better=table.metric not in LOWER_IS_BETTER)
-    return H.image(plots.to_png(fig), f"heat map: mean {table.title}",
-                   f"Mean {table.title} over seeds, model x dataset.")
+    columns, legend = plots.short_labels(table.datasets)
+    fig = plots.heat_map(values, table.labels, columns, f"mean {table.title}",
+                         higher_is_better=table.metric not in LOWER_IS_BETTER, marks=marks)
+    caption = f"Mean {table.title} over seeds, model x dataset."
+    if legend:
+        caption += " Columns: " + "; ".join(f"{short} = {name}" for short, name in legend) + "."
+    if marks.any():
+        caption += f" {MISSED_MARK}: a class never predicted in test volumes that hold it."
+    return H.image(plots.to_png(fig), f"heat map: mean {table.title}", caption)
 
 
 def _significance_html(significance, metric):
     if significance.empty:
         return H.paragraph("No pair of models shares a dataset: nothing to test.")
     shown = significance[significance["metric"] == metric]
-    columns = ["dataset", "class_group", "model_a", "model_b", "n_volumes", "median_diff",
-               "p_value", "p_holm", "significant", "better", "note"]
-    frame = shown[columns].copy()
+    frame = shown[SIGNIFICANCE_COLUMNS].copy()
     for column in ("p_value", "p_holm"):
         frame[column] = [("n/a" if not np.isfinite(p) else f"{p:.4g}")
                          for p in frame[column].to_numpy(dtype=float)]
-    return H.table(frame.reset_index(drop=True), digits=2,
+    return H.table(frame.reset_index(drop=True), digits=2, ident="significance-table",
                    text_columns={"dataset", "class_group", "model_a", "model_b",
-                                 "significant", "better", "note"})
+                                 "significant", "better", "note"},
+                   classes={"p_value": "p", "p_holm": "p", "note": "wide"})
 
 
 def _runs_html(runs_frame, run_links):
@@ -68,17 +84,19 @@ def _runs_html(runs_frame, run_links):
 
 
 def render_grid_report(study, tables, significance, runs_frame, run_links, files,
-                       metric="Dice", alpha=0.05):
+                       metric="Dice", alpha=0.05, missed=()):
     """The study page. runs_frame: runs.csv as a DataFrame; run_links: {run path: href}
-    (only for reports that exist); files: {name: href} of the other outputs."""
+    (only for reports that exist); files: {name: href} of the other outputs; missed:
+    lines about classes never predicted (see study_outputs.missed_lines)."""
     evaluated = sum(1 for run in study.runs if run.evaluated)
     overview = (f"{len(study.runs)} run directories, {evaluated} evaluated; "
                 f"{len(study.groups)} groups (dataset x model x decoder x loss x protocol); "
                 f"datasets: {', '.join(study.datasets) or 'none'}.")
     links = " · ".join(f'<a href="{H.esc(href)}">{H.esc(name)}</a>'
                        for name, href in files.items())
+    never = [f"{MISSED_MARK} never predicted: {line}" for line in missed]
     sections = [H.section("Overview", H.paragraph(overview), f"<p>Files: {links}</p>",
-                          H.notes_list(study.notes), anchor="overview")]
+                          H.notes_list(never + list(study.notes)), anchor="overview")]
     primary = [t for t in tables if t.metric == metric]
     maps = [_heat_map(t) for t in primary]
     sections.append(H.section(f"Heat map of mean {metric}", *maps, anchor="heatmap")
@@ -89,7 +107,8 @@ def render_grid_report(study, tables, significance, runs_frame, run_links, files
         table_parts.append(f"<h3>{H.esc(table.title)}</h3>")
         seeds = f"over {table.seeds} seeds" if table.seeds > 1 else "one seed"
         table_parts.append(H.paragraph(f"Mean ± sample std {seeds}; best per column in "
-                                       "bold.", cls="muted"))
+                                       f"bold (never a cell marked {MISSED_MARK}).",
+                                       cls="muted"))
         table_parts.append(_paper_table_html(table))
     sections.append(H.section("Tables", *table_parts, anchor="tables"))
     sections.append(H.section(

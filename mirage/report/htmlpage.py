@@ -7,6 +7,7 @@
 """
 import base64
 import html
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ h3{font-size:1.05em}
 table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f3f3f3}td.text,th.text{text-align:left}
+th,td.text{overflow-wrap:break-word}td.p,.nw{white-space:nowrap}
 td.best{font-weight:bold;background:#e8f4e8}
 .note{color:#8a4b00}.muted{color:#666;font-size:.9em}
 img{max-width:100%;height:auto;display:block;margin:.5em 0}
@@ -40,6 +42,14 @@ border:1px solid #888}
 
 def esc(text):
     return html.escape(str(text), quote=True)
+
+
+def breakable(text):
+    """Escaped ``text`` that may wrap after '_' and '/' (dataset names, run names and paths
+    have no spaces), so a table column can be narrower than its longest name."""
+    text = re.sub(r"([_/])", r"\1<wbr>", esc(text))
+    # ... but never inside a number such as 1e-3 (browsers break after any hyphen)
+    return re.sub(r"(\d+(?:\.\d+)?e-\d+)", r'<span class="nw">\1</span>', text)
 
 
 def page(title, sections, subtitle=""):
@@ -74,33 +84,42 @@ def _cell_text(value, digits):
     return "" if value is None else str(value)
 
 
-def table(frame, bold=None, digits=2, links=None, text_columns=None):
+def table(frame, bold=None, digits=2, links=None, text_columns=None, ident="",
+          classes=None):
     """``frame`` (a DataFrame) as an HTML table; the index is not shown.
 
     bold: set of (row position, column name) cells shown bold (the best of a column).
     links: {column: [href or None per row]} turning those cells into links.
-    text_columns: left-aligned columns (default: the non-numeric ones).
+    text_columns: left-aligned columns (default: the non-numeric ones); their text may
+    also wrap after '_' and '/', so long labels and paths never widen the page past the
+    screen.
+    ident: the table's id attribute. classes: {column: CSS class of its cells}.
     """
     bold = bold or set()
     links = links or {}
+    classes = classes or {}
     if text_columns is None:
         text_columns = {c for c in frame.columns
                         if not pd.api.types.is_numeric_dtype(frame[c].dtype)}
-    head = "".join(f'<th class="{"text" if c in text_columns else ""}">{esc(c)}</th>'
+    head = "".join(f'<th class="{"text" if c in text_columns else ""}">{breakable(c)}</th>'
                    for c in frame.columns)
     rows = []
     for i, (_, row) in enumerate(frame.iterrows()):
         cells = []
         for column in frame.columns:
-            text = esc(_cell_text(row[column], digits))
+            text = _cell_text(row[column], digits)
+            text = breakable(text) if column in text_columns else esc(text)
             href = links.get(column, [None] * len(frame))[i]
             if href:
                 text = f'<a href="{esc(href)}">{text}</a>'
-            classes = " ".join(k for k, on in (("text", column in text_columns),
-                                               ("best", (i, column) in bold)) if on)
-            cells.append(f'<td class="{classes}">{text}</td>' if classes else f"<td>{text}</td>")
+            names = " ".join(k for k, on in (("text", column in text_columns),
+                                             ("best", (i, column) in bold),
+                                             (classes.get(column, ""), column in classes))
+                             if on)
+            cells.append(f'<td class="{names}">{text}</td>' if names else f"<td>{text}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + \
+    opening = f'<table id="{esc(ident)}">' if ident else "<table>"
+    return f"{opening}\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + \
         "\n</tbody>\n</table>"
 
 

@@ -8,13 +8,23 @@ built with ``matplotlib.figure.Figure`` (no pyplot state, no display needed).
     class_iou_curves(log)           per-class validation IoU per epoch
     box_plots(rows)                 per-volume Dice and HD95 per class
     heat_map(values, rows, cols)    e.g. mean Dice, model x dataset
+    class_colors(K)                 class colours (no red: red marks errors)
+
+Every figure uses matplotlib's constrained layout and is sized from its labels, so long
+labels stay inside the image (tight_layout gives up with a warning and cuts them).
 """
+import colorsys
 import io
+import re
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 _DPI = 90
+ERROR_RGB = (1.0, 0.1, 0.1)  # wrong pixels in the overlays; no class colour is red-like
+HEAT_MAP_COLUMN_CHARS = 14  # longer dataset names are wrapped onto lines this long
+HEAT_MAP_COLUMN_LINES = 3  # ... and abbreviated (with a legend) beyond this many lines
 
 
 def to_png(fig, dpi=_DPI):
@@ -31,11 +41,26 @@ def rgb_png(rgb):
     return buffer.getvalue()
 
 
+def is_red_like(rgb):
+    """True for colours a reader could take for the error red (hue within 20 degrees of
+    red, saturated and not dark)."""
+    hue, saturation, value = colorsys.rgb_to_hsv(*rgb[:3])
+    return min(hue, 1 - hue) * 360 <= 20 and saturation >= 0.35 and value >= 0.35
+
+
 def class_colors(num_classes):
-    """(K, 3) float RGB, one distinct colour per class index."""
+    """(K, 3) float RGB, one distinct colour per class index, none of them red-like: red
+    (ERROR_RGB) marks the wrong pixels of the overlays."""
     import matplotlib
-    cmap = matplotlib.colormaps["tab10" if num_classes <= 10 else "tab20"]
-    return np.array([cmap(i % cmap.N)[:3] for i in range(num_classes)])
+    names = ("tab10",) if num_classes <= 8 else ("tab20", "tab20b")
+    palette = [c[:3] for name in names for c in matplotlib.colormaps[name].colors
+               if not is_red_like(c)]
+    return np.array([palette[i % len(palette)] for i in range(num_classes)])
+
+
+def _integer_epochs(ax):
+    """Epochs are whole numbers: no 0.5-epoch ticks on short runs."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 # ----------------------------------------------------------------------------- training
@@ -48,29 +73,36 @@ def _series(log, key):
     return np.array(epochs), np.array(values, dtype=float)
 
 
+# Validation mIoU series: the first of identical series is drawn (val/mIoU is the same
+# numbers as val/mIoU_all in current logs, and would hide under it).
+_MIOU_SERIES = (("val/mIoU_all", "validation, all classes"),
+                ("val/mIoU_fg", "validation, foreground"), ("val/mIoU", "validation mIoU"))
+
+
 def training_curves(log):
-    """Figure with losses, validation mIoU (%) and learning rate over epochs, or None."""
+    """Figure with losses, mIoU (%) and learning rate over epochs, or None.
+
+    The mIoU panel draws each distinct validation series once, and the test score of the
+    best checkpoint (log.txt's test line) as its own dashed line and marker.
+    """
     if not any(isinstance(e.get("epoch"), int) for e in log):
         return None
-    fig = Figure(figsize=(12, 3.4))
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
     axes = fig.subplots(1, 3)
     for key, name in (("train/loss", "train"), ("val/loss", "validation")):
         series = _series(log, key)
         if series is not None:
             axes[0].plot(*series, marker="." if len(series[0]) < 30 else None, label=name)
     axes[0].set_title("loss")
-    for key, name in (("val/mIoU", "mIoU"), ("val/mIoU_fg", "mIoU foreground"),
-                      ("val/mIoU_all", "mIoU all classes")):
+    drawn = []
+    for key, name in _MIOU_SERIES:
         series = _series(log, key)
-        if series is not None:
-            axes[1].plot(series[0], 100 * series[1], label=name)
-    tests = [(e["test_epoch"], e["test/mIoU"]) for e in log
-             if isinstance(e.get("test_epoch"), int)
-             and isinstance(e.get("test/mIoU"), (int, float))]
-    if tests:
-        axes[1].scatter([t[0] for t in tests], [100 * t[1] for t in tests], color="black",
-                        marker="*", s=80, zorder=3, label="test (best checkpoint)")
-    axes[1].set_title("validation mIoU (%)")
+        if series is None or any(_same_series(series, other) for other in drawn):
+            continue
+        drawn.append(series)
+        axes[1].plot(series[0], 100 * series[1], label=name)
+    _draw_test_score(axes[1], log)
+    axes[1].set_title("mIoU (%)")
     series = _series(log, "train/lr")
     if series is not None:
         axes[2].plot(*series, color="tab:purple")
@@ -78,11 +110,31 @@ def training_curves(log):
     axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     for ax in axes:
         ax.set_xlabel("epoch")
+        _integer_epochs(ax)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.tight_layout()
     return fig
+
+
+def _same_series(a, b):
+    return a[0].shape == b[0].shape and np.array_equal(a[0], b[0]) and \
+        np.allclose(a[1], b[1], equal_nan=True)
+
+
+def _draw_test_score(ax, log):
+    """The last test line's mIoU: a dashed level across the panel and a marker at the
+    epoch of the checkpoint tested, one legend entry that says it is the test score."""
+    tests = [e for e in log if isinstance(e.get("test_epoch"), int)
+             and isinstance(e.get("test/mIoU"), (int, float))]
+    if not tests:
+        return
+    epoch, value = tests[-1]["test_epoch"], 100 * tests[-1]["test/mIoU"]
+    ax.axhline(value, color="black", linestyle="--", linewidth=1, zorder=2)
+    # One point drawn with the level's line style: its legend entry shows both.
+    ax.plot([epoch], [value], color="black", marker="D", markersize=5, linestyle="--",
+            linewidth=1, zorder=3, label=f"test (best checkpoint, epoch {epoch}): "
+                                         f"{value:.1f}")
 
 
 def class_iou_curves(log):
@@ -96,7 +148,7 @@ def class_iou_curves(log):
                     per_class.setdefault(label, []).append((entry["epoch"], value))
     if not per_class:
         return None
-    fig = Figure(figsize=(8, 3.4))
+    fig = Figure(figsize=(8, 3.4), layout="constrained")
     ax = fig.subplots()
     colors = class_colors(len(per_class))
     for color, (label, points) in zip(colors, per_class.items()):
@@ -105,9 +157,9 @@ def class_iou_curves(log):
     ax.set_xlabel("epoch")
     ax.set_ylabel("IoU (%)")
     ax.set_title("validation IoU per class")
+    _integer_epochs(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
-    fig.tight_layout()
     return fig
 
 
@@ -115,7 +167,7 @@ def class_iou_curves(log):
 def box_plots(rows):
     """Per-volume Dice (%) and HD95 (px) per class: rows has Class, Dice, HD95 columns."""
     classes = list(dict.fromkeys(rows["Class"]))
-    fig = Figure(figsize=(min(14, max(6, 0.9 * len(classes) + 2)), 6.4))
+    fig = Figure(figsize=(min(14, max(6, 0.9 * len(classes) + 2)), 6.4), layout="constrained")
     axes = fig.subplots(2, 1)
     for ax, metric, scale, unit in ((axes[0], "Dice", 100, "%"), (axes[1], "HD95", 1, "px")):
         data = []
@@ -131,21 +183,60 @@ def box_plots(rows):
         ax.set_xlim(0.4, len(classes) + 0.6)
         ax.set_title(f"{metric} per volume ({unit})")
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
     return fig
 
 
 # ----------------------------------------------------------------------------- studies
-def heat_map(values, row_labels, column_labels, title, higher_is_better=True):
-    """A model x dataset heat map with each value written in its cell; NaN cells blank."""
+def wrap_label(text, width=HEAT_MAP_COLUMN_CHARS):
+    """``text`` on lines of at most ``width`` characters, broken after '_', '-' or ' '
+    (and inside a longer word only where it must be); nothing is cut."""
+    lines, line = [], ""
+    for token in re.split(r"(?<=[_\- ])", str(text)):
+        while len(token) > width:  # one word longer than a line: split it
+            if line:
+                lines.append(line)
+                line = ""
+            lines.append(token[:width])
+            token = token[width:]
+        if len(line) + len(token.rstrip()) > width and line:
+            lines.append(line)
+            line = ""
+        line += token
+    lines.append(line)
+    return "\n".join(part.rstrip() for part in lines if part.strip())
+
+
+def short_labels(names, width=HEAT_MAP_COLUMN_CHARS, max_lines=HEAT_MAP_COLUMN_LINES):
+    """(labels to show, legend [(short, name)]): each name wrapped (wrap_label), or "D1",
+    "D2", ... for all of them when one would need more than ``max_lines`` lines."""
+    wrapped = [wrap_label(name, width) for name in names]
+    if all(text.count("\n") < max_lines for text in wrapped):
+        return wrapped, []
+    shorts = [f"D{i}" for i in range(1, len(names) + 1)]
+    return shorts, list(zip(shorts, names))
+
+
+def heat_map(values, row_labels, column_labels, title, higher_is_better=True, marks=None):
+    """A model x dataset heat map with each value written in its cell; NaN cells blank.
+
+    Column labels may hold line breaks (short_labels); marks: (rows, columns) texts added
+    after the values (e.g. "†"). The figure is sized from its labels, so nothing is cut.
+    """
     values = np.asarray(values, dtype=float)
-    fig = Figure(figsize=(1.6 * len(column_labels) + 3, 0.45 * len(row_labels) + 1.6))
+    label_chars = max([len(str(label)) for label in row_labels] + [1])
+    lines = max([str(label).count("\n") + 1 for label in column_labels] + [1])
+    column_chars = max([len(part) for label in column_labels
+                        for part in str(label).split("\n")] + [1])
+    column_width = max(0.9, 0.085 * column_chars + 0.2)
+    width = 0.075 * label_chars + column_width * len(column_labels) + 1.8
+    height = 0.42 * len(row_labels) + 0.2 * lines + 1.2
+    fig = Figure(figsize=(width, height), layout="constrained")
     ax = fig.subplots()
     masked = np.ma.masked_invalid(values)
     image = ax.imshow(masked, cmap="viridis" if higher_is_better else "viridis_r",
                       aspect="auto")
     ax.set_xticks(range(len(column_labels)))
-    ax.set_xticklabels(column_labels, rotation=20, ha="right", fontsize=8)
+    ax.set_xticklabels(column_labels, fontsize=8)
     ax.set_yticks(range(len(row_labels)))
     ax.set_yticklabels(row_labels, fontsize=8)
     finite = values[np.isfinite(values)]
@@ -153,9 +244,9 @@ def heat_map(values, row_labels, column_labels, title, higher_is_better=True):
     for (i, j), value in np.ndenumerate(values):
         if np.isfinite(value):
             dark = (value < middle) == higher_is_better
-            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=8,
+            mark = f" {marks[i, j]}" if marks is not None and marks[i, j] else ""
+            ax.text(j, i, f"{value:.1f}{mark}", ha="center", va="center", fontsize=8,
                     color="white" if dark else "black")
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.04)
-    fig.tight_layout()
     return fig

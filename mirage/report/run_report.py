@@ -19,9 +19,11 @@ from mirage.report import plots
 from mirage.errors import UserError
 from mirage.run import METRICS
 from mirage.report.gallery import gallery
+from mirage.report.tables import MISSED_MARK
 from mirage.report.tensorboard_log import write_tensorboard
 from mirage.run.catalog import read_run
 from mirage.run.folder import RunFolder
+from mirage.run.results import missed_counts
 
 
 def _number(value, scale=1.0, digits=2):
@@ -53,8 +55,14 @@ def _facts_table(facts):
 
 
 def class_table(evaluation):
-    """DataFrame: per class, then per class group, the mean over volumes (NaN left out)."""
+    """DataFrame: per class, then per class group, the mean over volumes (NaN left out).
+
+    A class never predicted in a volume that holds it is marked † (so is its class group)
+    and a "missed" column says in how many of the volumes holding it; the column is only
+    there when something was missed.
+    """
     rows = evaluation.rows
+    missed = missed_counts(rows)
     records = []
 
     def record(name, part):
@@ -74,7 +82,41 @@ def class_table(evaluation):
         records.append(record(f"[{kind}]", evaluation.group_rows(kind)))
     if len(kinds) > 1:
         records.append(record("[all]", rows))
+    if missed:
+        flagged = set(missed) | {f"[{k}]" for k in kinds if
+                                 set(evaluation.group_rows(k)["Class"]) & set(missed)}
+        flagged |= {"[all]"}
+        for entry in records:
+            name = entry["class"]
+            entry["missed"] = "{} of {}".format(*missed[name]) if name in missed else ""
+            if name in flagged:
+                entry["class"] = f"{name} {MISSED_MARK}"
     return pd.DataFrame(records)
+
+
+def scoring_rules(evaluation):
+    """How the scores were computed, in words (the options evaluation.json records)."""
+    words = {"zero": "a class absent from both a volume's truth and its prediction scores "
+                     "Dice = IoU = 0 there (as the original tool)",
+             "nan": "a class absent from both a volume's truth and its prediction is left "
+                    "out of the means for that volume"}
+    rules = [words.get(evaluation.empty_volume, "how classes absent from a whole volume "
+                                                "were scored is not recorded")]
+    one_empty = evaluation.options.get("empty_sets_nan")
+    if one_empty is not None:
+        rules.append("a B-scan where only one of truth and prediction holds a class "
+                     + ("has no HD95 for it (left out of the volume's mean)" if one_empty
+                        else "counts the image diagonal as its HD95"))
+    rules.append({"original": "a volume where a class is never in the truth and the "
+                              "prediction of the same B-scan (e.g. never predicted) keeps "
+                              "the mean over its B-scans as HD95, 0 where neither mask holds "
+                              "the class (as the original tool)",
+                  "nan": "a volume where a class is never in the truth and the prediction "
+                         "of the same B-scan (e.g. never predicted) has no HD95 (left out)",
+                  "diagonal": "a volume where a class is never in the truth and the "
+                              "prediction of the same B-scan (e.g. never predicted) gets the "
+                              "image diagonal as HD95"}.get(evaluation.hd95_missing, ""))
+    return "; ".join(r for r in rules if r)
 
 
 def _datasets_path(run, evaluation, given):
@@ -94,12 +136,15 @@ def _evaluation_section(run, evaluation, datasets_path, with_gallery, quiet):
         title += f" (external test set; trained on {run.train_dataset})"
     options = evaluation.options
     facts = (f"{evaluation.rows['ID'].nunique()} volumes; files "
-             f"{', '.join(p.name for p in evaluation.files)}; --empty_volume "
-             f"{evaluation.empty_volume or 'unknown'}"
-             + (f"; --empty_sets_nan {options['empty_sets_nan']}"
-                if "empty_sets_nan" in options else "")
-             + ". Dice and IoU in %, HD95 in pixels; means over volumes, NaN left out.")
+             f"{', '.join(p.name for p in evaluation.files)}. Dice and IoU in %, HD95 in "
+             f"pixels; means over volumes, NaN left out. Scoring: {scoring_rules(evaluation)}.")
     parts = [H.paragraph(facts), H.table(class_table(evaluation), digits=2)]
+    missed = missed_counts(evaluation.rows)
+    if missed:
+        parts.append(H.notes_list([
+            f"{MISSED_MARK} {label} never predicted in {n} of {holding} test volume(s) that "
+            f"hold it: its Dice there is 0; its HD95 there: see Scoring above"
+            for label, (n, holding) in missed.items()]))
     parts.append(H.image(plots.to_png(plots.box_plots(evaluation.rows)),
                          f"per-volume scores on {evaluation.dataset}",
                          "Per-volume Dice and HD95 of each class (box: quartiles; "
@@ -130,18 +175,40 @@ def _training_section(run):
         parts.append(H.notes_list(["no epoch in log.txt: no training curves"]))
     else:
         parts.append(H.image(plots.to_png(curves), "training curves",
-                             "Training and validation loss, validation mIoU (% of the "
-                             "log's fractions) and the learning rate per epoch."))
+                             "Training and validation loss; mIoU (% of the log's "
+                             "fractions): validation per epoch and, dashed, the test score "
+                             "of the best checkpoint; the learning rate per epoch."))
     per_class = plots.class_iou_curves(run.log)
     if per_class is not None:
         parts.append(H.image(plots.to_png(per_class), "validation IoU per class"))
     return H.section("Training", *parts, anchor="training")
 
 
+def precision_used(run):
+    """What --fp16 / --amp_dtype did, in words: mixed precision only runs on CUDA.
+
+    The device is the last one log.txt names (a "device" entry), else the configured
+    --device; with --device auto and no such entry it cannot be known afterwards.
+    """
+    if not run.config.get("fp16"):
+        return "float32"
+    logged = [e["device"] for e in run.log if isinstance(e.get("device"), str)]
+    device = (logged[-1] if logged else str(run.config.get("device") or "auto")).lower()
+    if device.startswith("cpu"):
+        return "not used: CPU run, float32"
+    if device.startswith("cuda"):
+        return f"used: {run.config.get('amp_dtype', 'fp16')} autocast on CUDA"
+    return ("CUDA only; --device auto and log.txt does not record the device; a CPU run "
+            "is float32")
+
+
 def _config_section(run):
     items = sorted(run.config.items())
+    precision = precision_used(run)
+    shown = {"fp16": precision, "amp_dtype": precision if precision.startswith("not") else ""}
     frame = pd.DataFrame({"option": [k for k, _ in items],
-                          "value": [str(v) for _, v in items]})
+                          "value": [f"{v} ({shown[k]})" if shown.get(k) else str(v)
+                                    for k, v in items]})
     return H.section("Configuration (config.yaml)",
                      H.table(frame, text_columns={"option", "value"}), anchor="config")
 

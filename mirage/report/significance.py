@@ -23,7 +23,7 @@ import pandas as pd
 from scipy import stats
 
 from mirage.run import METRICS
-from mirage.report.study import LOWER_IS_BETTER, volume_scores
+from mirage.report.study import LOWER_IS_BETTER, missed_summary, volume_scores
 
 MIN_PAIRS = 6
 EXACT_MAX = 50
@@ -103,6 +103,9 @@ def _pair_problem(group_a, group_b, class_group):
     if len(modes) > 1:
         return (f"scored with different --empty_volume modes ({group_a.empty_volume} vs "
                 f"{group_b.empty_volume}); re-evaluate both with one mode")
+    if group_a.hd95_missing != group_b.hd95_missing:
+        return (f"scored with different --hd95_missing rules ({group_a.hd95_missing} vs "
+                f"{group_b.hd95_missing}); re-evaluate both with one rule")
     classes_a, classes_b = group_a.classes(class_group), group_b.classes(class_group)
     if sorted(classes_a) != sorted(classes_b):
         return (f"different classes scored ({', '.join(classes_a)} vs "
@@ -156,14 +159,29 @@ def significance_table(study, metrics=METRICS, alpha=0.05, min_pairs=MIN_PAIRS):
         for group_a, group_b in itertools.combinations(groups, 2):
             for class_group in _shared_class_groups(group_a, group_b):
                 problem = _pair_problem(group_a, group_b, class_group)
+                missed = _missed_note(group_a, group_b, class_group)
                 for metric in metrics:
                     scores = _scores(group_a, group_b, class_group, metric, problem)
-                    rows.append(_compare(dataset, class_group, metric, group_a.label,
-                                         group_b.label, [scores], min_pairs))
+                    row = _compare(dataset, class_group, metric, group_a.label,
+                                   group_b.label, [scores], min_pairs)
+                    if missed:
+                        row["note"] = "; ".join(n for n in (row.get("note"), missed) if n)
+                    rows.append(row)
     if len(by_dataset) > 1:
         rows += _pooled_rows(by_dataset, metrics, min_pairs)
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     return _correct(table, alpha)
+
+
+def _missed_note(group_a, group_b, class_group):
+    """'B never predicts a class in some volumes that hold it (summary.md, †)' or ""."""
+    which = [g.label for g in (group_a, group_b)
+             if missed_summary([(m, m.evaluation.group_rows(class_group))
+                                for m in g.members])[0]]
+    if not which:
+        return ""
+    return (f"{' and '.join(which)} never predict(s) a class in some test volumes that "
+            "hold it (see summary.md, †)")
 
 
 def _shared_class_groups(group_a, group_b):

@@ -1,18 +1,21 @@
 """Group evaluated runs across seeds and summarise them: the numbers behind the paper table.
 
-    build_study(runs)                       -> Study (groups of seeds, labels, notes)
+    build_study(runs, labels=None)          -> Study (groups of seeds, labels, notes)
     summary_table(study)                    -> DataFrame written as summary.csv
     volume_scores(group, class_group, m)    -> per-volume scores averaged over seeds
 
 A group is one (evaluated dataset, model weights, decoder, loss, protocol) with one run per
 seed; the protocol is every identity option of the run other than those (see
-identity.json, or config.yaml for older runs). Dice and IoU are in percent, HD95 in pixels.
+identity.json, or config.yaml for older runs). Row labels: mirage.report.labels. Dice and
+IoU are in percent, HD95 in pixels.
 
 Per run, the mean of a class group is the mean over all its (volume, class) rows, NaN left
 out (as run_seg_eval.py prints it); a class's mean is over volumes. The summary gives the
 mean and the sample standard deviation (n - 1) of these per-run means over seeds.
-Anything that would make a mean wrong (class sets or --empty_volume modes that differ
-between seeds) leaves the mean empty with a note saying why, rather than a wrong number.
+Anything that would make a mean wrong (class sets, --empty_volume modes or --hd95_missing
+rules that differ between seeds) leaves the mean empty with a note saying why, rather than
+a wrong number. A class never predicted in a test volume that holds it is counted per row
+(``missed``, ``missed_note``), so the tables can flag the cell.
 """
 import warnings
 from dataclasses import dataclass, field
@@ -20,7 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from mirage.report.labels import label_groups
 from mirage.run import METRICS
+from mirage.run.results import HD95_MISSING_DEFAULT, missed_counts
 
 CLASS_GROUPS = ("layers", "lesions", "all")
 PERCENT_METRICS = ("Dice", "IoU")  # fractions in the CSVs, percent in every summary
@@ -34,6 +39,7 @@ class GroupKey:
     dataset: str  # the evaluated dataset
     trained_on: str  # the run's training dataset (differs for external test sets)
     model: str  # weights file stem
+    weights: str  # the weights file's SHA-256 (or its name for older runs)
     decoder: str
     loss: str
     protocol: tuple  # ((option, JSON value), ...)
@@ -75,6 +81,15 @@ class Group:
         modes = sorted({m.evaluation.empty_volume for m in self.members} - {""})
         return "/".join(modes) or "unknown"
 
+    @property
+    def hd95_missing(self):
+        rules = sorted({_hd95_rule(m.evaluation) for m in self.members})
+        return "/".join(rules) or HD95_MISSING_DEFAULT
+
+    @property
+    def weights_sha256(self):
+        return next((m.run.weights_sha256 for m in self.members if m.run.weights_sha256), "")
+
     def class_groups(self):
         kinds = {k for m in self.members for k in m.evaluation.kinds()}
         return [g for g in CLASS_GROUPS if g in kinds or g == "all"]
@@ -112,15 +127,24 @@ class Study:
         return None
 
 
+def _hd95_rule(evaluation):
+    # Evaluations made by hand (tests, other tools) may not carry the rule.
+    return getattr(evaluation, "hd95_missing", HD95_MISSING_DEFAULT)
+
+
 # ----------------------------------------------------------------------------- grouping
-def build_study(runs):
-    """Group the evaluated runs by (dataset, model, decoder, loss, protocol) across seeds."""
+def build_study(runs, labels=None):
+    """Group the evaluated runs by (dataset, model, decoder, loss, protocol) across seeds.
+
+    labels: {weights file name or stem, or automatic row label: text} (see
+    mirage.report.labels.label_groups); UserError for a key that names nothing.
+    """
     by_key = {}
     for run in runs:
         for evaluation in run.evaluations:
             key = GroupKey(dataset=evaluation.dataset, trained_on=run.train_dataset,
-                           model=run.model, decoder=run.decoder, loss=run.loss,
-                           protocol=run.protocol())
+                           model=run.model, weights=run.weights_id, decoder=run.decoder,
+                           loss=run.loss, protocol=run.protocol())
             by_key.setdefault(key, []).append(Member(run, evaluation))
     groups = []
     for key, members in by_key.items():
@@ -137,32 +161,12 @@ def build_study(runs):
                 continue
             group.members.append(member)
         groups.append(group)
-    _label_groups(groups)
+    notes = label_groups(groups, labels)
     for group in groups:
         _check_group(group)
     _note_missing_seeds(groups)
     groups.sort(key=lambda g: (g.key.dataset_label, g.label))
-    return Study(runs=list(runs), groups=groups)
-
-
-def _label_groups(groups):
-    """Row labels: the model, plus whichever of decoder, loss, protocol options vary."""
-    decoders = {g.key.decoder for g in groups}
-    losses = {g.key.loss for g in groups}
-    options = {}
-    for group in groups:
-        for name, value in group.key.protocol:
-            options.setdefault(name, set()).add(value)
-    varying = sorted(name for name, values in options.items()
-                     if len(values) > 1 or any(name not in dict(g.key.protocol)
-                                               for g in groups))
-    for group in groups:
-        parts = [group.key.model]
-        parts += [group.key.decoder] if len(decoders) > 1 else []
-        parts += [group.key.loss] if len(losses) > 1 else []
-        protocol = dict(group.key.protocol)
-        parts += [f"{name}={protocol.get(name, 'absent')}" for name in varying]
-        group.label = " ".join(parts)
+    return Study(runs=list(runs), groups=groups, notes=notes)
 
 
 def _check_group(group):
@@ -172,6 +176,12 @@ def _check_group(group):
                           for m in group.members)
         group.conflict = (f"seeds evaluated with different --empty_volume modes ({which}); "
                           "re-evaluate all with one mode")
+        group.notes.append(group.conflict)
+    rules = {_hd95_rule(m.evaluation) for m in group.members}
+    if len(rules) > 1 and not group.conflict:
+        which = "; ".join(f"s{m.seed}: {_hd95_rule(m.evaluation)}" for m in group.members)
+        group.conflict = (f"seeds evaluated with different --hd95_missing rules ({which}); "
+                          "re-evaluate all with one rule")
         group.notes.append(group.conflict)
     class_sets = {m.evaluation.classes for m in group.members}
     if len(class_sets) > 1:
@@ -241,50 +251,89 @@ def _nan_note(frames):
     return notes
 
 
+SUMMARY_COLUMNS = ["dataset", "trained_on", "model", "weights_sha256", "decoder", "loss",
+                   "protocol", "label", "class_group", "class", "seeds", "seed_list",
+                   "volumes", *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")],
+                   *METRICS, "missed", "missed_note", "empty_volume", "hd95_missing",
+                   "notes", "runs"]
+
+
 def summary_table(study):
     """One row per group, class group and class; see the module docstring for the numbers.
 
-    Columns: dataset, trained_on, model, decoder, loss, protocol, label, class_group,
-    class ("[layers]" for the class group's own row), seeds, seed_list, volumes,
-    <metric>_mean, <metric>_std, <metric> ("mean ± std"), empty_volume, notes, runs.
+    Columns (SUMMARY_COLUMNS): dataset, trained_on, model, weights_sha256, decoder, loss,
+    protocol, label, class_group, class ("[layers]" for the class group's own row), seeds,
+    seed_list, volumes, <metric>_mean, <metric>_std, <metric> ("mean ± std"), missed (the
+    (seed, volume, class) scores of a class never predicted in a volume holding it),
+    missed_note (the same in words), empty_volume, hd95_missing, notes, runs.
     """
     records = []
     for group in study.groups:
         key = group.key
         base = {"dataset": key.dataset_label, "trained_on": key.trained_on,
-                "model": key.model, "decoder": key.decoder, "loss": key.loss,
+                "model": key.model, "weights_sha256": group.weights_sha256,
+                "decoder": key.decoder, "loss": key.loss,
                 "protocol": "; ".join(f"{k}={v}" for k, v in key.protocol),
                 "label": group.label}
-        runs = "; ".join(str(m.run.path) for m in group.members)
         for class_group in group.class_groups():
             frames = [m.evaluation.group_rows(class_group) for m in group.members]
             rows = [(f"[{class_group}]", frames)]
             for label in group.classes(class_group):
                 rows.append((label, [f[f["Class"] == label] for f in frames]))
             for name, parts in rows:
-                notes = _row_notes(group, name, parts)
                 record = dict(base, class_group=class_group, **{"class": name})
-                present = [(m, p) for m, p in zip(group.members, parts) if len(p)]
-                blocked = group.conflict or (group.classes_differ and name.startswith("["))
-                record["seed_list"] = " ".join(str(m.seed) for m, _ in present)
-                record["volumes"] = len({v for _, p in present for v in p["ID"]})
-                for metric in METRICS:
-                    per_seed = [float("nan")] if blocked else \
-                        [_nanmean(_scaled(p, metric)) for _, p in present]
-                    mean, std, n = seed_statistics(per_seed)
-                    record[f"{metric}_mean"], record[f"{metric}_std"] = mean, std
-                    record[metric] = format_cell(mean, std)
-                    if metric == "Dice":
-                        record["seeds"] = n
-                record["empty_volume"] = group.empty_volume
-                record["notes"] = " | ".join(notes)
-                record["runs"] = runs
+                record.update(_row_numbers(group, name, parts))
                 records.append(record)
-    columns = ["dataset", "trained_on", "model", "decoder", "loss", "protocol", "label",
-               "class_group", "class", "seeds", "seed_list", "volumes",
-               *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")], *METRICS,
-               "empty_volume", "notes", "runs"]
-    return pd.DataFrame(records, columns=columns)
+    return pd.DataFrame(records, columns=SUMMARY_COLUMNS)
+
+
+def _row_numbers(group, name, parts):
+    """The seeds, volumes, metrics, missed classes and notes of one summary row."""
+    present = [(m, p) for m, p in zip(group.members, parts) if len(p)]
+    blocked = group.conflict or (group.classes_differ and name.startswith("["))
+    record = {"seed_list": " ".join(str(m.seed) for m, _ in present),
+              "volumes": len({v for _, p in present for v in p["ID"]})}
+    for metric in METRICS:
+        per_seed = [float("nan")] if blocked else \
+            [_nanmean(_scaled(p, metric)) for _, p in present]
+        mean, std, n = seed_statistics(per_seed)
+        record[f"{metric}_mean"], record[f"{metric}_std"] = mean, std
+        record[metric] = format_cell(mean, std)
+        if metric == "Dice":
+            record["seeds"] = n
+    record["missed"], record["missed_note"] = missed_summary(present)
+    record.update(empty_volume=group.empty_volume, hd95_missing=group.hd95_missing,
+                  notes=" | ".join(_row_notes(group, name, parts)),
+                  runs="; ".join(str(m.run.path) for m in group.members))
+    return record
+
+
+def missed_summary(present):
+    """(count, text) of the classes never predicted in test volumes that hold them.
+
+    present: [(Member, its results rows), ...]. count: the (seed, volume, class) scores
+    concerned; text e.g. "Fluid never predicted in 8 of 8 test volumes that hold it, in
+    each of the 3 seeds", "" when none.
+    """
+    per_class = {}
+    for member, rows in present:
+        for label, (missed, holding) in missed_counts(rows).items():
+            per_class.setdefault(label, []).append((member.seed, missed, holding))
+    texts = []
+    for label, seeds in per_class.items():
+        counts = {(missed, holding) for _, missed, holding in seeds}
+        if len(counts) == 1 and len(seeds) == len(present):
+            missed, holding = counts.pop()
+            every = f", in each of the {len(seeds)} seeds" if len(seeds) > 1 else ""
+            texts.append(f"{label} never predicted in {missed} of {holding} test volumes "
+                         f"that hold it{every}")
+        else:
+            which = ", ".join(f"seed {seed}: {missed} of {holding}"
+                              for seed, missed, holding in seeds)
+            texts.append(f"{label} never predicted in some test volumes that hold it "
+                         f"({which})")
+    total = sum(missed for seeds in per_class.values() for _, missed, _ in seeds)
+    return total, "; ".join(texts)
 
 
 def _row_notes(group, name, parts):

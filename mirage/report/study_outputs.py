@@ -21,8 +21,10 @@ from mirage.fileio import atomic_path, write_text
 from mirage.report.grid_report import render_grid_report
 from mirage.report import RUN_REPORT_MODES
 from mirage.report.run_report import write_run_report
+from mirage.report.tensorboard_log import write_tensorboard
 from mirage.run.catalog import find_runs
 from mirage.run.folder import RunFolder
+from mirage.run.identity import identity_hash
 from mirage.report.significance import significance_table
 from mirage.report.study import build_study, summary_table
 from mirage.report.tables import paper_tables, to_latex, to_markdown
@@ -79,6 +81,8 @@ def runs_table(study):
     records = []
     for run in study.runs:
         base = {"run": run.name, "path": str(run.path), "seed": run.seed,
+                "weights_sha256": run.weights_sha256,
+                "identity": identity_hash(run.identity) if run.identity else "",
                 "notes": " | ".join(run.notes)}
         if not run.evaluations:
             records.append(dict(base, dataset=run.train_dataset, label="", status=run.status))
@@ -89,8 +93,17 @@ def runs_table(study):
             label = used.get((run.path, dataset), "")
             status = "in the summary" if label else "not used (duplicate seed)"
             records.append(dict(base, dataset=dataset, label=label, status=status))
-    columns = ["run", "dataset", "label", "seed", "status", "notes", "path"]
+    columns = ["run", "dataset", "label", "seed", "status", "notes", "weights_sha256",
+               "identity", "path"]
     return pd.DataFrame(records, columns=columns)
+
+
+def missed_lines(summary):
+    """'<label> on <dataset>: Fluid never predicted in 8 of 8 ...' per group with a class
+    never predicted (from summary.csv's rows of all classes)."""
+    rows = summary[(summary["class"] == "[all]") & (summary["missed"] > 0)]
+    return [f"{row.label} on {row.dataset}: {row.missed_note} ({int(row.missed)} volume "
+            f"score(s) in all)" for row in rows.itertuples()]
 
 
 def _write_csv(path, frame, na_rep="NaN"):
@@ -115,6 +128,9 @@ def _write_run_reports(study, mode, datasets_path, tensorboard, quiet):
         if not run.config:
             continue
         if mode == "missing" and path.exists():
+            if tensorboard and run.log:
+                # The last per-epoch export came before the test lines of log.txt.
+                write_tensorboard(run.path, run.log)
             continue
         if not htmlpage.is_ours(path):
             notes.append(f"{path} was not written by this tool; left alone")
@@ -128,19 +144,20 @@ def _write_run_reports(study, mode, datasets_path, tensorboard, quiet):
 
 def write_study(paths, output_dir, datasets_path=None, run_reports="missing",
                 metric="Dice", table_metrics=("Dice", "HD95"), alpha=0.05,
-                tensorboard=True, quiet=False):
+                tensorboard=True, quiet=False, labels=None):
     """Find, group and summarise the runs at or under ``paths``; write every output.
 
     Returns {file name: path}. run_reports: "missing" (write a run's report.html when it
     has none), "all" (rewrite them) or "none". metric: the one the heat map and the HTML
-    significance table show; table_metrics: the metrics of summary.md/.tex.
+    significance table show; table_metrics: the metrics of summary.md/.tex. labels:
+    {weights file name or stem, or automatic row label: the row label to show}.
     """
     if run_reports not in RUN_REPORT_MODES:
         raise UserError(f"--run_reports must be one of {', '.join(RUN_REPORT_MODES)}")
     output_dir = Path(output_dir).expanduser()
     check_output_dir(output_dir)
     runs = find_runs(paths)
-    study = build_study(runs)
+    study = build_study(runs, labels)
     study.notes += _write_run_reports(study, run_reports, datasets_path, tensorboard, quiet)
     summary = summary_table(study)
     significance = significance_table(study, alpha=alpha)
@@ -157,7 +174,8 @@ def write_study(paths, output_dir, datasets_path=None, run_reports="missing",
     _write_csv(written["significance.csv"], significance, na_rep="")  # no p: empty cell
     _write_csv(written["runs.csv"], runs_frame)
     md_tables = [t for t in tables if t.metric in table_metrics]
-    write_text(written["summary.md"], to_markdown(md_tables, unused, study.notes))
+    missed = missed_lines(summary)
+    write_text(written["summary.md"], to_markdown(md_tables, unused, study.notes, missed))
     write_text(written["summary.tex"], to_latex(md_tables))
     run_links = {}
     for run in study.runs:
@@ -166,20 +184,22 @@ def write_study(paths, output_dir, datasets_path=None, run_reports="missing",
             run_links[str(run.path)] = _relative_href(report, output_dir)
     files = {name: name for name in OUTPUTS if name != "report.html"}
     page = render_grid_report(study, tables, significance, runs_frame, run_links, files,
-                              metric=metric, alpha=alpha)
+                              metric=metric, alpha=alpha, missed=missed)
     htmlpage.write_page(written["report.html"], page)
     if not quiet:
-        _print_overview(study, tables, metric, unused, output_dir)
+        _print_overview(study, tables, metric, unused, output_dir, missed)
     return written
 
 
-def _print_overview(study, tables, metric, unused, output_dir):
+def _print_overview(study, tables, metric, unused, output_dir, missed=()):
     evaluated = sum(1 for run in study.runs if run.evaluated)
     print(f"{len(study.runs)} run directories, {evaluated} evaluated, {len(study.groups)} "
           f"groups over seeds")
     for table in tables:
         if table.metric == metric and table.class_group == "all":
             print(to_markdown([table]).split("\n", 2)[2].strip())
+    for line in missed:
+        print(f"never predicted (†): {line}")
     for path, status in unused:
         print(f"not in the summary: {path}: {status}")
     print(f"wrote summary.csv, summary.md, summary.tex, significance.csv, runs.csv and "

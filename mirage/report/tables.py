@@ -6,7 +6,9 @@
 
 Cells come from summary.csv's class-group rows ("[all]", "[layers]", "[lesions]"); the
 best mean per column (highest Dice/IoU, lowest HD95, compared as printed with two
-decimals) is in bold, ties all bold.
+decimals) is in bold, ties all bold. A cell whose runs never predicted a class in a test
+volume that holds it is marked † (MISSED_MARK) with a footnote and is never bold: its HD95
+can look perfect (run_seg_eval.py --hd95_missing).
 """
 from dataclasses import dataclass, field
 
@@ -16,6 +18,22 @@ from mirage.report.study import LOWER_IS_BETTER, PERCENT_METRICS
 
 GROUP_TITLES = {"all": "all scored classes", "layers": "layers", "lesions": "lesions"}
 MISSING_MD = "–"
+MISSED_MARK = "†"
+# What a volume with a missed class scores, per metric and --hd95_missing rule.
+_MISSED_HD95 = {
+    "original": "In those volumes its HD95 is the mean over the volume's B-scans, 0 where "
+                "neither mask holds the class, so the cell looks better than it is (score "
+                "strictly with run_seg_eval.py --hd95_missing diagonal or nan)",
+    "nan": "Its HD95 leaves those volumes out (--hd95_missing nan)",
+    "diagonal": "In those volumes its HD95 is the image diagonal (--hd95_missing diagonal)",
+}
+
+
+def missed_effect(metric, rule):
+    """What a never-predicted class does to ``metric`` under the --hd95_missing ``rule``."""
+    if metric != "HD95":
+        return f"In those volumes its {metric} is 0"
+    return _MISSED_HD95.get(rule, _MISSED_HD95["original"])
 
 
 @dataclass
@@ -24,6 +42,8 @@ class Cell:
     std: float
     seeds: int
     notes: list = field(default_factory=list)
+    missed: str = ""  # which class was never predicted in how many volumes ("" if none)
+    hd95_missing: str = "original"
 
     def reason(self, metric):
         """The note that explains a missing mean: a conflict first, then NaN values."""
@@ -58,7 +78,7 @@ class PaperTable:
     def best(self, dataset):
         """Labels whose cell is the best of the column (as printed)."""
         values = {label: round(cell.mean, 2) for (label, ds), cell in self.cells.items()
-                  if ds == dataset and cell.has_value}
+                  if ds == dataset and cell.has_value and not cell.missed}
         if not values:
             return set()
         pick = min if self.metric in LOWER_IS_BETTER else max
@@ -87,6 +107,48 @@ class PaperTable:
             return f"{cell.seeds} seed(s) only"
         return ""
 
+    def layout(self):
+        """The table as shown: (rows, footnotes, missed).
+
+        rows: [(label, [CellView per dataset])]; footnotes: numbered notes (a cell's
+        ``number`` refers to one); missed: the † footnote's items (empty when no cell is
+        marked).
+        """
+        rows, footnotes, missed = [], [], []
+        for label in self.labels:
+            views = []
+            for dataset in self.datasets:
+                cell = self.cells.get((label, dataset))
+                view = CellView(text=self.text(label, dataset),
+                                bold=label in self.best(dataset))
+                if cell is not None and cell.missed:
+                    view.mark = MISSED_MARK
+                    missed.append(f"{label} on {dataset}: {cell.missed}")
+                note = self.footnote(label, dataset)
+                if note:
+                    footnotes.append(note)
+                    view.number = len(footnotes)
+                views.append(view)
+            rows.append((label, views))
+        return rows, footnotes, missed
+
+    def missed_footnote(self, missed):
+        """The † footnote: which cells, and what a missed class does to this metric."""
+        rules = {c.hd95_missing for c in self.cells.values() if c.missed} or {"original"}
+        effect = "; ".join(missed_effect(self.metric, rule) for rule in sorted(rules))
+        return f"{MISSED_MARK} {'; '.join(missed)}. {effect}. Never in bold."
+
+
+@dataclass
+class CellView:
+    """One shown cell: its text ('' when the model has no run), bold, its † mark and the
+    number of its footnote (0: none)."""
+
+    text: str
+    bold: bool = False
+    mark: str = ""
+    number: int = 0
+
 
 def paper_tables(summary, metrics=("Dice", "HD95")):
     """One PaperTable per metric and class group present in ``summary`` (summary.csv)."""
@@ -106,10 +168,18 @@ def paper_tables(summary, metrics=("Dice", "HD95")):
                 seeds = int(row["seeds"]) if np.isfinite(row["seeds"]) else 0
                 table.cells[(row["label"], row["dataset"])] = Cell(
                     mean=float(row[f"{metric}_mean"]), std=float(row[f"{metric}_std"]),
-                    seeds=seeds, notes=[n for n in str(row["notes"] or "").split(" | ") if n])
+                    seeds=seeds, notes=[n for n in str(row["notes"] or "").split(" | ") if n],
+                    missed=_text(row.get("missed_note")),
+                    hd95_missing=_text(row.get("hd95_missing")) or "original")
                 table.seeds = max(table.seeds, seeds)
             tables.append(table)
     return tables
+
+
+def _text(value):
+    """A summary.csv text cell: '' for a missing value (NaN when read back)."""
+    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else \
+        str(value)
 
 
 def _caption(table):
@@ -120,8 +190,9 @@ def _caption(table):
 
 
 # ----------------------------------------------------------------------------- Markdown
-def to_markdown(tables, unused_runs=(), notes=()):
-    """summary.md: every table, its footnotes, then the runs that are in no table."""
+def to_markdown(tables, unused_runs=(), notes=(), missed=()):
+    """summary.md: every table, its footnotes, the classes never predicted (``missed``:
+    lines of text), then the runs that are in no table."""
     lines = ["# Summary", ""]
     if not tables:
         lines += ["No evaluated run was found.", ""]
@@ -129,22 +200,26 @@ def to_markdown(tables, unused_runs=(), notes=()):
         lines += [f"## {table.title}", "", _caption(table) + ".", ""]
         lines.append("| model | " + " | ".join(_md_escape(d) for d in table.datasets) + " |")
         lines.append("|:--|" + "--:|" * len(table.datasets))
-        footnotes = []
-        for label in table.labels:
+        rows, footnotes, missed_cells = table.layout()
+        for label, views in rows:
             cells = []
-            for dataset in table.datasets:
-                text = table.text(label, dataset) or MISSING_MD
-                if label in table.best(dataset):
-                    text = f"**{text}**"
-                note = table.footnote(label, dataset)
-                if note:
-                    footnotes.append(note)
-                    text += f" [{len(footnotes)}]"
+            for view in views:
+                text = view.text or MISSING_MD
+                text = f"**{text}**" if view.bold else text
+                text += f" {view.mark}" if view.mark else ""
+                text += f" [{view.number}]" if view.number else ""
                 cells.append(text)
             lines.append(f"| {_md_escape(label)} | " + " | ".join(cells) + " |")
         lines.append("")
         lines += [f"[{i}] {_md_escape(note)}  " for i, note in enumerate(footnotes, 1)]
-        lines += [""] if footnotes else []
+        if missed_cells:
+            lines.append(_md_escape(table.missed_footnote(missed_cells)) + "  ")
+        lines += [""] if footnotes or missed_cells else []
+    if missed:
+        lines += ["## Classes never predicted", "",
+                  "A class in a test volume's truth that the model never predicted in that "
+                  "volume (marked † in the tables):", ""]
+        lines += [f"- {_md_escape(line)}" for line in missed] + [""]
     if notes:
         lines += ["## Notes", ""] + [f"- {_md_escape(n)}" for n in notes] + [""]
     if unused_runs:
@@ -176,23 +251,22 @@ def to_latex(tables):
                 "\\begin{tabular}{l" + "c" * len(table.datasets) + "}", "\\toprule",
                 "Model & " + " & ".join(latex_escape(d) for d in table.datasets) + " \\\\",
                 "\\midrule"]
-        marks = []
-        for label in table.labels:
+        rows, footnotes, missed = table.layout()
+        for label, views in rows:
             cells = []
-            for dataset in table.datasets:
-                text = table.text(label, dataset)
-                text = latex_escape(text).replace("±", "$\\pm$") if text else "--"
-                if label in table.best(dataset):
-                    text = f"\\textbf{{{text}}}"
-                note = table.footnote(label, dataset)
-                if note:
-                    marks.append(note)
-                    text += f"$^{{{len(marks)}}}$"
+            for view in views:
+                text = latex_escape(view.text).replace("±", "$\\pm$") if view.text else "--"
+                text = f"\\textbf{{{text}}}" if view.bold else text
+                text += "$^\\dagger$" if view.mark else ""
+                text += f"$^{{{view.number}}}$" if view.number else ""
                 cells.append(text)
             out.append(latex_escape(label) + " & " + " & ".join(cells) + " \\\\")
         out += ["\\bottomrule", "\\end{tabular}"]
+        marks = [f"$^{{{i}}}$ {latex_escape(note)}" for i, note in enumerate(footnotes, 1)]
+        if missed:
+            marks.append(latex_escape(table.missed_footnote(missed)).replace(
+                MISSED_MARK, "$^\\dagger$"))
         if marks:
-            out.append("\\par\\footnotesize " + "; ".join(
-                f"$^{{{i}}}$ {latex_escape(note)}" for i, note in enumerate(marks, 1)))
+            out.append("\\par\\footnotesize " + "; ".join(marks))
         out += ["\\end{table}", ""]
     return "\n".join(out)

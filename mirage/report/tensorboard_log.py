@@ -5,7 +5,10 @@
 Only when the ``tensorboard`` package is installed (``pip install tensorboard``); nothing
 else needs it. Every number of log.txt becomes a scalar of the same name and unit
 (``train/loss``, ``val/mIoU`` as a fraction, ``val/IoU/<class>`` ...), with the epoch as
-the step; test lines go in at their ``test_epoch``. The folder ``<run>/tensorboard/`` is
+the step; test lines (``test/mIoU``, ``test/IoU/<class>`` ...) go in at their
+``test_epoch``, the epoch of the checkpoint tested. Events are written in step order: the
+test line comes last in log.txt but its step is usually earlier, and TensorBoard drops
+data that arrives out of step order. The folder ``<run>/tensorboard/`` is
 rebuilt from the whole log each time (in a temporary folder, then swapped in), so calling
 this after every epoch or after the fact gives the same files. View with
 ``tensorboard --logdir <base_output_dir>``.
@@ -61,17 +64,26 @@ def write_tensorboard(run_dir, log_entries=None):
         return None
     config = folder.config_file
     wall = config.stat().st_mtime if config.is_file() else time.time()
-    with atomic_folder(target) as staging:
-        writer = EventFileWriter(str(staging))
-        for entry in entries:
-            step = entry.get("epoch", entry.get("test_epoch"))
-            if isinstance(step, bool) or not isinstance(step, int):
-                continue
+    events = []
+    for entry in entries:
+        step = _step(entry)
+        wall += float(entry.get("time", 0) or 0) if step is not None else 0.0
+        if step is not None:
             values = {tag: v for tag, v in _scalars(entry).items()
                       if tag not in ("epoch", "test_epoch", "time")}
-            wall += float(entry.get("time", 0) or 0)
+            events.append((step, wall, values))
+    with atomic_folder(target) as staging:
+        writer = EventFileWriter(str(staging))
+        for step, when, values in sorted(events, key=lambda e: e[0]):  # stable
             summary = Summary(value=[Summary.Value(tag=tag, simple_value=v)
                                      for tag, v in sorted(values.items())])
-            writer.add_event(Event(wall_time=wall, step=step, summary=summary))
+            writer.add_event(Event(wall_time=when, step=step, summary=summary))
         writer.close()
     return target
+
+
+def _step(entry):
+    """The step of a log entry: its epoch, or for a test line the epoch tested; None for
+    lines with neither."""
+    step = entry.get("epoch", entry.get("test_epoch"))
+    return step if isinstance(step, int) and not isinstance(step, bool) else None

@@ -1,6 +1,7 @@
 """Find run directories and read each one whole: options, training log, evaluations.
 
     find_runs([root or run dir, ...])   -> [Run, ...] (every directory with a config.yaml)
+    find_run_dirs(root)                 -> [Path, ...] the same directories, not read
     read_run(run_dir)                   -> Run
 
 A Run never raises for a damaged or unfinished run directory: what cannot be read becomes
@@ -21,9 +22,11 @@ from mirage.run.identity import RUNTIME_OPTIONS
 from mirage.run.results import read_evaluations
 
 DEFAULT_SEED = 42  # run_seg_tuning.py's default, for configs written without a seed
+# Identity entries that are the model itself: its weights file (never part of a protocol
+# or a row label; the summary keeps the SHA-256 in a column of its own).
+WEIGHTS_ENTRIES = frozenset({"weights", "weights_name", "weights_sha256"})
 # Identity entries with a column of their own in the summary (or implied by the dataset).
-KEY_ENTRIES = frozenset({"seed", "weights", "weights_name", "output_adapter", "loss",
-                         "data_path", "dataset"})
+KEY_ENTRIES = WEIGHTS_ENTRIES | {"seed", "output_adapter", "loss", "data_path", "dataset"}
 
 _SEED_IN_NAME = re.compile(r"_s(\d+)(?:_[0-9a-f]{8})?$")
 
@@ -62,6 +65,16 @@ class Run:
         return Path(str(weights)).stem if weights else "?"
 
     @property
+    def weights_sha256(self):
+        """The SHA-256 of the weights file (identity.json), or "" for older runs."""
+        return str(self.identity.get("weights_sha256") or "")
+
+    @property
+    def weights_id(self):
+        """What tells two weights files apart: their SHA-256, else their name."""
+        return self.weights_sha256 or str(self.identity.get("weights_name") or self.model)
+
+    @property
     def decoder(self):
         return str(self.config.get("output_adapter", "?"))
 
@@ -74,8 +87,9 @@ class Run:
         return bool(self.evaluations)
 
     def protocol(self):
-        """((entry, value as JSON text), ...): the identity other than seed, model weights
-        name, decoder, loss and dataset, which have their own columns."""
+        """((entry, value as JSON text), ...): the identity other than seed, the model
+        weights (name and SHA-256), decoder, loss and dataset, which have their own
+        columns."""
         return tuple((name, json.dumps(value, sort_keys=True))
                      for name, value in sorted(self.identity.items())
                      if name not in KEY_ENTRIES)
@@ -114,6 +128,13 @@ def find_runs(paths):
             raise UserError(f"no run directory (a folder with {CONFIG}) in or under "
                             f"{root}; train first, or give the folder that holds the runs")
     return [read_run(path) for path in sorted(found)]
+
+
+def find_run_dirs(root):
+    """The run directories (folders holding config.yaml) at or under ``root``, sorted;
+    [] when there is none (nothing is read)."""
+    root = Path(root).expanduser()
+    return sorted(_run_dirs(root.resolve())) if root.is_dir() else []
 
 
 def _run_dirs(root):

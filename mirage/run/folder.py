@@ -12,6 +12,7 @@
                                      of the inference, config_infer.yaml (run/predictions.py)
         config_test_<name>.yaml      options of a --test
         results*.csv                 per-volume scores (run_seg_eval.py; run/results.py)
+        overlays/, overlays_<name>/  every test B-scan drawn (run_seg_eval.py --overlays)
         evaluation.json              how each results file was scored
         report.html, tensorboard/    the run's report and TensorBoard curves
 
@@ -38,6 +39,8 @@ EVALUATION_RECORD = "evaluation.json"
 REPORT = "report.html"
 TENSORBOARD = "tensorboard"
 RESULTS_GLOB = "results*.csv"
+# What a run folder's name ends in: the seed and the identity hash (run/identity.py).
+RUN_NAME_ENDING = re.compile(r"_s\d+_[0-9a-f]{8}")
 
 
 class RunFolder:
@@ -98,6 +101,11 @@ class RunFolder:
     def preds_dir(self, external=""):
         """``preds/`` (the run's own test split) or ``preds_<external>/``."""
         return self.path / (f"{PREDS}_{external}" if external else PREDS)
+
+    def overlays_dir(self, external=""):
+        """``overlays/`` (one B-scan | truth | prediction | errors image per test B-scan) or
+        ``overlays_<external>/``."""
+        return self.path / (f"overlays_{external}" if external else "overlays")
 
     def test_record(self, dataset_name):
         """``config_test_<dataset>.yaml``: the options of the last --test on a dataset."""
@@ -247,3 +255,18 @@ class RunFolder:
         record[dataset] = entry
         write_text(self.evaluation_record, json.dumps(record, indent=1, sort_keys=True) + "\n")
         return self.evaluation_record
+
+
+def runs_named(path):
+    """The run folders ``path`` names: the folder itself if it exists, else every run folder
+    beside it whose name is ``path``'s name plus the ``_s<seed>_<hash>`` ending (how the
+    MIRAGE guide names runs: ``.../MIRAGE-Base_frozen_convnext_CEGDice/``); [] if none."""
+    path = Path(path)
+    if path.is_dir():
+        return [path]
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.iterdir() if p.is_dir()
+                  and p.name.startswith(path.name)
+                  and RUN_NAME_ENDING.fullmatch(p.name[len(path.name):]))
+

@@ -7,7 +7,7 @@ epochs, sizes, decoder, loss, protocol, ...), with three replaced by what they s
   replacing its content does),
 - ``data_path`` -> the dataset's folder name, ``mapping_fn`` -> the class table itself.
 
-Options that only change how or where a run executes (``RUNTIME_OPTIONS``: device,
+Options that only change how or where a run executes (``RUNTIME_OPTIONS`` in mirage/config.py: device,
 workers, logging, checkpoint frequency, --test/--infer_only, ...) are not part of it.
 
 The run directory is ``<base_output_dir>/<version>/<dataset>/<name>`` where the name is
@@ -24,21 +24,12 @@ import json
 import os
 from pathlib import Path
 
-from mirage.config import OPTIONS, demo_paths, parse_config, per_domain
+from mirage.config import OPTIONS, RUNTIME_OPTIONS, demo_paths, parse_config, per_domain
 from mirage.data.layout import open_dataset
 from mirage.errors import UserError
 from mirage.fileio import file_sha256
 from mirage.run.folder import IDENTITY, RunFolder
 
-# Options that change how or where a run executes but not what it trains.
-RUNTIME_OPTIONS = frozenset({
-    "base_output_dir", "version", "device", "num_workers", "pin_mem", "resume",
-    "auto_resume", "save_ckpt", "save_ckpt_freq", "keep_ckpts", "start_epoch",
-    "infer_only", "test", "test_data_path", "log_images", "log_images_freq",
-    "show_user_warnings", "compile", "grad_checkpointing", "feature_cache_dir",
-    # replaced by what they stand for (see run_identity)
-    "weights", "data_path", "mapping_fn",
-})
 
 def check_name_part(value, what):
     """A user- or file-supplied text used as one folder name: no separators, no '..'."""

@@ -5,7 +5,9 @@
     record_evaluation(evaluation, ...)   -> writes <run>/evaluation.json (run_seg_eval.py)
 
 Scores are kept as the CSV files hold them: Dice and IoU as fractions, HD95 in pixels.
-What cannot be read becomes a note, never an exception.
+What cannot be read becomes a note, never an exception. Results files written before the
+pixel counts existed (only ID, Class, Dice, IoU, HD95) are read with the counts unknown
+(NaN) and nothing flagged as missed, and a note says so.
 """
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +19,20 @@ from mirage.data.classes import LESION_LABELS
 from mirage.run import METRICS
 from mirage.run.folder import RunFolder
 
+# After ID, Class and the METRICS, each results row holds the class's pixels in the volume's
+# truth and prediction, and whether it was missed (in the truth, never predicted). They
+# come last so that readers of the first five columns keep working.
+COUNT_COLUMNS = ("truth_pixels", "pred_pixels")
+MISSED = "missed"
+HD95_MISSING_DEFAULT = "original"  # the only rule before run_seg_eval.py --hd95_missing
+
 
 @dataclass
 class Evaluation:
     """One dataset's scores of a run, read back from its results CSV file(s).
 
-    rows: DataFrame with ID (str), Class, Group ("layers" or "lesions"), Dice, IoU, HD95.
+    rows: DataFrame with ID (str), Class, Group ("layers" or "lesions"), Dice, IoU, HD95,
+    truth_pixels, pred_pixels (NaN in older files), missed (bool).
     empty_volume: the --empty_volume mode ("zero", "nan"), or "" when not known.
     """
 
@@ -44,6 +54,16 @@ class Evaluation:
 
     def group_rows(self, group):
         return self.rows if group == "all" else self.rows[self.rows["Group"] == group]
+
+    @property
+    def hd95_missing(self):
+        """The --hd95_missing rule the files were scored with (older runs: "original")."""
+        return str(self.options.get("hd95_missing") or HD95_MISSING_DEFAULT)
+
+    @property
+    def counts_known(self):
+        """False for results files written before the pixel counts (nothing can be flagged)."""
+        return "truth_pixels" in self.rows and bool(self.rows["truth_pixels"].notna().all())
 
 
 def _split_results_name(stem):
@@ -111,6 +131,9 @@ def _read_results(dataset, external, by_group, options, notes):
     rows = pd.concat(frames, ignore_index=True)
     evaluation = Evaluation(dataset=dataset, external=external, rows=rows,
                             files=sorted(by_group.values()), options=dict(options))
+    if not evaluation.counts_known:
+        notes.append(f"{dataset}: results files without pixel counts (older run_seg_eval.py): "
+                     "classes never predicted cannot be flagged; re-run run_seg_eval.py")
     if isinstance(options, dict) and options.get("note"):
         notes.append(f"{dataset}: {options['note']}")  # e.g. foreign predictions
     mode = options.get("empty_volume") if isinstance(options, dict) else None
@@ -122,7 +145,9 @@ def _read_results(dataset, external, by_group, options, notes):
 
 
 def read_results_csv(path):
-    """(DataFrame ID, Class, Dice, IoU, HD95; problem text or "") of one results file.
+    """(DataFrame ID, Class, Dice, IoU, HD95, truth_pixels, pred_pixels, missed; problem
+    text or "") of one results file. Older files without the last three read as NaN counts
+    and nothing missed.
 
     Lines starting with '#' before the header are comments (kept out of the table).
     """
@@ -137,9 +162,15 @@ def read_results_csv(path):
         return None, f"{path.name}: no column {', '.join(missing)}; ignored"
     if frame.empty:
         return None, f"{path.name}: no rows; ignored"
-    frame = frame[["ID", "Class", *METRICS]].copy()
-    for metric in METRICS:
+    for column in COUNT_COLUMNS:
+        if column not in frame.columns:
+            frame[column] = np.nan
+    if MISSED not in frame.columns:
+        frame[MISSED] = False
+    frame = frame[["ID", "Class", *METRICS, *COUNT_COLUMNS, MISSED]].copy()
+    for metric in (*METRICS, *COUNT_COLUMNS):
         frame[metric] = pd.to_numeric(frame[metric], errors="coerce").astype(float)
+    frame[MISSED] = frame[MISSED].astype(str).str.strip().str.lower().isin(("true", "1"))
     frame[["ID", "Class"]] = frame[["ID", "Class"]].astype(str)
     return frame, ""
 
@@ -163,6 +194,27 @@ def _note_stale(run_dir, evaluation, notes):
             notes.append(f"{preds.name}/ is newer than {names}: re-run run_seg_eval.py")
 
 
+def missed_counts(rows):
+    """{class label: (volumes where it was missed, volumes whose truth holds it)} of the
+    classes missed at least once, in the order of ``rows`` (results rows; {} for rows
+    without the missed flag)."""
+    if MISSED not in rows or "truth_pixels" not in rows:
+        return {}
+    missed = rows[rows[MISSED].astype(bool)]
+    counts = {}
+    for label in dict.fromkeys(missed["Class"]):
+        of_class = rows[rows["Class"] == label]
+        holding = int((of_class["truth_pixels"] > 0).sum())
+        counts[label] = (int(of_class[MISSED].astype(bool).sum()), holding)
+    return counts
+
+
+def missed_text(counts):
+    """'Fluid never predicted in 8 of 8 volumes that hold it; ...' for missed_counts."""
+    return "; ".join(f"{label} never predicted in {n} of {holding} volume(s) that hold it"
+                     for label, (n, holding) in counts.items())
+
+
 def record_evaluation(evaluation, **options):
     """Note in ``<run>/evaluation.json`` how ``evaluation`` (a mirage.evaluate.scoring
     RunEvaluation) was scored, so summaries can tell runs scored differently apart."""
@@ -171,6 +223,7 @@ def record_evaluation(evaluation, **options):
     entry.update(external=evaluation.external,
                  files=[Path(p).name for p in evaluation.files],
                  volumes=int(evaluation.rows["ID"].nunique()),
-                 classes=sorted(map(str, evaluation.rows["Class"].unique())))
+                 classes=sorted(map(str, evaluation.rows["Class"].unique())),
+                 missed={label: n for label, (n, _) in missed_counts(evaluation.rows).items()})
     return RunFolder(evaluation.run_dir).record_evaluation(evaluation.dataset, entry)
 

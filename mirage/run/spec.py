@@ -101,6 +101,11 @@ def resolve_spec(config):
                       decoder=config["output_adapter"])
     identity = run_identity(config, dataset)
     folder = RunFolder(run_directory(config, dataset, identity))
+    if config.get("run_dir") and folder.path.resolve() != Path(config["run_dir"]).resolve():
+        raise UserError(f"--run_dir {config['run_dir']}: its config.yaml and the files it "
+                        f"names now give the run folder {folder.path} (another weights file, "
+                        "dataset or class table than it was trained with, or a run of an "
+                        "earlier version); give the --weights/--data_path it was trained on")
     return RunSpec(options=MappingProxyType(dict(config)),
                    data=DataSpec(dataset=dataset, ignore_index=ignore_index),
                    model=model, identity=identity, folder=folder)

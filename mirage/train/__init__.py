@@ -3,6 +3,7 @@
     job.py                the run_seg_tuning.py job: options -> RunSpec -> train or test
     loop.py               the training loop (epochs, validation, checkpoints)
     inference.py          --test and --infer_only --test with the best checkpoint
+    predictor.py          load_run(run_dir) -> Predictor: a trained run on any B-scan
     build.py              the segmentation model and the data loaders
     validation.py         loss and confusion-matrix metrics on a split
     validation_metrics.py mIoU, aAcc, mAcc and the best-epoch rule

@@ -42,10 +42,21 @@ def predict(model, loader, out_dir, classes, precision, device):
         for logit, index in zip(logits.float(), batch["index"].tolist()):
             files = dataset.slices[index]
             height, width = dataset.original_size(index)
-            logit = F.interpolate(logit[None], size=(height, width), mode="bilinear",
-                                  align_corners=False)[0]
-            pred = values[logit.argmax(dim=0)].cpu().numpy().astype(dtype)
+            pred = labels_of(logits_at_size(logit, (height, width)), values, dtype)
             write_png(out_dir / f"{files.slice_id}.png", pred)
+
+
+def logits_at_size(logit, size):
+    """(K, h, w) logits at the input size -> (K, H, W) at a B-scan's original ``size``,
+    bilinearly: logits can be interpolated, a label map cannot."""
+    return F.interpolate(logit[None], size=tuple(size), mode="bilinear",
+                         align_corners=False)[0]
+
+
+def labels_of(logit, values, dtype):
+    """(K, H, W) logits -> (H, W) numpy array of INFO.json values (``values``: (K,) int32
+    tensor on the logits' device; ``dtype``: uint8 or uint16)."""
+    return values[logit.argmax(dim=0)].cpu().numpy().astype(dtype)
 
 
 # ============================================================================ test / infer

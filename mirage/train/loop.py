@@ -31,7 +31,7 @@ from mirage.train.optim import apply_schedule, cosine_schedule, param_groups
 from mirage.train.precision import Precision
 from mirage.train.protocols import apply_speed_options, make_optimizer, training_views
 from mirage.train.runtime import random_state, restore_random_state
-from mirage.train.validation import validate
+from mirage.train.validation import iou_line, validate
 
 
 # ============================================================================ train
@@ -65,13 +65,14 @@ def train(spec, runtime, on_epoch_end=None):
                                        runtime.device, log)
     optimizer, lr_schedule, wd_schedule = optimisation(model, config, data.steps_per_epoch,
                                                        runtime.device)
-    state = resume_or_start(spec, runtime, model, optimizer, precision)
+    state, resumed = resume_or_start(spec, runtime, model, optimizer, precision)
     ddp_model = DistributedDataParallel(model) if runtime.dist.enabled else model
     # Last before the first epoch: everything above (model, cache) drew from the seeded
     # generators; a resumed run continues them where its checkpoint left them.
     restore_generators(state, runtime)
 
-    log(f">> training for {config['epochs']} epochs on {runtime.device}")
+    log(f">> {plan_line(state.start_epoch, config['epochs'], resumed, runtime.device)}")
+    clock = EpochClock()
     for epoch in range(state.start_epoch, config["epochs"]):
         started = time.time()
         if isinstance(data.train_loader.sampler, DistributedSampler):
@@ -84,6 +85,7 @@ def train(spec, runtime, on_epoch_end=None):
         stats.update(validate_epoch(spec, runtime, model, precision, criterion,
                                     data.val_loader, epoch, state))
         stats["time"] = round(time.time() - started, 2)
+        clock.add(stats["time"])
         # The checkpoint holds a copy of the log line: a kill between the two writes leaves
         # a checkpoint whose line the resumed run puts back (never a finished-looking log
         # without the checkpoint it needs).
@@ -92,7 +94,10 @@ def train(spec, runtime, on_epoch_end=None):
             folder.append_log(stats)
             if on_epoch_end is not None:
                 on_epoch_end(folder)
-        log(epoch_line(stats, state, config["epochs"]))
+        log(epoch_line(stats, state, config["epochs"],
+                       clock.time_left(config["epochs"] - 1 - epoch)))
+        if "val/IoU" in stats:
+            log(iou_line(stats["val/IoU"]))
     distributed.barrier(runtime.dist)
 
     if data.test_slices and folder.best_checkpoint.is_file():
@@ -163,7 +168,8 @@ def optimisation(model, config, steps_per_epoch, device):
 
 def resume_or_start(spec, runtime, model, optimizer, precision):
     """Resume an interrupted run (or the file given by --resume), or start a new one; the
-    run's identity.json and config.yaml are written either way. Returns the TrainingState."""
+    run's identity.json and config.yaml are written either way. Returns (the TrainingState,
+    whether it was resumed from a checkpoint)."""
     config, folder, is_main = spec.options, spec.folder, runtime.dist.is_main
     state = TrainingState(start_epoch=config["start_epoch"])
     found = find_resume_checkpoint(config, folder, runtime.log)
@@ -192,7 +198,7 @@ def resume_or_start(spec, runtime, model, optimizer, precision):
     if is_main:
         folder.write_identity(spec.identity)
         folder.write_config(yaml_text(config))
-    return state
+    return state, found is not None
 
 
 def restore_generators(state, runtime):
@@ -268,7 +274,7 @@ def train_one_epoch(model, loader, criterion, optimizer, precision, device, epoc
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum, count)
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step
     shown = torch.zeros(2, dtype=torch.float64, device=device)  # loss_sum at the last check
-    bar = tqdm(loader, desc=f"epoch {epoch}/{epochs - 1}", leave=False,
+    bar = tqdm(loader, desc=epoch_label(epoch, epochs), leave=False,
                disable=not dist_info.is_main, dynamic_ncols=True)
     for step, batch in enumerate(bar):
         apply_schedule(optimizer, lr_schedule[first_step + step],
@@ -318,10 +324,60 @@ def _check_finite(first_bad, loss_sum, epoch, dist_info, precision):
         "and the --weights file)")
 
 
-def epoch_line(stats, state, epochs):
+# ============================================================================ console
+def epoch_label(epoch, epochs):
+    """'epoch 3/4 (4 of 5)': the number from 0 as log.txt and the checkpoint names count
+    (3 of 0..4), then the count a reader expects (the 4th of 5 epochs)."""
+    return f"epoch {epoch}/{epochs - 1} ({epoch + 1} of {epochs})"
+
+
+def plan_line(start_epoch, epochs, resumed, device):
+    """What this process will train, e.g. 'training epochs 0..4 (5 epochs, numbered from
+    0) on cpu' or, after a resume, 'training epochs 1..4 of 0..4 (resumed at epoch 1) on
+    cpu'."""
+    last = epochs - 1
+    if start_epoch == 0:
+        return f"training epochs 0..{last} ({epochs} epochs, numbered from 0) on {device}"
+    if start_epoch > last:
+        return f"epochs 0..{last} are all trained: nothing left to train"
+    why = f"resumed at epoch {start_epoch}" if resumed else f"--start_epoch {start_epoch}"
+    return f"training epochs {start_epoch}..{last} of 0..{last} ({why}) on {device}"
+
+
+def format_duration(seconds):
+    """45 -> '45s', 250 -> '4m10s', 7500 -> '2h05m'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class EpochClock:
+    """The durations of the epochs this process trained, for the time-left estimate."""
+
+    def __init__(self):
+        self.seconds = []
+
+    def add(self, seconds):
+        self.seconds.append(seconds)
+
+    def time_left(self, epochs_left):
+        """``epochs_left`` x the mean epoch time, or None when nothing is left. The first
+        epoch pays one-time costs (starting the workers, compiling, filling the feature
+        cache): it is left out of the mean once a later epoch is measured."""
+        if epochs_left <= 0 or not self.seconds:
+            return None
+        measured = self.seconds[1:] or self.seconds
+        return epochs_left * sum(measured) / len(measured)
+
+
+def epoch_line(stats, state, epochs, time_left=None):
     """One console line per epoch; validation metrics in %, "best <metric>" names the
-    metric that selects checkpoint-best.pth."""
-    parts = [f"epoch {stats['epoch']}/{epochs - 1}",  # from 0, as log.txt and checkpoints
+    metric that selects checkpoint-best.pth; ``time_left`` (seconds), the estimated time
+    of the epochs still to train."""
+    parts = [epoch_label(stats["epoch"], epochs),
              f"train_loss {stats['train/loss']:.4f}", f"lr {stats['train/lr']:.2e}"]
     if "val/mIoU" in stats:
         parts.append(f"val_loss {stats['val/loss']:.4f}")
@@ -331,4 +387,6 @@ def epoch_line(stats, state, epochs):
         parts.append(f"best {state.metric} {100 * state.best_miou:.2f}% "
                      f"(epoch {state.best_epoch})")
     parts.append(f"{stats['time']:.1f}s")
+    if time_left is not None:
+        parts.append(f"est. {format_duration(time_left)} left")
     return "  ".join(parts)

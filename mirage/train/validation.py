@@ -45,6 +45,21 @@ def validate(model, loader, criterion, precision, device, num_classes, ignore_in
     return {"loss": float(loss_sum[0] / max(loss_sum[1], 1)), **scores}
 
 
+LABEL_WIDTH = 12  # longer class labels are cut on the console (log.txt keeps them whole)
+
+
+def iou_line(ious):
+    """The per-class IoU of a validation on one short console line, in %:
+    '  val IoU %: Background 95.1 | ILM-NFL 80.2 | Fluid -' ('-': a class absent from both
+    the truth and the predictions)."""
+    def short(label):
+        label = str(label)
+        return label if len(label) <= LABEL_WIDTH else label[:LABEL_WIDTH - 1] + "."
+
+    cells = [f"{short(label)} {'-' if value is None else f'{100 * value:.1f}'}"
+             for label, value in ious.items()]
+    return "  val IoU %: " + " | ".join(cells)
+
 
 def save_panels(image_dir, batch, pred, dataset, classes, tag, limit=4):
     """input | truth | prediction as one grey PNG per B-scan (masks shown by value)."""

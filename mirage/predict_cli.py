@@ -1,0 +1,224 @@
+"""Entry points of ``run_seg_predict.py`` (a trained run on any folder of B-scans) and
+``run_seg_check_data.py`` (training's checks of a dataset, with a summary).
+
+The console scripts ``run_seg_predict`` and ``run_seg_check_data`` (pyproject.toml) call
+:func:`predict_command` and :func:`check_data_command`. Only the parsers load up front:
+torch, OpenCV and matplotlib load once the options are read, so ``-h`` answers at once.
+
+The output folder of run_seg_predict.py (``-o OUT``) is written aside and swapped in whole
+when every input is predicted, so a bad input file or a kill leaves OUT as it was. OUT
+must be new, empty, or an earlier output of run_seg_predict.py (it holds
+``prediction_record.json`` and only the files listed there), which is then replaced;
+anything else is refused, so that no file of the user's is ever deleted.
+"""
+import json
+import sys
+from pathlib import Path
+
+from mirage.argparsing import ArgumentParser
+from mirage.errors import UserError, exit_on_user_error
+
+RECORD = "prediction_record.json"  # what run_seg_predict.py wrote into OUT, and from what
+OVERLAY_SUFFIX = "_overlay"
+
+
+# ============================================================================ predict
+def predict_parser():
+    """The options of ``run_seg_predict.py``."""
+    parser = ArgumentParser(
+        prog="run_seg_predict.py",
+        description="Predict B-scans with a trained run: one mask PNG of INFO.json values "
+                    "per input (<stem>.png, the input's size), optionally the class "
+                    "probabilities and colour overlays.")
+    parser.add_argument("--run_dir", required=True, metavar="RUN_DIR",
+                        help="the trained run: <output>/<version>/<dataset>/<run name>/")
+    parser.add_argument("-i", "--input", nargs="+", required=True, metavar="IN",
+                        help="folders of B-scans (PNG, TIFF, BMP, JPEG; 8/16-bit, gray or "
+                             "RGB; any size) and/or single image files")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT",
+                        help="output folder: new, empty, or an earlier output of this "
+                             "command (replaced whole)")
+    parser.add_argument("--probabilities", action="store_true",
+                        help="also write <stem>.npz: 'probabilities' (K, H, W) float16 "
+                             "softmax, 'values' and 'labels' of the K classes")
+    parser.add_argument("--overlays", action="store_true",
+                        help="also write <stem>_overlay.png: the B-scan with the predicted "
+                             "classes tinted")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA if present), cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--batch_size", type=int, default=None, metavar="N",
+                        help="B-scans per forward pass (default: the run's --batch_size)")
+    parser.add_argument("--weights", default=None, metavar="FILE",
+                        help="the foundation model's weights file, if it moved since "
+                             "training (default: the path in config.yaml; its SHA-256 "
+                             "must match)")
+    return parser
+
+
+def input_files(inputs):
+    """``{stem: path}`` of the images given (folders are listed, not recursively); every
+    header is read, so a bad file stops the command before the model loads."""
+    from mirage.fileio import IMAGE_SUFFIXES, image_size, list_images  # deferred: OpenCV
+    found = {}
+    for given in map(Path, inputs):
+        if given.is_dir():
+            files = list_images(given)
+            if not files:
+                raise UserError(f"-i {given}: no images in it ({', '.join(IMAGE_SUFFIXES)})")
+        elif given.is_file():
+            files = [given]
+        else:
+            raise UserError(f"-i {given}: no such file or folder")
+        for path in files:
+            if path.stem in found:
+                raise UserError(f"{found[path.stem]} and {path} would both be predicted "
+                                f"as {path.stem}.png; rename or leave out one of them")
+            found[path.stem] = path
+    for path in found.values():
+        image_size(path)  # UserError naming the file: empty, not an image, truncated
+    return found
+
+
+def check_output_folder(out, stems, overlays):
+    """Refuse an OUT that holds files this command did not write (they would be lost), or
+    inputs whose outputs would collide."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out}: is a file; give a folder")
+    if overlays:
+        clash = sorted(s for s in stems if s.endswith(OVERLAY_SUFFIX)
+                       and s[:-len(OVERLAY_SUFFIX)] in stems)
+        if clash:
+            raise UserError(f"inputs {clash[0][:-len(OVERLAY_SUFFIX)]} and {clash[0]}: the "
+                            f"overlay of the first would be {clash[0]}.png, the mask of the "
+                            "second; rename one of them")
+    if not out.is_dir():
+        return
+    present = sorted(p.name for p in out.iterdir())
+    if not present:
+        return
+    listed = set()
+    if RECORD in present:
+        try:
+            listed = set(json.loads((out / RECORD).read_text(encoding="utf-8"))["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            listed = set()
+    foreign = [name for name in present if name != RECORD and name not in listed]
+    if RECORD not in present or foreign:
+        shown = ", ".join((foreign or present)[:3])
+        raise UserError(f"-o {out}: holds files run_seg_predict.py did not write ({shown}); "
+                        "give a new or empty folder (an earlier output of this command is "
+                        "replaced whole)")
+
+
+@exit_on_user_error
+def predict(argv=None):
+    """Predict every input B-scan (``run_seg_predict.py``); returns the output folder."""
+    args = predict_parser().parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
+    files = input_files(args.input)
+    out = Path(args.output)
+    check_output_folder(out, set(files), args.overlays)
+    from mirage.train.predictor import load_run  # deferred: torch, timm
+    predictor = load_run(args.run_dir, device=args.device, weights=args.weights,
+                         batch_size=args.batch_size)
+    print(f">> {predictor.run_dir.name} (checkpoint of epoch {predictor.epoch}) on "
+          f"{predictor.device}: {len(files)} B-scans -> {out}", flush=True)
+    write_predictions(predictor, files, out, args.probabilities, args.overlays)
+    print(f">> wrote {len(files)} masks{' + probabilities' if args.probabilities else ''}"
+          f"{' + overlays' if args.overlays else ''} to {out}", flush=True)
+    return out
+
+
+def write_predictions(predictor, files, out, probabilities=False, overlays=False):
+    """``<stem>.png`` (INFO.json values), ``<stem>.npz`` and ``<stem>_overlay.png`` for
+    ``files`` ({stem: path}) into ``out``, written aside and swapped in whole, with
+    ``prediction_record.json``."""
+    import numpy as np
+    from tqdm import tqdm
+
+    # deferred: OpenCV, matplotlib
+    from mirage.fileio import atomic_folder, atomic_path, read_gray, write_png, write_text
+    from mirage.report.overlays import class_overlay, write_png_rgb  # deferred
+    classes = predictor.classes
+    written = []
+    with atomic_folder(out) as staging:
+        results = predictor.iter_predictions(files.values(), probabilities, np.float16)
+        for (stem, path), (labels, probs) in tqdm(zip(files.items(), results),
+                                                  total=len(files), unit="B-scan",
+                                                  desc=f"predicting -> {out.name}/"):
+            write_png(staging / f"{stem}.png", labels)
+            written.append(f"{stem}.png")
+            if probs is not None:
+                with atomic_path(staging / f"{stem}.npz") as tmp, open(tmp, "wb") as handle:
+                    np.savez_compressed(handle, probabilities=probs,
+                                        values=np.asarray(classes.values),
+                                        labels=np.asarray(classes.labels))
+                written.append(f"{stem}.npz")
+            if overlays:
+                write_png_rgb(staging / f"{stem}{OVERLAY_SUFFIX}.png",
+                              class_overlay(read_gray(path), labels, classes))
+                written.append(f"{stem}{OVERLAY_SUFFIX}.png")
+        record = {"run_dir": str(predictor.run_dir.resolve()), "epoch": predictor.epoch,
+                  "classes": [[int(v), str(label)] for v, label in
+                              zip(classes.values, classes.labels)],
+                  "inputs": {stem: str(Path(path).resolve()) for stem, path in files.items()},
+                  "files": sorted(written)}
+        write_text(staging / RECORD, json.dumps(record, indent=1) + "\n")
+    return out
+
+
+# ============================================================================ check data
+def check_data_parser():
+    """The options of ``run_seg_check_data.py``."""
+    parser = ArgumentParser(
+        prog="run_seg_check_data.py",
+        description="Run every check training runs on datasets in the benchmark layout "
+                    "and print a summary of each (volumes, B-scans, class shares, sizes, "
+                    "bit depths). Exit status 2 if any dataset fails.")
+    parser.add_argument("--data_path", nargs="+", required=True, metavar="D",
+                        help="dataset folders (<D>/INFO.json, <D>/{train,val,test}/"
+                             "{bscan,semseg}/)")
+    parser.add_argument("--mapping_fn", default=None, metavar="F",
+                        help="class table (INFO.json format) for every dataset given, as "
+                             "training's --mapping_fn (default: <D>/INFO.json)")
+    parser.add_argument("--num_workers", "--workers", dest="num_workers", type=int,
+                        default=4, metavar="N",
+                        help="threads decoding images (default: %(default)s)")
+    return parser
+
+
+@exit_on_user_error
+def check_data(argv=None):
+    """Check each dataset (``run_seg_check_data.py``); returns the summaries, or exits
+    with status 2 after all are checked when any failed (one ``error:`` line each)."""
+    args = check_data_parser().parse_args(argv)
+    if args.num_workers < 1:
+        raise UserError("--num_workers must be at least 1")
+    from mirage.data.check import check_dataset, format_summary  # deferred: numpy, OpenCV
+    summaries, failed = [], 0
+    for data_path in args.data_path:
+        try:
+            summary = check_dataset(data_path, args.mapping_fn, workers=args.num_workers)
+        except UserError as err:
+            failed += 1
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            continue
+        summaries.append(summary)
+        print(format_summary(summary), flush=True)
+    if failed:
+        print(f"{failed} of {len(args.data_path)} dataset(s) failed the checks (errors "
+              "above)", flush=True)
+        sys.exit(2)
+    print(f"{len(summaries)} dataset(s) passed every check training runs", flush=True)
+    return summaries
+
+
+# Console scripts exit with their function's return value: these return None (status 0);
+# errors exit with status 2.
+def predict_command():
+    predict()
+
+
+def check_data_command():
+    check_data()

@@ -1,0 +1,200 @@
+"""Row labels of a study: a readable name for each group of runs.
+
+    label_groups(groups, labels=None) -> notes (the labels are set on the groups)
+
+A label is the model (its weights file stem) plus, in words, only what tells two groups on
+one dataset apart: the decoder, the loss, and the options of the protocol that differ
+(``MIRAGE-Base, lr 1e-3, fully frozen``). What identifies the weights (their SHA-256 and
+file name) is the model itself and never part of a label: summary.csv and runs.csv keep it
+in columns of its own. Options that only change with the dataset (its class table) are
+said by the dataset column. A label longer than MAX_LABEL characters names its options
+"setting 1", "setting 2", ... with a legend; a user's labels (``labels``) replace either a
+model's name (key: its weights file name or stem) or a whole automatic label.
+"""
+import json
+from pathlib import PurePath
+
+from mirage.errors import UserError
+
+MAX_LABEL = 40  # characters: the tables, heat maps and tests stay readable at 1280 px
+# Identity entries given by the dataset column, never by a row label.
+DATASET_ENTRIES = frozenset({"dataset", "data_path", "classes", "mapping_fn"})
+# Switches in words: option -> (when on, when off); "" says nothing.
+SWITCHES = {
+    "freeze_patch_embed": ("fully frozen", ""),
+    "freeze_encoder": ("frozen encoder", "fine-tuned encoder"),
+    "learnable_pos_emb": ("learned pos. embedding", "fixed pos. embedding"),
+    "minmax": ("min-max input", ""),
+}
+# Options with a value, in words ("{}" is the value); others read "<name in words> <value>".
+PHRASES = {"lr": "lr {}", "min_lr": "min lr {}", "warmup_lr": "warmup lr {}",
+           "epochs": "{} epochs", "warmup_epochs": "{} warmup epochs",
+           "batch_size": "batch {}", "input_size": "input {}", "patch_size": "patch {}",
+           "weight_decay": "wd {}", "layer_decay": "layer decay {}",
+           "drop_path_encoder": "drop path {}", "aug_name": "{} augmentation",
+           "opt": "{}", "amp_dtype": "{}", "output_adapter": "{}", "loss": "{}"}
+
+
+def format_value(value, exponent=False):
+    """A JSON-able option value as short text: 1e-3, 512x512, none, on. exponent: write
+    every non-zero float below 1 as mantissa-exponent (learning rates: 1e-2, not 0.01)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        small = abs(value) < (1 if exponent else 0.01)
+        if value != 0 and (small or abs(value) >= 1e5):
+            mantissa, exponent = f"{value:.2e}".split("e")
+            return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+        return f"{value:g}"
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return "x".join(format_value(v) for v in value)
+    if isinstance(value, dict):
+        if len(value) == 1:  # one input domain (bscan): its value says it all
+            return format_value(next(iter(value.values())))
+        return "/".join(f"{k} {format_value(v)}" for k, v in sorted(value.items()))
+    return str(value)
+
+
+def describe(name, value, recorded=True):
+    """One option's value in words, e.g. ("lr", 0.001) -> "lr 1e-3"; "" for an off switch
+    that needs no words."""
+    words = name.replace("_", " ")
+    if not recorded:
+        return f"{words} not recorded"
+    if name in SWITCHES and isinstance(value, bool):
+        return SWITCHES[name][0 if value else 1]
+    if isinstance(value, bool):
+        return words if value else f"no {words}"
+    text = format_value(value, exponent=name.endswith("lr"))
+    return PHRASES.get(name, words + " {}").format(text)
+
+
+def _varying(groups):
+    """Protocol entries that differ between two groups of one dataset (sorted)."""
+    by_dataset = {}
+    for group in groups:
+        by_dataset.setdefault(group.key.dataset_label, []).append(group)
+    varying = set()
+    for members in by_dataset.values():
+        protocols = [dict(g.key.protocol) for g in members]
+        for name in {n for p in protocols for n in p} - DATASET_ENTRIES:
+            if len({p.get(name, "\0absent") for p in protocols}) > 1:
+                varying.add(name)
+        for entry in ("decoder", "loss"):
+            if len({getattr(g.key, entry) for g in members}) > 1:
+                varying.add(entry)
+    return sorted(varying, key=lambda n: (n not in ("decoder", "loss"), n))
+
+
+def _option_parts(group, varying):
+    protocol = dict(group.key.protocol)
+    parts = []
+    for name in varying:
+        if name in ("decoder", "loss"):
+            parts.append(getattr(group.key, name))
+        elif name in protocol:
+            parts.append(describe(name, json.loads(protocol[name])))
+        else:
+            parts.append(describe(name, None, recorded=False))
+    return [p for p in parts if p]
+
+
+def model_names(groups):
+    """{(stem, weights id): model name}: the weights file stem, or parent/stem where two
+    different weights files share a stem (numbered if even that is not enough)."""
+    stems = {}
+    for group in groups:
+        stems.setdefault(group.key.model, {})[group.key.weights] = _weights_path(group)
+    names = {}
+    for stem, files in stems.items():
+        if len(files) == 1:
+            names.update({(stem, weights): stem for weights in files})
+            continue
+        longer = {weights: f"{PurePath(path).parent.name}/{stem}" if path else stem
+                  for weights, path in files.items()}
+        unique = len(set(longer.values())) == len(longer)
+        for number, weights in enumerate(sorted(files), 1):
+            names[(stem, weights)] = longer[weights] if unique else f"{stem} #{number}"
+    return names
+
+
+def _name(names, group):
+    return names[(group.key.model, group.key.weights)]
+
+
+def _weights_path(group):
+    return str(group.members[0].run.config.get("weights") or "") if group.members else ""
+
+
+def label_groups(groups, labels=None):
+    """Set ``group.label`` of every group; returns notes (e.g. the settings legend).
+
+    labels: {weights file name or stem, or automatic label: text} given by the user.
+    Raises UserError for a key that names nothing, or labels that would merge two rows.
+    """
+    labels = dict(labels or {})
+    names = model_names(groups)
+    varying = _varying(groups)
+    parts = {id(g): _option_parts(g, varying) for g in groups}
+    automatic = {id(g): ", ".join([_name(names, g), *parts[id(g)]]) for g in groups}
+    notes = []
+    if any(len(text) > MAX_LABEL for text in automatic.values()):
+        settings = {}
+        for group in groups:  # numbered in order of first appearance
+            if parts[id(group)]:
+                settings.setdefault(", ".join(parts[id(group)]), len(settings) + 1)
+        for group in groups:
+            described = ", ".join(parts[id(group)])
+            if described:
+                automatic[id(group)] = f"{_name(names, group)}, setting " \
+                                       f"{settings[described]}"
+        notes.append("row labels: " + "; ".join(f"setting {n} = {text}" for text, n in
+                                                settings.items() if text))
+    used = set()
+    for group in groups:
+        group.label = _user_label(group, automatic[id(group)], names, labels, used)
+    unused = sorted(set(labels) - used)
+    if unused:
+        known = sorted({g.key.model for g in groups} | set(automatic.values()))
+        raise UserError(f"--label {unused[0]}: no model or row label of that name in the "
+                        f"study (there are: {', '.join(known)})")
+    return notes + _make_unique(groups, automatic)
+
+
+def _user_label(group, automatic, names, labels, used):
+    """The label of one group: the user's whole label, or the user's model name with the
+    automatic options, or the automatic label."""
+    if automatic in labels:
+        used.add(automatic)
+        return str(labels[automatic])
+    path = PurePath(_weights_path(group))
+    name = _name(names, group)
+    for key in (path.name, path.stem, group.key.model, name):
+        if key and key in labels:
+            used.add(key)
+            rest = automatic[len(name):]  # ", lr 1e-3" or ""
+            return f"{labels[key]}{rest}"
+    return automatic
+
+
+def _make_unique(groups, automatic):
+    """Number the labels two groups of one dataset share (they would merge into one row);
+    UserError when the user's labels did it. Returns notes."""
+    by_label = {}
+    for group in groups:
+        by_label.setdefault((group.key.dataset_label, group.label), []).append(group)
+    notes = []
+    for (dataset, label), same in by_label.items():
+        if len(same) < 2:
+            continue
+        if any(g.label != automatic[id(g)] for g in same):
+            raise UserError(f"two different groups of runs on {dataset} are both labelled "
+                            f"{label!r}; give them different --label texts")
+        for number, group in enumerate(same, 1):
+            group.label = f"{label} #{number}"
+        notes.append(f"{len(same)} groups on {dataset} differ only in what the dataset "
+                     f"column says (e.g. the class table); labelled {label} #1, #2, ...; "
+                     "name them with --label")
+    return notes

@@ -1,0 +1,239 @@
+"""Predict with a trained run from Python, without retyping its options.
+
+    from mirage.train.predictor import load_run
+    predictor = load_run("<output>/<version>/<dataset>/<run name>/", device="auto")
+    labels = predictor.predict("scan_5.png")          # (H, W) INFO.json values, uint8/uint16
+    probs = predictor.predict_probabilities(image)    # (K, H, W) float32 softmax
+    predictor.classes.values, predictor.classes.labels
+
+The run folder says everything: ``config.yaml`` (every option: weights file, model family,
+input and patch size, normalisation, decoder, precision), ``checkpoint-best.pth`` (the
+trained tensors and the classes they were trained with). The model is built and loaded as
+``run_seg_tuning.py --infer_only --test`` builds it (mirage/train/inference.py), and a
+B-scan is predicted as it predicts one: resized to the input size and normalised
+(``test_transform``), the logits resized bilinearly to the B-scan's original size, then
+the argmax as INFO.json values. The training dataset need not be present.
+"""
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from fm_seg_config import find_model
+from mirage import checkpoint_io
+from mirage.config import OPTIONS, domains_of, load_yaml, per_domain
+from mirage.data.classes import ClassTable, read_class_table
+from mirage.errors import UserError
+from mirage.fileio import read_gray
+from mirage.run.folder import RunFolder
+from mirage.run.spec import ModelSpec
+from mirage.train.build import build_model, test_transform
+from mirage.train.checkpointing import checkpoint_meta, load_model_weights
+from mirage.train.distributed import DistInfo
+from mirage.train.inference import labels_of, logits_at_size
+from mirage.train.precision import Precision
+from mirage.train.protocols import apply_speed_options
+from mirage.train.runtime import resolve_device
+
+# Training reads an image file with OpenCV as 2-D gray, 8 or 16 bits as stored
+# (mirage.fileio.read_gray); in-memory RGB arrays go through the same decoder.
+_GRAY_ANY_DEPTH = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH
+_DECODE_THREADS = 4  # OpenCV releases the GIL while decoding
+
+
+def _quiet(_message):
+    """A log function that prints nothing (the predictor is a library call)."""
+
+
+def read_run_config(folder):
+    """Every option of the run: built-in defaults updated by its ``config.yaml``."""
+    if not folder.path.is_dir():
+        raise UserError(f"run directory {folder.path} not found; give <output>/<version>/"
+                        "<dataset>/<run name>/")
+    if not folder.config_file.is_file():
+        raise UserError(f"{folder.config_file} not found; {folder.path} is not a run "
+                        "directory of run_seg_tuning.py (or its config.yaml was removed)")
+    config = {opt.name: opt.default for opt in OPTIONS}
+    config.update(load_yaml(folder.config_file))
+    return config
+
+
+def checkpoint_classes(payload, checkpoint, config):
+    """The ClassTable a checkpoint was trained with: its ``meta`` (or the first version's
+    class lists); only checkpoints recording neither fall back to the dataset's INFO.json."""
+    entries = (payload.get("meta") or {}).get("classes")
+    if entries is None and "class_values" in payload and "class_labels" in payload:
+        entries = list(zip(payload["class_values"], payload["class_labels"]))
+    if entries is None:
+        info = config["mapping_fn"] or Path(str(config["data_path"])) / "INFO.json"
+        return read_class_table(info)
+    return ClassTable(values=tuple(int(v) for v, _ in entries),
+                      labels=tuple(str(label) for _, label in entries),
+                      source=f"{checkpoint} (the classes it was trained with)")
+
+
+def model_spec(config):
+    """The run's ModelSpec. As mirage.run.spec.resolve_spec derives it, without opening
+    the dataset (which need not be where the predictor runs). The family comes from the
+    weights file name the run was trained with, or ``--fm``."""
+    fm = find_model(config["weights"], fm=config["fm"])
+    domain = domains_of(config)[0]
+    input_size = per_domain(config["input_size"], [domain])[domain]
+    patch_size = (per_domain(config["patch_size"], [domain])[domain]
+                  if config["patch_size"] is not None else None)
+    return ModelSpec(fm=fm, weights=Path(config["weights"]), input_size=input_size,
+                     patch_size=patch_size, norm="minmax" if config["minmax"] else fm.norm,
+                     decoder=config["output_adapter"])
+
+
+def load_run(run_dir, device="auto", weights=None, batch_size=None):
+    """The :class:`Predictor` of a trained run directory.
+
+    device: "auto" (CUDA if present), "cpu", "cuda" or "cuda:N"; the run's own --device is
+    not used. weights: the foundation model's weights file when it moved since training
+    (default: the path in config.yaml); its SHA-256 must be the one the checkpoint
+    records. batch_size: B-scans per forward pass (default: the run's --batch_size).
+    Mixed precision is the run's (--fp16/--amp_dtype, CUDA only); on CUDA, cuDNN
+    autotuning is switched on for the process, as inference does.
+    """
+    folder = RunFolder(Path(run_dir).expanduser())
+    config = read_run_config(folder)
+    spec = model_spec(config)  # the family from the file name it was trained with
+    if weights is not None:
+        config["weights"] = str(weights)
+    if not Path(config["weights"]).is_file():
+        named = "given" if weights is not None else f"of {folder.config_file}"
+        raise UserError(f"weights file {config['weights']} ({named}) not found; pass the "
+                        "file the run was trained on (weights=... in Python, --weights "
+                        "with run_seg_predict.py)")
+    best = folder.best_checkpoint
+    if not best.is_file():
+        raise UserError(f"no trained checkpoint: {best} not found; train this run first")
+    payload = checkpoint_io.load_file(best, what="checkpoint")
+    classes = checkpoint_classes(payload, best, config)
+    torch_device = resolve_device(str(device), DistInfo())
+    model, _ = build_model(config, spec.fm, classes.num_classes, spec.input_size,
+                           spec.patch_size)
+    model.to(torch_device)
+    # The speed options inference applies (channels-last decoder, ...) change the
+    # arithmetic's order, so they are applied here too; compiling is left out (minutes).
+    apply_speed_options(model, {**config, "compile": False, "grad_checkpointing": False},
+                        torch_device, _quiet)
+    epoch = load_model_weights(model, best, checkpoint_meta(config, classes, model), payload)
+    model.eval()
+    return Predictor(model, classes, test_transform(spec), torch_device,
+                     Precision.from_config(torch_device, config, _quiet),
+                     batch_size or config["batch_size"], folder.path, epoch)
+
+
+# ----------------------------------------------------------------------------- inputs
+def as_gray(image):
+    """A B-scan as training reads it: (H, W) uint8/uint16.
+
+    image: a file path (read by mirage.fileio.read_gray), a 2-D uint8/uint16 array, or an
+    (H, W, 3) uint8/uint16 RGB array, turned to gray exactly as training reads an RGB PNG
+    (OpenCV's PNG decoder; it rounds differently from cv2.cvtColor).
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return read_gray(image)
+    if not isinstance(image, np.ndarray) or image.dtype not in (np.uint8, np.uint16) \
+            or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)) \
+            or min(image.shape[:2], default=0) < 1:
+        what = (f"array of shape {image.shape} and type {image.dtype}"
+                if isinstance(image, np.ndarray) else type(image).__name__)
+        raise UserError(f"cannot predict a {what}; give a file path, a 2-D uint8/uint16 "
+                        "B-scan or an (H, W, 3) uint8/uint16 RGB array")
+    if image.ndim == 2:
+        return np.ascontiguousarray(image)  # OpenCV refuses some strided views
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))  # RGB->BGR
+    if not ok:
+        raise UserError(f"OpenCV could not encode the {image.shape} RGB array")
+    return cv2.imdecode(encoded, _GRAY_ANY_DEPTH)
+
+
+def _as_list(images):
+    """(list of single images, how the result is returned: 'one', 'stack' or 'list')."""
+    if isinstance(images, (str, os.PathLike)):
+        return [images], "one"
+    if isinstance(images, np.ndarray):
+        if images.ndim == 2 or (images.ndim == 3 and images.shape[2] == 3):
+            return [images], "one"
+        if images.ndim in (3, 4):  # (N, H, W) gray or (N, H, W, 3) RGB
+            return list(images), "stack"
+    if isinstance(images, (list, tuple)):
+        return list(images), "list"
+    return [images], "one"  # as_gray names what it cannot read
+
+
+def _shaped(results, how):
+    """The results as the input was given: one array, a stacked array or a list."""
+    if how == "one":
+        return results[0]
+    return np.stack(results) if how == "stack" and results else results
+
+
+# ----------------------------------------------------------------------------- logits
+class Predictor:
+    """A trained run's model, ready to predict B-scans (see :func:`load_run`).
+
+    classes: the ClassTable (``values``: the INFO.json pixel values, ``labels``).
+    run_dir, epoch: where it comes from and the epoch of its checkpoint-best.pth.
+    """
+
+    def __init__(self, model, classes, transform, device, precision, batch_size, run_dir,
+                 epoch):
+        self.model, self.classes, self.transform = model, classes, transform
+        self.device, self.precision, self.batch_size = device, precision, max(1, batch_size)
+        self.run_dir, self.epoch = Path(run_dir), epoch
+        self._values = torch.from_numpy(classes.index_to_value().astype(np.int32)).to(device)
+        self._dtype = classes.index_to_value().dtype
+
+    def __repr__(self):
+        return (f"Predictor({str(self.run_dir)!r}, epoch {self.epoch}, "
+                f"{self.classes.num_classes} classes, {self.device})")
+
+    def predict(self, images):
+        """Labels of one B-scan or a batch.
+
+        images: a path, a 2-D uint8/uint16 array or an (H, W, 3) RGB array -> (H, W)
+        uint8/uint16 INFO.json values at the image's size; a list of them -> a list; an
+        (N, H, W) or (N, H, W, 3) array -> (N, H, W).
+        """
+        items, how = _as_list(images)
+        return _shaped([labels for labels, _ in self.iter_predictions(items)], how)
+
+    def predict_probabilities(self, images, dtype=np.float32):
+        """Softmax of one B-scan or a batch at the original size: (K, H, W) ``dtype``
+        (float32 or float16) per image, class k being ``classes.values[k]``; batches as
+        :meth:`predict`."""
+        items, how = _as_list(images)
+        return _shaped([probs for _, probs in self.iter_predictions(items, True, dtype)],
+                       how)
+
+    @torch.no_grad()
+    def iter_predictions(self, images, probabilities=False, dtype=np.float32):
+        """Yield ``(labels (H, W), probabilities (K, H, W) or None)`` for each image of the
+        iterable ``images`` (paths or arrays, see :func:`as_gray`), in order, running the
+        model on ``batch_size`` of them at a time."""
+        images = iter(images)
+        with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool:
+            while True:
+                chunk = [image for _, image in zip(range(self.batch_size), images)]
+                if not chunk:
+                    return
+                grays = list(pool.map(as_gray, chunk))
+                for logit in self._logits(grays):
+                    labels = labels_of(logit, self._values, self._dtype)
+                    probs = (torch.softmax(logit, dim=0).cpu().numpy().astype(dtype)
+                             if probabilities else None)
+                    yield labels, probs
+
+    def _logits(self, grays):
+        """(K, H, W) float32 logits at each (H, W) B-scan's size, one forward pass."""
+        batch = torch.stack([torch.from_numpy(self.transform(gray)[0]) for gray in grays])
+        with self.precision.autocast():
+            logits = self.model(batch.to(self.device, non_blocking=True))
+        return [logits_at_size(logit, gray.shape) for logit, gray in zip(logits.float(), grays)]
