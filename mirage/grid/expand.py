@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+from mirage.argparsing import program_name
 from mirage.errors import UserError
 
 USAGE = (
@@ -46,6 +47,13 @@ USAGE = (
     "(runner options may also be written with underscores: --runner_gpus)\n"
     "full documentation: docs/runner.md"
 )
+
+
+
+def usage_text():
+    """USAGE with the command named as it was called (``./runner`` or ``mirage_runner``)."""
+    name = program_name("./runner")
+    return USAGE if name == "runner" else USAGE.replace("./runner", name)
 
 
 @dataclass

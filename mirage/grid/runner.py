@@ -30,7 +30,7 @@ from pathlib import Path
 from mirage.errors import UserError, exit_on_user_error
 from mirage.grid.checks import (MAX_JOBS, RunDirCheck, check_cluster, check_grid_size,
                                 check_gpus, check_program, local_parallelism)
-from mirage.grid.expand import USAGE, build_grid
+from mirage.grid.expand import build_grid, usage_text
 from mirage.grid.local import (EXIT_USER_ERROR, STOP_GRACE_S, LocalPool, format_exit,
                                format_seconds, sigterm_as_interrupt)
 from mirage.grid.slurm import run_on_cluster
@@ -188,7 +188,7 @@ def main(argv=None, poll_s=None, stop_grace_s=STOP_GRACE_S):
     """Entry point of ``./runner``; returns the exit status (0: every command succeeded)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["-h"], ["--help"]):
-        print(USAGE)
+        print(usage_text())
         return 0
     grid = build_grid(argv)
     options = grid.options
