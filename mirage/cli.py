@@ -1,4 +1,4 @@
-"""Entry points of the three command-line tools.
+"""Entry points of run_seg_tuning.py, run_seg_eval.py (and eval_seg.py) and ./runner.
 
 ``run_seg_tuning.py`` -> :func:`tune`, ``run_seg_eval.py`` -> :func:`evaluate`, ``./runner``
 -> :func:`mirage.grid.runner.main`; the console scripts ``run_seg_tuning``, ``run_seg_eval``

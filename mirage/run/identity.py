@@ -1,4 +1,4 @@
-"""Run identity: which options define what a run trains, its directory, and its lock.
+"""Run identity: which options define what a run trains, its name and its directory.
 
 A run's *identity* is every option that changes what it trains (seed, learning rate,
 epochs, sizes, decoder, loss, protocol, ...), with three replaced by what they stand for:
