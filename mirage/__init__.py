@@ -3,7 +3,8 @@
 One folder per stage, each importing only the stages below it (docs/architecture.md;
 tests/test_architecture.py keeps it so):
 
-    errors.py, fileio.py, checkpoint_io.py, workers.py   the ground floor
+    errors.py, fileio.py, checkpoint_io.py, workers.py, argparsing.py, units.py
+                          the ground floor
     data/, models/        datasets in the benchmark layout; encoders and decoders
     config.py             the options: defaults < YAML < command line
     option_checks.py      the checks of option values and of options against each other

@@ -16,6 +16,7 @@ from mirage.report import study_outputs
 from mirage.report.study_outputs import write_study
 from mirage.report_cli import main as report_main
 from mirage.train import feature_cache as fc
+from mirage.units import format_size
 from test_feature_cache import Dataset, identity, open_cache
 
 
@@ -177,7 +178,7 @@ def test_truncated_checkpoints_are_damaged_not_code(tmp_path):
     (1_500_000, "1.50 MB"), (12_345_678_901, "12.35 GB"), (5 * 10 ** 12, "5.00 TB"),
 ])
 def test_sizes_are_readable_at_every_scale(num_bytes, text):
-    assert fc.format_size(num_bytes) == text
+    assert format_size(num_bytes) == text
 
 
 def test_small_sizes_in_the_space_error_are_not_zero(tiny_dataset, tmp_path, monkeypatch):

@@ -24,6 +24,8 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from mirage.units import format_duration
+
 EXIT_USER_ERROR = 2  # the project's scripts (and argparse) exit 2 for bad input
 STOP_GRACE_S = 10.0  # after Ctrl-C or a timeout, how long a job may take to exit before SIGKILL
 # A job's output goes to its log file, where every redraw of a progress bar is kept: the
@@ -329,16 +331,6 @@ def time_left_estimate(done_seconds, running_seconds, pending, parallel):
     work = pending * mean + sum(max(mean - seconds, 0.0) for seconds in running_seconds)
     slots = max(1, min(parallel, pending + len(running_seconds)))
     return work / slots
-
-
-def format_duration(seconds):
-    """45 -> '45s', 250 -> '4m10s', 7500 -> '2h05m'."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 @contextlib.contextmanager

@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 
 from mirage.errors import UserError
-from mirage.fileio import atomic_path, write_text
-from mirage.fileio import file_sha256
+from mirage.fileio import atomic_path, file_sha256, write_text
+from mirage.units import format_size
 
 CACHE_FORMAT = 1
 VIEWS = ("orig", "flip")
@@ -77,17 +77,6 @@ def group_name(bscan_path):
     split_dir = Path(bscan_path).resolve().parent.parent
     digest = hashlib.sha1(str(split_dir).encode("utf-8")).hexdigest()[:8]
     return f"{split_dir.parent.name}-{split_dir.name}-{digest}"
-
-
-def format_size(num_bytes):
-    """A size in bytes for a message: '512 B', '28.67 kB', '1.50 MB', '12.35 GB' (SI units,
-    as disk tools report them; a unit small enough that a small size is not '0.00 GB')."""
-    if num_bytes < 1000:
-        return f"{int(num_bytes)} B"
-    for unit, size in (("kB", 1e3), ("MB", 1e6), ("GB", 1e9)):
-        if round(num_bytes / size, 2) < 1000:
-            return f"{num_bytes / size:.2f} {unit}"
-    return f"{num_bytes / 1e12:.2f} TB"
 
 
 def _memory_available():

@@ -31,6 +31,7 @@ from mirage.train.optim import apply_schedule, cosine_schedule, param_groups
 from mirage.train.precision import Precision
 from mirage.train.protocols import apply_speed_options, make_optimizer, training_views
 from mirage.train.runtime import random_state, restore_random_state
+from mirage.units import format_duration
 from mirage.train.validation import iou_line, validate
 
 
@@ -342,16 +343,6 @@ def plan_line(start_epoch, epochs, resumed, device):
         return f"epochs 0..{last} are all trained: nothing left to train"
     why = f"resumed at epoch {start_epoch}" if resumed else f"--start_epoch {start_epoch}"
     return f"training epochs {start_epoch}..{last} of 0..{last} ({why}) on {device}"
-
-
-def format_duration(seconds):
-    """45 -> '45s', 250 -> '4m10s', 7500 -> '2h05m'."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 class EpochClock:
