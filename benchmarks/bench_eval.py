@@ -26,7 +26,6 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from mirage.evaluate.outputs import evaluate_run  # noqa: E402
+from mirage.data.classes import ClassTable  # noqa: E402
 from mirage.run.predictions import write_manifest  # noqa: E402
 from mirage.evaluate.metrics import (label_boundaries, percentile_float32,  # noqa: E402
                                      hd95_per_class)
@@ -122,7 +122,7 @@ def write_case(root, num_slices, slices_per_volume=50, seed=0):
     # checkpoint-best.pth (run_seg_eval.py checks it; a stand-in checkpoint file here).
     (run_dir / "checkpoint-best.pth").write_bytes(b"stand-in for a checkpoint")
     write_manifest(run_dir / "preds", run_dir / "checkpoint-best.pth", 0,
-                   SimpleNamespace(values=VALUES, labels=LABELS), [s for s, _, _ in pairs])
+                   ClassTable(values=VALUES, labels=LABELS), [s for s, _, _ in pairs])
     return root / "datasets", run_dir, pairs
 
 

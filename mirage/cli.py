@@ -9,12 +9,9 @@ followed by TensorBoard curves, scoring by the run's report.html.
 Only the option parsers are imported up front: torch, timm, OpenCV and pandas load once
 the options are read, so ``-h`` answers at once and a bad option fails fast.
 """
-from pathlib import Path
-
 from mirage.argparsing import ArgumentParser
 from mirage.config import parse_config
 from mirage.errors import exit_on_user_error
-
 from mirage.evaluate import EMPTY_VOLUME_MODES, HD95_MISSING_RULES  # constants only
 
 
@@ -92,28 +89,15 @@ def eval_parser():
     return parser
 
 
-def run_dirs_given(paths):
-    """The run folders of ``--run_dir``: each path as given, or every seed of a run named
-    as the MIRAGE guide names it (printed, so the user sees what is scored)."""
-    from mirage.run.folder import runs_named  # deferred: mirage.run loads OpenCV
-
-    found = []
-    for path in paths:
-        named = runs_named(path)
-        if named and named != [Path(path)]:
-            print(f"note: {path} names {len(named)} run folder(s): "
-                  f"{', '.join(p.name for p in named)}")
-        found += named or [path]
-    return found
-
-
 @exit_on_user_error
 def evaluate(argv=None):
     """Score the test predictions of one or more runs (``run_seg_eval.py``)."""
     args = eval_parser().parse_args(argv)
-    run_dirs = run_dirs_given(args.run_dir)
     if args.report_only:
+        from mirage.evaluate.inputs import expand_run_paths  # deferred: OpenCV
         from mirage.report.run_report import write_run_report  # deferred: matplotlib
+        run_dirs, _, notes = expand_run_paths(args.run_dir, need_predictions=False)
+        print("".join(f"note: {note}\n" for note in notes), end="")
         paths = [write_run_report(path, args.datasets_path) for path in run_dirs]
         print("\n".join(f"wrote {path}" for path in paths))
         return paths
@@ -130,7 +114,7 @@ def evaluate(argv=None):
                                     foreign_predictions=args.foreign_predictions, quiet=False)
             print(f"wrote {folder}")
 
-    return evaluate_runs(run_dirs, args.datasets_path, external=args.external,
+    return evaluate_runs(args.run_dir, args.datasets_path, external=args.external,
                          ignore_bg=args.ignore_bg, empty_sets_nan=args.empty_sets_nan,
                          empty_volume=args.empty_volume, workers=args.num_workers,
                          summary=args.summary, foreign_predictions=args.foreign_predictions,

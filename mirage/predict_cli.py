@@ -160,8 +160,7 @@ def write_predictions(predictor, files, out, probabilities=False, overlays=False
                               class_overlay(read_gray(path), labels, classes))
                 written.append(f"{stem}{OVERLAY_SUFFIX}.png")
         record = {"run_dir": str(predictor.run_dir.resolve()), "epoch": predictor.epoch,
-                  "classes": [[int(v), str(label)] for v, label in
-                              zip(classes.values, classes.labels)],
+                  "classes": classes.entries(),
                   "inputs": {stem: str(Path(path).resolve()) for stem, path in files.items()},
                   "files": sorted(written)}
         write_text(staging / RECORD, json.dumps(record, indent=1) + "\n")

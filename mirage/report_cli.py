@@ -3,6 +3,8 @@
 Only argparse is imported up front: pandas, SciPy and matplotlib load once the options
 are read, so ``-h`` answers at once. The work is done by mirage.report.study_outputs.
 """
+from pathlib import Path
+
 import yaml
 
 from mirage.argparsing import ArgumentParser
@@ -66,7 +68,7 @@ def parse_labels(items):
         if item.startswith("@"):
             path = item[1:]
             try:
-                loaded = yaml.safe_load(open(path, encoding="utf-8"))
+                loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
             except (OSError, yaml.YAMLError) as err:
                 raise UserError(f"--label {item}: cannot read {path} ({err})") from None
             if not isinstance(loaded, dict):

@@ -117,8 +117,7 @@ def base_layout_checkpoint(tmp_path_factory):
 def seal_predictions(folder, epoch=0):
     """Give a hand-made predictions folder what ``--infer_only --test`` leaves with it: a
     manifest tied to the run's checkpoint-best.pth (a stand-in file if there is none)."""
-    from types import SimpleNamespace
-
+    from mirage.data.classes import ClassTable
     from mirage.run.predictions import write_manifest
 
     folder = Path(folder)
@@ -126,7 +125,7 @@ def seal_predictions(folder, epoch=0):
     if not best.exists():
         best.write_bytes(b"stand-in for a checkpoint")
     stems = [p.stem for p in folder.iterdir() if p.suffix.lower() == ".png"]
-    write_manifest(folder, best, epoch, SimpleNamespace(values=[], labels=[]), stems)
+    write_manifest(folder, best, epoch, ClassTable(values=(), labels=()), stems)
 
 
 def process_gone(pid, wait_s=10.0):

@@ -7,7 +7,6 @@ the file to OpenCV fails fast (with a traceback) instead of decoding 1.6 GB.
 """
 import shutil
 import struct
-import zlib
 
 import cv2
 import numpy as np
@@ -17,33 +16,11 @@ from conftest import make_dataset
 from mirage import fileio
 from mirage.cli import evaluate
 from mirage.data.layout import check_split, find_split, open_dataset
+from benchmarks.bench_image_limits import png_bomb  # one builder for tests and benchmark
 from mirage.errors import UserError
 from mirage.fileio import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, image_size, read_gray
 
 BOMB_SIDE = 40000
-
-
-def png_bomb(width, height, block_rows=256):
-    """PNG bytes of an all-zero 8-bit ``width`` x ``height`` image, built without ever
-    holding the image: every row is the filter byte 0 and ``width`` zero bytes, so one
-    compressed block of rows (ended by a full flush, which makes it independent of what
-    came before) is repeated, and the Adler-32 of n zero bytes is (n mod 65521) << 16 | 1."""
-    def chunk(kind, data):
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data)))
-
-    total = (width + 1) * height
-    block = (width + 1) * min(block_rows, height)
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
-    piece = deflate.compress(bytes(block)) + deflate.flush(zlib.Z_FULL_FLUSH)
-    repeats, rest = divmod(total, block)
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
-    end = deflate.compress(bytes(rest)) + deflate.flush()
-    adler = ((total % 65521) << 16) | 1
-    idat = b"\x78\xda" + piece * repeats + end + struct.pack(">I", adler)
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
-            + chunk(b"IEND", b""))
 
 
 @pytest.fixture(scope="module")

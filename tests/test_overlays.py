@@ -56,7 +56,7 @@ def test_one_overlay_per_test_bscan_as_the_gallery_draws_it(predicted):
     plan_inputs = prepare_run(run_dir, datasets)
     scan, items = next(iter(plan_inputs.volumes.items()))
     number, gt, pred = items[0]
-    truth, guess, _ = gallery._load(plan_inputs.plan, gt, pred)
+    truth, guess, _ = gallery.load_pair(plan_inputs.plan, gt, pred)
     image, truth, guess, wrong, _ = gallery._display(gt, truth, guess, plan_inputs.plan.scored)
     drawn = gallery.compose(image, truth, guess, wrong,
                             plots.class_colors(plan_inputs.plan.num_classes),

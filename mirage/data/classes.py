@@ -32,6 +32,17 @@ class ClassTable:
     def num_classes(self):
         return len(self.values)
 
+    def entries(self):
+        """``[[value, label], ...]``: the table as run files record it (identity.json,
+        checkpoints, prediction manifests)."""
+        return [[int(v), str(label)] for v, label in zip(self.values, self.labels)]
+
+    @classmethod
+    def from_entries(cls, entries, source):
+        """The table that ``entries`` (as :meth:`entries` gives them) record in ``source``."""
+        return cls(values=tuple(int(v) for v, _ in entries),
+                   labels=tuple(str(label) for _, label in entries), source=str(source))
+
     def background_index(self):
         """Index of the first class whose label contains "background" or "bg"
         (case-insensitive), else None: the original tuning script's rule."""

@@ -17,8 +17,8 @@ from mirage.errors import UserError
 from mirage.evaluate.class_plan import ClassPlan, plan_classes
 from mirage.fileio import list_images
 from mirage.run.catalog import find_run_dirs
-from mirage.run.folder import CONFIG, RunFolder
-from mirage.run.predictions import MANIFEST, check_predictions, class_entries, data_record
+from mirage.run.folder import CONFIG, RunFolder, runs_named
+from mirage.run.predictions import MANIFEST, check_predictions, data_record
 
 _SHOW_MISSING = 5  # how many missing predictions an error message lists
 
@@ -144,23 +144,33 @@ def _is_run_folder(folder):
         child.name.startswith(("preds", "results")) for child in folder.iterdir())
 
 
-def expand_run_paths(paths, external=None):
-    """The run folders ``paths`` stand for: ([run folder, ...], [skipped run folder, ...]).
+def expand_run_paths(paths, external=None, need_predictions=True):
+    """The run folders ``paths`` stand for: ([run folder, ...], [skipped run folder, ...],
+    [note, ...]).
 
     A run folder, and any path that is not a folder, stays as given (prepare_run says
-    what is wrong with it). A folder that is not a run folder but holds run folders (an
-    output root, as run_seg_report.py takes) stands for those of them that have
-    predictions to score (``preds/``, or ``preds_<external>/``); the others are skipped.
+    what is wrong with it). A run name without its ``_s<seed>_<hash>`` ending, as the
+    MIRAGE guide writes it, stands for every run folder of that name (a note says which).
+    A folder that is not a run folder but holds run folders (an output root, as
+    run_seg_report.py takes) stands for those of them that have predictions to score
+    (``preds/``, or ``preds_<external>/``; all of them without ``need_predictions``); the
+    others are skipped.
     """
-    found, skipped = [], []
+    found, skipped, notes = [], [], []
     for given in paths:
         path = Path(given).expanduser()
+        named = runs_named(path)
+        if named and named != [path]:
+            notes.append(f"{given} names {len(named)} run folder(s): "
+                         f"{', '.join(p.name for p in named)}")
+            found += named
+            continue
         if not path.is_dir() or _is_run_folder(path):
             found.append(given)
             continue
         runs = find_run_dirs(path)
-        if not runs:
-            found.append(given)  # prepare_run names the problem
+        if not runs or not need_predictions:
+            found += runs or [given]  # none: prepare_run names the problem
             continue
         ready = [run for run in runs if RunFolder(run).preds_dir(external or "").is_dir()]
         if not ready:
@@ -169,7 +179,7 @@ def expand_run_paths(paths, external=None):
                             "to score; run run_seg_tuning.py ... --infer_only --test first")
         found += ready
         skipped += [run for run in runs if run not in ready]
-    return found, skipped
+    return found, skipped, notes
 
 
 @dataclass
@@ -243,14 +253,12 @@ def _prediction_classes(manifest, pred_dir, gt_table, train_table):
     if not entries:
         return train_table
     if train_table is None:
-        if class_entries(gt_table) != entries:
+        if gt_table.entries() != entries:
             raise UserError(f"{gt_table.source} does not hold the classes the predictions in "
                             f"{pred_dir.name}/ were made with ({_difference(entries, gt_table)}); "
                             "restore it, or run inference again with this class table")
         return None
-    return ClassTable(values=tuple(int(v) for v, _ in entries),
-                      labels=tuple(str(label) for _, label in entries),
-                      source=str(Path(pred_dir) / MANIFEST))
+    return ClassTable.from_entries(entries, Path(pred_dir) / MANIFEST)
 
 
 def _difference(entries, table):

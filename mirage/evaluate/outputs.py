@@ -201,7 +201,9 @@ def evaluate_runs(model_paths, datasets_path, external=None, ignore_bg=True,
     line writes the run's report there). ``summary`` (a CSV path) is written at the end.
     """
     check_options(empty_volume, workers, hd95_missing)
-    run_dirs, skipped = expand_run_paths(model_paths, external)
+    run_dirs, skipped, notes = expand_run_paths(model_paths, external)
+    for note in [] if quiet else notes:
+        print(f"note: {note}")
     if skipped and not quiet:
         print(f"note: {len(skipped)} run folder(s) without predictions to score skipped: "
               f"{', '.join(p.name for p in skipped)}")

@@ -43,7 +43,7 @@ def slice_dice(truth, pred, scored):
     return float(np.mean(values)) if values else float("nan")
 
 
-def _load(plan, gt_path, pred_path):
+def load_pair(plan, gt_path, pred_path):
     truth, bad_truth = _classes(gt_path, plan.gt_lut)
     pred, bad_pred = _classes(pred_path, plan.pred_lut)
     if pred.shape != truth.shape:
@@ -54,24 +54,41 @@ def _load(plan, gt_path, pred_path):
     return truth, pred, bad_truth or bad_pred
 
 
-def _display(gt_path, truth, pred, scored):
+def scaled_gray(image):
+    """(H, W) B-scan (uint8, uint16 or float) -> float32 in [0, 1], min-max per image (a
+    flat image becomes 0)."""
+    image = image.astype(np.float32)
+    span = float(image.max() - image.min()) or 1.0
+    return (image - image.min()) / span
+
+
+def bscan_image(gt_path, shape):
+    """(the B-scan next to a mask, ``../bscan/<name>``, scaled to [0, 1] at ``shape``;
+    whether it was found): black where there is none (a masks-only test set)."""
     bscan_path = Path(gt_path).parent.parent / "bscan" / Path(gt_path).name
-    if bscan_path.is_file():
-        image = read_gray(bscan_path).astype(np.float32)
-        if image.shape != truth.shape:
-            image = cv2.resize(image, truth.shape[::-1], interpolation=cv2.INTER_LINEAR)
-        span = float(image.max() - image.min()) or 1.0
-        image = (image - image.min()) / span
-    else:
-        image = np.zeros(truth.shape, np.float32)
-    wrong = (truth != pred) & (np.isin(truth, scored) | np.isin(pred, scored))
+    if not bscan_path.is_file():
+        return np.zeros(shape, np.float32), False
+    image = read_gray(bscan_path).astype(np.float32)
+    if image.shape != tuple(shape):
+        image = cv2.resize(image, tuple(shape)[::-1], interpolation=cv2.INTER_LINEAR)
+    return scaled_gray(image), True
+
+
+def wrong_pixels(truth, pred, scored):
+    """(H, W) bool: where truth and prediction differ and either is a scored class."""
+    return (truth != pred) & (np.isin(truth, scored) | np.isin(pred, scored))
+
+
+def _display(gt_path, truth, pred, scored):
+    image, found = bscan_image(gt_path, truth.shape)
+    wrong = wrong_pixels(truth, pred, scored)
     height, width = truth.shape
     if width > DISPLAY_WIDTH:
         shape = (max(1, round(height * DISPLAY_WIDTH / width)), DISPLAY_WIDTH)
         image = cv2.resize(image, shape[::-1], interpolation=cv2.INTER_AREA)
         truth, pred = resize_nearest(truth, shape), resize_nearest(pred, shape)
         wrong = resize_nearest(wrong.astype(np.uint8), shape).astype(bool)
-    return image, truth, pred, wrong, bscan_path.is_file()
+    return image, truth, pred, wrong, found
 
 
 def compose(image, truth, pred, wrong, colors, shown, gap=4):
@@ -123,7 +140,7 @@ def gallery(run_dir, datasets_path, external="", ignore_bg=True, quiet=True):
     for scan, number, gt, pred in tqdm(slices, desc="report: B-scan Dice", unit="B-scan",
                                        disable=quiet, leave=False, file=sys.stderr):
         try:
-            truth, guess, bad = _load(plan, gt, pred)
+            truth, guess, bad = load_pair(plan, gt, pred)
         except UserError:
             bad = True
         if bad:
@@ -152,7 +169,7 @@ def gallery(run_dir, datasets_path, external="", ignore_bg=True, quiet=True):
         if slice_id in seen:
             continue
         seen.add(slice_id)
-        truth, guess, _ = _load(plan, gt, pred)
+        truth, guess, _ = load_pair(plan, gt, pred)
         image, truth, guess, wrong, found = _display(gt, truth, guess, scored)
         caption = (f"{name} of {len(scores)} B-scans: {slice_id}, Dice {100 * score:.1f}% "
                    "(B-scan | truth | prediction | errors in red)")

@@ -13,24 +13,15 @@ the classes of one predicted mask on its B-scan (run_seg_predict.py --overlays).
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
 from mirage.data.classes import UNKNOWN_CLASS
 from mirage.evaluate.class_plan import BACKGROUND_LIKE
 from mirage.evaluate.inputs import prepare_run
-from mirage.fileio import atomic_folder, read_gray, write_png
+from mirage.fileio import atomic_folder, write_png
 from mirage.report import gallery, plots
 from mirage.run.folder import RunFolder
-
-def scaled_gray(image):
-    """(H, W) B-scan (uint8, uint16 or float) -> float32 in [0, 1], min-max per image
-    (as the gallery shows it; a flat image becomes 0)."""
-    image = image.astype(np.float32)
-    span = float(image.max() - image.min()) or 1.0
-    return (image - image.min()) / span
-
 
 def write_png_rgb(path, rgb):
     """An (H, W, 3) uint8 RGB image as a PNG, atomically (OpenCV stores BGR)."""
@@ -57,26 +48,14 @@ def write_overlays(run_dir, datasets_path, external="", out_dir=None, ignore_bg=
     with atomic_folder(target) as staging:
         for slice_id, gt, pred in tqdm(slices, desc=f"overlays -> {target.name}/",
                                        unit="B-scan", disable=quiet, file=sys.stderr):
-            # gallery._load is private there: it reads truth and prediction as scoring
-            # does (class lookup tables, resize, invalid pixels); reused, not copied.
-            truth, guess, _ = gallery._load(plan, gt, pred)
-            image = _bscan_of(gt, truth.shape)
-            wrong = (truth != guess) & (np.isin(truth, scored) | np.isin(guess, scored))
+            # truth and prediction read as scoring reads them; full size, unlike the
+            # report's gallery, which shrinks wide B-scans
+            truth, guess, _ = gallery.load_pair(plan, gt, pred)
+            image, _ = gallery.bscan_image(gt, truth.shape)
+            wrong = gallery.wrong_pixels(truth, guess, scored)
             write_png_rgb(staging / f"{slice_id}.png",
                           gallery.compose(image, truth, guess, wrong, colors, scored))
     return target
-
-
-def _bscan_of(gt_path, shape):
-    """The B-scan next to a mask (``../bscan/<name>``) scaled to [0, 1] at ``shape``, as
-    the gallery finds it; black when there is none (a masks-only test set)."""
-    bscan_path = Path(gt_path).parent.parent / "bscan" / Path(gt_path).name
-    if not bscan_path.is_file():
-        return np.zeros(shape, np.float32)
-    image = read_gray(bscan_path).astype(np.float32)
-    if image.shape != tuple(shape):
-        image = cv2.resize(image, shape[::-1], interpolation=cv2.INTER_LINEAR)
-    return scaled_gray(image)
 
 
 def tinted_classes(classes):
@@ -93,7 +72,7 @@ def class_overlay(image, labels, classes):
     ClassTable). Returns (H, W, 3) uint8 RGB; background-like classes stay gray.
     """
     index = np.take(classes.value_to_index(), labels)
-    gray = scaled_gray(image)
+    gray = gallery.scaled_gray(image)
     colors = plots.class_colors(classes.num_classes)
     shown = tinted_classes(classes)
     unused = np.zeros(index.shape, bool)

@@ -62,8 +62,7 @@ def run_identity(config, dataset):
     identity["weights_name"] = weights.name
     identity["weights_sha256"] = file_sha256(weights)
     identity["dataset"] = dataset.name
-    identity["classes"] = [[int(v), str(label)] for v, label in
-                           zip(dataset.class_table.values, dataset.class_table.labels)]
+    identity["classes"] = dataset.class_table.entries()
     return identity
 
 

@@ -28,11 +28,6 @@ INFERENCE_RECORD = "config_infer.yaml"  # the options of the inference, inside i
 FORMAT = 2  # 1: slice list only (no file or data hashes)
 
 
-def class_entries(classes):
-    """``[[value, label], ...]`` of a ClassTable, as manifests and checkpoints hold it."""
-    return [[int(v), str(label)] for v, label in zip(classes.values, classes.labels)]
-
-
 def file_entry(path):
     """``[size in bytes, SHA-256]`` of a file."""
     return [Path(path).stat().st_size, file_sha256(path)]
@@ -64,7 +59,7 @@ def write_manifest(folder, checkpoint, epoch, classes, slice_ids, data=None):
         "checkpoint": checkpoint.name,
         "checkpoint_sha256": file_sha256(checkpoint),
         "epoch": epoch,
-        "classes": class_entries(classes),
+        "classes": classes.entries(),
         "slices": sorted(slice_ids),
         "files": {name: file_entry(path)
                   for name, path in sorted(_prediction_files(folder).items())},
@@ -124,7 +119,7 @@ def up_to_date(folder, checkpoint, slice_ids, classes, data):
     if manifest is None or manifest.get("checkpoint_sha256") != file_sha256(checkpoint):
         return False
     return (sorted(slice_ids) == manifest["slices"]
-            and manifest.get("classes") == class_entries(classes)
+            and manifest.get("classes") == classes.entries()
             and (manifest.get("data") or {}).get("bscans") == data["bscans"]
             and (manifest.get("data") or {}).get("class_table_sha256")
             == data["class_table_sha256"]

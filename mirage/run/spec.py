@@ -87,18 +87,23 @@ def resolve_ignore_index(ignore_index, classes):
     return ignore_index
 
 
-def resolve_spec(config):
-    """The RunSpec of ``config`` (every option, already checked by check_config)."""
+def resolve_model(config):
+    """The ModelSpec of ``config``: the family of --weights (or --fm) and its geometry."""
     fm = find_model(config["weights"], fm=config["fm"])
-    dataset = open_dataset(config["data_path"], config["mapping_fn"])
-    ignore_index = resolve_ignore_index(config["ignore_index"], dataset.class_table)
     domain = domains_of(config)[0]
     input_size = per_domain(config["input_size"], [domain])[domain]
     patch_size = (per_domain(config["patch_size"], [domain])[domain]
                   if config["patch_size"] is not None else None)  # None: the model's own
-    model = ModelSpec(fm=fm, weights=Path(config["weights"]), input_size=input_size,
-                      patch_size=patch_size, norm="minmax" if config["minmax"] else fm.norm,
-                      decoder=config["output_adapter"])
+    return ModelSpec(fm=fm, weights=Path(config["weights"]), input_size=input_size,
+                     patch_size=patch_size, norm="minmax" if config["minmax"] else fm.norm,
+                     decoder=config["output_adapter"])
+
+
+def resolve_spec(config):
+    """The RunSpec of ``config`` (every option, already checked by check_config)."""
+    model = resolve_model(config)
+    dataset = open_dataset(config["data_path"], config["mapping_fn"])
+    ignore_index = resolve_ignore_index(config["ignore_index"], dataset.class_table)
     identity = run_identity(config, dataset)
     folder = RunFolder(run_directory(config, dataset, identity))
     if config.get("run_dir") and folder.path.resolve() != Path(config["run_dir"]).resolve():

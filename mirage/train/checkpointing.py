@@ -61,7 +61,7 @@ def checkpoint_meta(config, classes, model):
     """What a checkpoint was trained with; every load compares it with the current run."""
     weights = Path(config["weights"])
     return {
-        "classes": [[int(v), str(label)] for v, label in zip(classes.values, classes.labels)],
+        "classes": classes.entries(),
         "input_size": list(model.decoder.image_size),
         "patch_size": list(model.backbone.patch_size),
         "decoder": config["output_adapter"],

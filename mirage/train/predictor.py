@@ -22,14 +22,13 @@ import cv2
 import numpy as np
 import torch
 
-from fm_seg_config import find_model
 from mirage import checkpoint_io
-from mirage.config import OPTIONS, domains_of, load_yaml, per_domain
+from mirage.config import OPTIONS, load_yaml
 from mirage.data.classes import ClassTable, read_class_table
 from mirage.errors import UserError
 from mirage.fileio import read_gray
 from mirage.run.folder import RunFolder
-from mirage.run.spec import ModelSpec
+from mirage.run.spec import resolve_model
 from mirage.train.build import build_model, test_transform
 from mirage.train.checkpointing import checkpoint_meta, load_model_weights
 from mirage.train.distributed import DistInfo
@@ -70,23 +69,7 @@ def checkpoint_classes(payload, checkpoint, config):
     if entries is None:
         info = config["mapping_fn"] or Path(str(config["data_path"])) / "INFO.json"
         return read_class_table(info)
-    return ClassTable(values=tuple(int(v) for v, _ in entries),
-                      labels=tuple(str(label) for _, label in entries),
-                      source=f"{checkpoint} (the classes it was trained with)")
-
-
-def model_spec(config):
-    """The run's ModelSpec. As mirage.run.spec.resolve_spec derives it, without opening
-    the dataset (which need not be where the predictor runs). The family comes from the
-    weights file name the run was trained with, or ``--fm``."""
-    fm = find_model(config["weights"], fm=config["fm"])
-    domain = domains_of(config)[0]
-    input_size = per_domain(config["input_size"], [domain])[domain]
-    patch_size = (per_domain(config["patch_size"], [domain])[domain]
-                  if config["patch_size"] is not None else None)
-    return ModelSpec(fm=fm, weights=Path(config["weights"]), input_size=input_size,
-                     patch_size=patch_size, norm="minmax" if config["minmax"] else fm.norm,
-                     decoder=config["output_adapter"])
+    return ClassTable.from_entries(entries, f"{checkpoint} (the classes it was trained with)")
 
 
 def load_run(run_dir, device="auto", weights=None, batch_size=None):
@@ -101,7 +84,7 @@ def load_run(run_dir, device="auto", weights=None, batch_size=None):
     """
     folder = RunFolder(Path(run_dir).expanduser())
     config = read_run_config(folder)
-    spec = model_spec(config)  # the family from the file name it was trained with
+    spec = resolve_model(config)  # the family from the file name it was trained with
     if weights is not None:
         config["weights"] = str(weights)
     if not Path(config["weights"]).is_file():
