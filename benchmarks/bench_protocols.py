@@ -12,6 +12,11 @@ pipeline):
 * ``fully_frozen``: ``--freeze_patch_embed`` (whole backbone frozen, no graph).
 * ``fully_frozen_cached_ram`` / ``_disk``: with a warm ``--feature_cache`` (every view
   computed in the warm-up epoch, then timed; stochastic depth 0, as the cache needs).
+* ``linear_probe`` (and ``_cached_ram``), ``lora`` (rank 8 on qkv and proj), ``full``:
+  the other ``--tuning`` protocols, through the same loop as ``fast_paper``.
+
+Beside the times, ``sizes`` gives per protocol what it trains and saves at 1024x1024
+with 9 classes: trainable parameters and checkpoint sizes (no step is run for those).
 
 Each protocol: one warm-up epoch over the ``--steps`` batches, then ``--rounds`` timed
 epochs over the same batches; seconds per step = median timed epoch / steps. On the CPU
@@ -33,6 +38,7 @@ than paper; CUDA (ViT-L, 1024, batch 4): fast_paper bf16 + checkpointing < 22 GB
 fully_frozen <= 0.7x and cached <= 0.3x of the paper step.
 """
 import argparse
+import io
 import json
 import os
 import platform
@@ -57,6 +63,9 @@ from mirage.train.losses import build_loss  # noqa: E402
 from mirage.models.segmentation_model import SegmentationModel  # noqa: E402
 from mirage.train.optim import apply_schedule, build_optimizer, param_groups  # noqa: E402
 from mirage.models.decoders import build_decoder  # noqa: E402
+from mirage.config import LORA_OPTIONS, OPTION_BY_NAME, TUNING_FLAGS  # noqa: E402
+from mirage.train.build import apply_protocol  # noqa: E402
+from mirage.train.checkpointing import trained_state_dict  # noqa: E402
 
 MODELS = {  # name: (family, patch size)
     "mirage-tiny": (MirageTiny, 32),
@@ -94,19 +103,50 @@ class InMemory(torch.utils.data.Dataset):
         return {"image": self.images[index], "mask": self.masks[index], "index": index}
 
 
+# benchmark protocol -> the --tuning it runs ("paper" is the first version's loop, and
+# "fast_paper" today's, both of --tuning frozen)
+TUNING = {"paper": "frozen", "fast_paper": "frozen", "fully_frozen": "fully_frozen",
+          "linear_probe": "linear_probe", "lora": "lora", "full": "full"}
+
+
 def build(model_name, size, protocol, drop_path):
+    """(family, SegmentationModel) with random weights, set up as ``--tuning`` does for
+    ``protocol`` (LoRA: the default rank 8, alpha 16 on qkv and proj)."""
     family, patch = MODELS[model_name]
     fm = family()
     torch.manual_seed(0)
     backbone = fm.build(size, (patch, patch), 1, drop_path_rate=drop_path)
-    decoder = build_decoder("convnext", embed_dim=backbone.embed_dim, num_classes=CLASSES,
+    tuning = TUNING[protocol]
+    decoder = build_decoder("linear" if tuning == "linear_probe" else "convnext",
+                            embed_dim=backbone.embed_dim, num_classes=CLASSES,
                             grid_size=backbone.grid_size, patch_size=backbone.patch_size,
                             image_size=size, encoder_depth=backbone.depth)
     model = SegmentationModel(backbone, decoder)
-    model.freeze_blocks()
-    if protocol.startswith("fully_frozen"):
-        model.freeze_backbone()
+    config = {name: OPTION_BY_NAME[name].default for name in LORA_OPTIONS}
+    config.update(tuning=tuning, freeze_encoder=TUNING_FLAGS[tuning][0],
+                  freeze_patch_embed=TUNING_FLAGS[tuning][1])
+    apply_protocol(model, config)
     return fm, model
+
+
+def protocol_sizes(model_name, size, protocols_):
+    """What each protocol trains and saves at ``size``: trainable parameters (millions)
+    and the checkpoint-best.pth size (MB: the trained tensors; a checkpoint-<epoch>.pth
+    adds AdamW's two moments per trained tensor)."""
+    rows = {}
+    for protocol in protocols_:
+        _, model = build(model_name, size, protocol, 0.0)
+        trained = trained_state_dict(model)
+        buffer = io.BytesIO()
+        torch.save(trained, buffer)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rows[TUNING[protocol]] = {
+            "trainable": trainable, "trainable_M": round(trainable / 1e6, 2),
+            "total_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "best_checkpoint_MB": round(buffer.tell() / 1e6, 3),
+            "resume_checkpoint_MB": round((buffer.tell() + 8 * trainable) / 1e6, 3)}
+        del model
+    return rows
 
 
 def sync(device):
@@ -297,7 +337,12 @@ def plan(args, device):
                  {"name": "fully_frozen_cached_ram", "protocol": "fully_frozen",
                   "cache": "ram"},
                  {"name": "fully_frozen_cached_disk", "protocol": "fully_frozen",
-                  "cache": "disk"}]
+                  "cache": "disk"},
+                 {"name": "linear_probe", "protocol": "linear_probe"},
+                 {"name": "linear_probe_cached_ram", "protocol": "linear_probe",
+                  "cache": "ram"},
+                 {"name": "lora", "protocol": "lora"},
+                 {"name": "full", "protocol": "full"}]
     else:
         specs = [{"name": "paper_fp16", "protocol": "paper", "amp": "fp16"},
                  {"name": "fast_paper_fp16", "protocol": "fast_paper", "amp": "fp16"},
@@ -308,7 +353,14 @@ def plan(args, device):
                  {"name": "fully_frozen_cached_ram_bf16", "protocol": "fully_frozen",
                   "amp": "bf16", "cache": "ram"},
                  {"name": "fully_frozen_cached_disk_bf16", "protocol": "fully_frozen",
-                  "amp": "bf16", "cache": "disk"}]
+                  "amp": "bf16", "cache": "disk"},
+                 {"name": "linear_probe_bf16", "protocol": "linear_probe", "amp": "bf16"},
+                 {"name": "lora_bf16", "protocol": "lora", "amp": "bf16"},
+                 {"name": "lora_bf16_checkpointing", "protocol": "lora", "amp": "bf16",
+                  "checkpointing": True},
+                 {"name": "full_bf16", "protocol": "full", "amp": "bf16"},
+                 {"name": "full_bf16_checkpointing", "protocol": "full", "amp": "bf16",
+                  "checkpointing": True}]
     return [{**spec, "model": model, "size": args.size} for model in args.models
             for spec in specs]
 
@@ -421,6 +473,11 @@ def main(argv=None):
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
             report["protocols"] += rows
         ratios(report["protocols"])
+        # what each protocol trains and saves, at the paper's input size (no step is run)
+        report["sizes"] = {
+            model: {"input": "1024x1024", "classes": CLASSES,
+                    "protocols": protocol_sizes(model, (1024, 1024), TUNING)}
+            for model in args.models}
         report["targets_met"] = targets(report["protocols"], args.plan or device.type)
         if args.check_compile:
             report["compile"] = check_compile(args.models[0], args.size, device, args.batch,

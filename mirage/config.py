@@ -45,6 +45,15 @@ class Option:
     group: str = "training"
 
 
+# --tuning: each protocol and the (freeze_encoder, freeze_patch_embed) values it stands
+# for; the last two are the older options, kept as aliases.
+TUNINGS = ("frozen", "fully_frozen", "linear_probe", "lora", "full")
+TUNING_FLAGS = {"frozen": (True, False), "fully_frozen": (True, True),
+                "linear_probe": (True, True), "lora": (True, False), "full": (False, False)}
+PROTOCOL_ALIASES = ("freeze_encoder", "freeze_patch_embed")
+LORA_OPTIONS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
+
 def _default_workers():
     return min(8, os.cpu_count() or 1)
 
@@ -85,12 +94,26 @@ OPTIONS = (
            "in frozen blocks too while training).", "float", group="model"),
     Option("learnable_pos_emb", False, "Train the position embedding.", "bool",
            group="model"),
-    Option("freeze_encoder", True, "Freeze the transformer blocks (the patch projector, "
-           "global tokens and decoder still train).", "bool", group="model"),
-    Option("freeze_patch_embed", False, "Fully-frozen protocol: freeze the whole backbone "
-           "(patch projector, position embedding and global tokens too) and run it without "
-           "a graph, so the backward pass stops at the decoder; needs --freeze_encoder.",
-           "bool", group="model"),
+    Option("tuning", "frozen", "Tuning protocol (docs/segmentation_tuning.md, "
+           "'Protocols'): 'frozen' = the paper's (blocks frozen; patch projector, global "
+           "tokens and decoder train); 'fully_frozen' = the whole backbone frozen, run "
+           "without a graph; 'linear_probe' = fully frozen with the 'linear' decoder; "
+           "'lora' = frozen blocks with trained low-rank adapters (pip install .[lora]); "
+           "'full' = every encoder tensor trains, with layer-wise LR decay.",
+           choices=TUNINGS, group="protocol"),
+    Option("freeze_encoder", True, "Alias: --freeze_encoder is --tuning frozen, "
+           "--no_freeze_encoder is --tuning full.", "bool", group="protocol"),
+    Option("freeze_patch_embed", False, "Alias of --tuning fully_frozen.", "bool",
+           group="protocol"),
+    Option("lora_rank", 8, "LoRA: rank r of each adapter (--tuning lora).", "int",
+           group="protocol"),
+    Option("lora_alpha", 16.0, "LoRA: scaling alpha; an adapter adds (alpha / r) B A x.",
+           "float", group="protocol"),
+    Option("lora_dropout", 0.1, "LoRA: dropout on each adapter's input while training.",
+           "float", group="protocol"),
+    Option("lora_targets", "qkv-proj", "LoRA: the layers of every transformer block that "
+           "get an adapter, separated by hyphens: qkv and proj (attention; every family), "
+           "fc1 and fc2 (MLP; w12 and w3 for DINOv2's SwiGLU).", group="protocol"),
     Option("output_adapter", decoders.DEFAULT, "Segmentation decoder: a module of "
            "mirage/decoders/ ('convnext' is the paper's).", choices=decoders.Choices(),
            group="model"),
@@ -212,7 +235,7 @@ RUNTIME_OPTIONS = frozenset({
     "weights", "data_path", "mapping_fn",
 })
 POSITIVE_INTS = ("batch_size", "epochs", "save_ckpt_freq", "eval_freq", "log_images_freq",
-                 "num_global_tokens", "keep_ckpts")
+                 "num_global_tokens", "keep_ckpts", "lora_rank")
 
 
 # ----------------------------------------------------------------------------- values
@@ -394,23 +417,83 @@ def parse_config(argv=None):
     given = vars(build_parser().parse_args(argv))
     demo = given.pop("demo", False)
     config_file = given.pop("config", None)
-    config = {opt.name: opt.default for opt in OPTIONS}
+    layers = []  # (where, {option: value}) above the built-in defaults, lowest first
     if demo:
-        config.update(load_yaml(DEMO_CONFIG))
+        layers.append(("--demo", load_yaml(DEMO_CONFIG)))
     if given.get("run_dir"):
         config_file = _run_config(given, demo, config_file)
-        config.update(load_yaml(config_file, what="--run_dir"))
+        layers.append((f"--run_dir {given['run_dir']}", load_yaml(config_file,
+                                                                    what="--run_dir")))
     elif config_file:
         config_file = resolve_config_file(config_file)
-        config.update(load_yaml(config_file))
+        layers.append((f"--config {config_file}", load_yaml(config_file)))
+    command_line = {}
     for name, value in given.items():
         opt = OPTION_BY_NAME[name]
         if opt.kind == "size" and len(value) > 2:
             raise UserError(f"--{name}: give one size or two (height width)")
-        config[name] = _coerce(opt, value, "command line")
+        command_line[name] = _coerce(opt, value, "command line")
+    layers.append(("command line", command_line))
+    config = {opt.name: opt.default for opt in OPTIONS}
+    for _, values in layers:
+        config.update(values)
+    resolve_tuning(config, layers)
     if config["run_dir"]:
         _place_in_run_dir(config, given)
     return config, demo, config_file
+
+
+def tuning_of_flags(freeze_encoder, freeze_patch_embed, decoder):
+    """The protocol the older options name (runs trained before ``--tuning`` existed):
+    a fully-frozen backbone is ``fully_frozen``, or ``linear_probe`` under the ``linear``
+    decoder (the same run by definition); trained blocks are ``full``; else ``frozen``."""
+    if freeze_patch_embed:
+        return "linear_probe" if decoder == "linear" else "fully_frozen"
+    return "frozen" if freeze_encoder else "full"
+
+
+def resolve_tuning(config, layers):
+    """Set ``tuning`` and its aliases ``freeze_encoder`` / ``freeze_patch_embed`` to one
+    protocol, in place.
+
+    The highest layer (``[(where, values)]`` above the defaults, lowest first) that names
+    any of the three decides, so a command-line ``--tuning full`` wins over ``freeze_encoder: true`` in a
+    YAML file; within that layer they must agree. The aliases alone give frozen,
+    fully_frozen or full, and a fully-frozen backbone under the ``linear`` decoder is
+    ``linear_probe`` by definition (so both spellings are one run). ``linear_probe``
+    brings the ``linear`` decoder unless another one is given.
+    """
+    names = ("tuning",) + PROTOCOL_ALIASES
+    level, where, values = next(((i, w, v) for i, (w, v) in reversed(list(enumerate(layers)))
+                                 if any(n in v for n in names)), (-1, "defaults", {}))
+    if "tuning" in values:
+        tuning = values["tuning"]
+        for alias, implied in zip(PROTOCOL_ALIASES, TUNING_FLAGS[tuning]):
+            if alias in values and values[alias] != implied:
+                flag = f"--{alias}" if values[alias] else f"--no_{alias}"
+                raise UserError(f"{where}: --tuning {tuning} and {flag} name different "
+                                "protocols; drop the older option")
+    else:
+        freeze_encoder = values.get("freeze_encoder", True)
+        freeze_patch_embed = values.get("freeze_patch_embed", False)
+        if freeze_patch_embed and not freeze_encoder:
+            raise UserError(f"{where}: --freeze_patch_embed freezes the whole backbone but "
+                            "--no_freeze_encoder trains its blocks; drop one of them")
+        tuning = tuning_of_flags(freeze_encoder, freeze_patch_embed, config["output_adapter"])
+    if tuning == "fully_frozen" and config["output_adapter"] == "linear":
+        tuning = "linear_probe"
+    if tuning == "linear_probe":
+        # A decoder named where the protocol is named (or above) must be 'linear'; one
+        # from a lower layer (a YAML file under a command-line --tuning) gives way.
+        named = [w for w, v in layers[max(level, 0):] if "output_adapter" in v]
+        if named and config["output_adapter"] != "linear":
+            raise UserError(f"--tuning linear_probe trains the 'linear' decoder, but "
+                            f"{named[-1]} gives --output_adapter "
+                            f"{config['output_adapter']}; drop one of them (or use --tuning "
+                            "fully_frozen)")
+        config["output_adapter"] = "linear"
+    config["tuning"] = tuning
+    config["freeze_encoder"], config["freeze_patch_embed"] = TUNING_FLAGS[tuning]
 
 
 def resolve_config_file(name):

@@ -4,11 +4,14 @@ be in order, and the protocol combinations.
 Every rule raises a one-line :class:`mirage.errors.UserError` that names the option(s) and
 says what to give instead. The options table, parsing and YAML are :mod:`mirage.config`.
 """
+import importlib.util
 import math
 import re
 from pathlib import Path
 
-from mirage.config import POSITIVE_INTS, domains_of, per_domain
+from mirage.config import (LORA_OPTIONS, OPTION_BY_NAME, POSITIVE_INTS, TUNING_FLAGS,
+                           domains_of, per_domain)
+from mirage.models.lora import LORA_EXTRA, LORA_TARGETS
 from mirage.errors import UserError
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
@@ -128,19 +131,22 @@ def _check_optimiser_values(config):
 
 
 def _check_protocol(config):
-    """The fully-frozen protocol, the feature cache and mixed precision: combinations that
-    would change the protocol silently are errors naming both options."""
-    cache = config["feature_cache"]
-    if config["freeze_patch_embed"] and not config["freeze_encoder"]:
-        raise UserError("--freeze_patch_embed freezes the whole backbone but "
-                        "--no_freeze_encoder trains its blocks; drop one of them")
+    """The protocol (``--tuning``), its options, the feature cache and mixed precision:
+    combinations that would change the protocol silently are errors naming both options."""
+    cache, tuning = config["feature_cache"], config["tuning"]
+    if (config["freeze_encoder"], config["freeze_patch_embed"]) != TUNING_FLAGS[tuning]:
+        raise UserError(f"--tuning {tuning} and --freeze_encoder {config['freeze_encoder']} "
+                        f"/ --freeze_patch_embed {config['freeze_patch_embed']} name "
+                        "different protocols; give --tuning alone")
     if config["freeze_patch_embed"] and config["learnable_pos_emb"]:
-        raise UserError("--freeze_patch_embed freezes the position embedding that "
+        raise UserError(f"--tuning {tuning} freezes the position embedding that "
                         "--learnable_pos_emb trains; drop one of them")
+    _check_lora_options(config)
     if cache != "off" and not config["freeze_patch_embed"]:
-        raise UserError(f"--feature_cache {cache} needs --freeze_patch_embed (the "
-                        "fully-frozen protocol): with a trained patch projector the tokens "
-                        "change at every step")
+        raise UserError(f"--feature_cache {cache} needs a fixed encoder (--tuning "
+                        f"fully_frozen or linear_probe): under --tuning {tuning} the "
+                        f"{'patch projector' if tuning in ('frozen', 'lora') else 'encoder'}"
+                        " trains, so the tokens change at every step")
     if cache != "off" and config["aug_name"] == "simple":
         raise UserError(f"--feature_cache {cache} cannot represent --aug_name simple (its "
                         "random resize-crop gives new tokens every epoch); use --aug_name "
@@ -155,3 +161,28 @@ def _check_protocol(config):
     if config["amp_dtype"] == "bf16" and not config["fp16"]:
         raise UserError("--amp_dtype bf16 asks for bfloat16 mixed precision but --no_fp16 "
                         "turns mixed precision off; drop one of them")
+
+
+def _check_lora_options(config):
+    """LoRA's options: valid values, and only under ``--tuning lora`` (elsewhere they would
+    be ignored, and two runs differing only in them would share one run folder)."""
+    if config["tuning"] != "lora":
+        changed = [name for name in LORA_OPTIONS if config[name] != OPTION_BY_NAME[name].default]
+        if changed:
+            raise UserError(f"--{changed[0]} applies only with --tuning lora (this run has "
+                            f"--tuning {config['tuning']}); drop it or add --tuning lora")
+        return
+    if importlib.util.find_spec("peft") is None:  # before any job of a grid starts
+        raise UserError(f"--tuning lora needs Hugging Face's PEFT library, which is not "
+                        f"installed: {LORA_EXTRA}")
+    if config["lora_alpha"] <= 0:
+        raise UserError(f"--lora_alpha {config['lora_alpha']}: must be positive (the "
+                        "adapters' scale is alpha / rank)")
+    if not 0.0 <= config["lora_dropout"] < 1.0:
+        raise UserError(f"--lora_dropout {config['lora_dropout']}: must be in [0, 1)")
+    targets = [t for t in config["lora_targets"].split("-") if t]
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if not targets or unknown:
+        raise UserError(f"--lora_targets {config['lora_targets']}: "
+                        f"{'unknown layer ' + repr(unknown[0]) if unknown else 'empty'}; give "
+                        f"some of {', '.join(LORA_TARGETS)} separated by hyphens, e.g. qkv-proj")

@@ -9,7 +9,7 @@ import yaml
 
 from mirage.argparsing import ArgumentParser
 from mirage.errors import UserError, exit_on_user_error
-from mirage.report import RUN_REPORT_MODES  # constants: import nothing heavy
+from mirage.report import RUN_REPORT_MODES, TABLE_COLUMNS  # constants: nothing heavy
 from mirage.run import METRICS
 
 
@@ -31,6 +31,10 @@ def report_parser():
     parser.add_argument("--table_metrics", nargs="+", choices=METRICS,
                         default=["Dice", "HD95"],
                         help="metrics of summary.md / summary.tex (default: Dice HD95)")
+    parser.add_argument("--columns", choices=TABLE_COLUMNS, default="dataset",
+                        help="columns of the paper tables: 'dataset' (default; rows = "
+                             "models) or 'tuning' (one table per dataset, rows = models, "
+                             "columns = the --tuning protocols of the runs)")
     parser.add_argument("--alpha", type=float, default=0.05,
                         help="significance level after Holm-Bonferroni (default: 0.05)")
     parser.add_argument("--run_reports", choices=RUN_REPORT_MODES, default="missing",
@@ -57,7 +61,7 @@ def main(argv=None):
     return write_study(args.paths, args.output_dir, datasets_path=args.datasets_path,
                        run_reports=args.run_reports, metric=args.metric,
                        table_metrics=tuple(args.table_metrics), alpha=args.alpha,
-                       tensorboard=args.tensorboard, labels=labels)
+                       tensorboard=args.tensorboard, labels=labels, columns=args.columns)
 
 
 def parse_labels(items):

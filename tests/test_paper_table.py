@@ -203,7 +203,10 @@ def test_labels_name_what_differs_in_words():
              _run("A", 1, {"lr": 1e-3, "freeze_patch_embed": True}),
              _run("B", 1, {"lr": 1e-3, "freeze_patch_embed": False})]
     labels, _ = _labels(runs)
-    assert labels == ["A, fully frozen, lr 1e-3", "A, lr 1e-3", "A, lr 1e-4", "B, lr 1e-3"]
+    # The tuning protocol is said once, in words, last; a fully-frozen backbone under the
+    # linear decoder (_run's) is a linear probe.
+    assert labels == ["A, lr 1e-3, frozen (paper)", "A, lr 1e-3, linear probe",
+                      "A, lr 1e-4, frozen (paper)", "B, lr 1e-3, frozen (paper)"]
 
 
 def test_an_option_that_only_changes_with_the_dataset_keeps_one_row():

@@ -260,7 +260,7 @@ def test_end_to_end_disk_cache_is_shared_by_runs_of_one_backbone(tiny_dataset, w
               "--feature_cache_dir", tmp_path / "cache", "--no_save_ckpt"]
     run_seg_tuning.main([str(a) for a in common + ["--output_adapter", "linear"]])
     first = capsys.readouterr().out
-    assert "8 views computed, 0 reused" in first and "fully frozen backbone" in first
+    assert "8 views computed, 0 reused" in first and "whole backbone frozen" in first
     run_seg_tuning.main([str(a) for a in common + ["--output_adapter", "convnext",
                                                    "--seed", "7"]])
     assert "0 views computed, 8 reused" in capsys.readouterr().out
@@ -417,28 +417,69 @@ def test_amp_dtype_selects_the_autocast_dtype(monkeypatch):
 
 # ----------------------------------------------------------------------------- options
 @pytest.mark.parametrize("extra, names", [
-    (["--feature_cache", "ram"], ["--feature_cache ram", "--freeze_patch_embed"]),
+    (["--feature_cache", "ram"], ["--feature_cache ram", "--tuning fully_frozen",
+                                  "--tuning frozen"]),
+    (["--tuning", "lora", "--feature_cache", "ram"], ["--feature_cache ram", "--tuning lora"]),
+    (["--tuning", "full", "--feature_cache", "disk"], ["--feature_cache disk", "--tuning full",
+                                                       "encoder trains"]),
     (["--freeze_patch_embed", "--feature_cache", "disk"],
      ["--feature_cache disk", "--aug_name simple"]),
     (["--freeze_patch_embed", "--feature_cache", "ram", "--aug_name", "flip"],
      ["--feature_cache ram", "--drop_path_encoder 0"]),
     (["--freeze_patch_embed", "--no_freeze_encoder"],
      ["--freeze_patch_embed", "--no_freeze_encoder"]),
+    (["--tuning", "full", "--freeze_encoder"], ["--tuning full", "--freeze_encoder"]),
+    (["--tuning", "frozen", "--freeze_patch_embed"], ["--tuning frozen",
+                                                      "--freeze_patch_embed"]),
+    (["--tuning", "linear_probe", "--output_adapter", "dpt"],
+     ["--tuning linear_probe", "--output_adapter dpt"]),
     (["--freeze_patch_embed", "--learnable_pos_emb"],
-     ["--freeze_patch_embed", "--learnable_pos_emb"]),
+     ["--tuning fully_frozen", "--learnable_pos_emb"]),
+    (["--tuning", "linear_probe", "--learnable_pos_emb"],
+     ["--tuning linear_probe", "--learnable_pos_emb"]),
+    (["--lora_rank", "4"], ["--lora_rank", "--tuning lora"]),
+    (["--tuning", "lora", "--lora_targets", "qkv-attn"], ["--lora_targets", "'attn'", "qkv"]),
+    (["--tuning", "lora", "--lora_alpha", "0"], ["--lora_alpha 0"]),
+    (["--tuning", "lora", "--lora_rank", "0"], ["--lora_rank"]),
     (["--amp_dtype", "bf16", "--no_fp16"], ["--amp_dtype bf16", "--no_fp16"]),
     (["--freeze_patch_embed", "--feature_cache", "disk", "--aug_name", "none",
       "--drop_path_encoder", "0", "--feature_cache_dir", ""],
      ["--feature_cache disk", "--feature_cache_dir"]),
 ])
 def test_option_conflicts_are_one_line_errors_naming_both(tmp_path, extra, names):
-    config, _, _ = parse_config(["--weights", "w.pth", "--data_path", str(tmp_path), *extra])
-    with pytest.raises(UserError) as info:
+    with pytest.raises(UserError) as info:  # while parsing (protocol aliases) or checking
+        config, _, _ = parse_config(["--weights", "w.pth", "--data_path", str(tmp_path),
+                                     *extra])
         check_config(config)
     message = str(info.value)
     assert "\n" not in message
     for name in names:
         assert name in message
+
+
+@pytest.mark.parametrize("argv, tuning, flags, decoder", [
+    ([], "frozen", (True, False), "convnext"),
+    (["--freeze_encoder"], "frozen", (True, False), "convnext"),
+    (["--no_freeze_encoder"], "full", (False, False), "convnext"),
+    (["--freeze_patch_embed"], "fully_frozen", (True, True), "convnext"),
+    (["--freeze_patch_embed", "--output_adapter", "linear"], "linear_probe", (True, True),
+     "linear"),
+    (["--tuning", "linear_probe"], "linear_probe", (True, True), "linear"),
+    (["--tuning", "fully_frozen", "--output_adapter", "linear"], "linear_probe",
+     (True, True), "linear"),
+    (["--tuning", "lora"], "lora", (True, False), "convnext"),
+    (["--tuning", "full", "--no_freeze_encoder"], "full", (False, False), "convnext"),
+    # a command-line protocol wins over the YAML file's alias and decoder
+    (["-c", "seg_200e_convnext", "--tuning", "full"], "full", (False, False), "convnext"),
+    (["-c", "seg_200e_convnext", "--tuning", "linear_probe"], "linear_probe", (True, True),
+     "linear"),
+    (["--demo", "--tuning", "linear_probe"], "linear_probe", (True, True), "linear"),
+])
+def test_tuning_and_its_aliases_resolve_to_one_protocol(argv, tuning, flags, decoder):
+    config, _, _ = parse_config(argv)
+    assert config["tuning"] == tuning
+    assert (config["freeze_encoder"], config["freeze_patch_embed"]) == flags
+    assert config["output_adapter"] == decoder
 
 
 def test_cacheable_options_are_accepted(tmp_path):
@@ -471,8 +512,8 @@ def test_grad_checkpointing_with_a_fully_frozen_backbone_is_a_note(weights16):
     model = tiny_model(weights16, protocol="fully_frozen")
     protocols.apply_speed_options(model, {"grad_checkpointing": True, "compile": False}, CPU,
                                   notes.append)
-    assert notes[0].startswith(">> note: --grad_checkpointing has no effect with "
-                               "--freeze_patch_embed")
+    assert notes[0].startswith(">> note: --grad_checkpointing has no effect with a fully "
+                               "frozen backbone (--tuning fully_frozen or linear_probe")
     assert notes[1] == ">> speed: fused attention in 4/4 attention layers, channels-last " \
                        "decoder"
 

@@ -18,7 +18,14 @@ def test_protocols_benchmark_quick(capsys):
     report = json.loads(capsys.readouterr().out)  # exactly one JSON object
     names = [row["name"] for row in report["protocols"]]
     assert names == ["paper", "fast_paper", "fully_frozen", "fully_frozen_cached_ram",
-                     "fully_frozen_cached_disk"]
+                     "fully_frozen_cached_disk", "linear_probe", "linear_probe_cached_ram",
+                     "lora", "full"]
+    sizes = report["sizes"]["mirage-tiny"]["protocols"]  # at 1024x1024, 9 classes
+    assert set(sizes) == {"frozen", "fully_frozen", "linear_probe", "lora", "full"}
+    trainable = {name: row["trainable"] for name, row in sizes.items()}
+    assert trainable["linear_probe"] < trainable["fully_frozen"] < trainable["frozen"] \
+        < trainable["lora"] < trainable["full"]
+    assert sizes["full"]["best_checkpoint_MB"] > sizes["frozen"]["best_checkpoint_MB"]
     for row in report["protocols"]:
         assert row["seconds_per_step"] > 0 and row["samples_per_s"] > 0
         assert row["relative_to_paper"] > 0

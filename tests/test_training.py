@@ -100,8 +100,8 @@ def test_train_writes_run_directory(tiny_dataset, tiny_weights, tmp_path, capsys
 def test_best_checkpoint_is_really_loaded_for_testing(tiny_dataset, tiny_weights, tmp_path,
                                                       monkeypatch):
     loaded = []
-    real = inference.load_model_weights
-    monkeypatch.setattr(inference, "load_model_weights",
+    real = inference.load_for_inference
+    monkeypatch.setattr(inference, "load_for_inference",
                         lambda model, path, *rest: loaded.append(path.name) or real(model, path, *rest))
     run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 1))
     assert loaded == ["checkpoint-best.pth"]

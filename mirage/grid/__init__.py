@@ -3,7 +3,8 @@
     expand.py   the runner's command line: options, value axes, filters, one Job per combination
     checks.py   pre-flight checks: grid size, cluster, program, GPUs, --runners, run dirs
     local.py    running commands here: the job pool, one GPU per job, retries, timeouts, signals
-    slurm.py    the SLURM backend: one submitit job array, waited for or detached
+    slurm.py    the SLURM backend: one submitit job array, waited for, detached, looked at
+    queue.py    what became of each array task: squeue, the task's result file, sacct if any
     runner.py   main(): the order of the steps, the log folder, the report and its summary file
 
 It may import mirage.errors, mirage.fileio, mirage.workers, mirage.config and mirage.run

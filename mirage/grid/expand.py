@@ -43,8 +43,12 @@ USAGE = (
     "  --runner-slurm-time T    time limit per job: minutes or [D-]HH:MM[:SS] (required)\n"
     "  --runner-slurm-partition P, --runner-slurm-gpus G (default 1),\n"
     "  --runner-slurm-cpus C, --runner-slurm-mem GB, --runner-slurm-account A\n"
+    "  --runner-slurm-requeue   let SLURM requeue a task after a node failure or preemption\n"
+    "                           (training resumes from its last checkpoint)\n"
     "  --runner-detach          with --runner-slurm: submit and return without waiting\n"
     "(runner options may also be written with underscores: --runner_gpus)\n"
+    "./runner --runner-status DIR: the state of a grid submitted with --runner-slurm\n"
+    "                           (DIR: its --runner-log folder)\n"
     "full documentation: docs/runner.md"
 )
 
@@ -74,6 +78,7 @@ class RunnerOptions:
     slurm_cpus: Optional[int] = None
     slurm_mem_gb: Optional[int] = None
     slurm_account: Optional[str] = None
+    slurm_requeue: bool = False
     detach: bool = False
 
 
@@ -203,11 +208,14 @@ RUNNER_OPTIONS = {
     "--runner-slurm-cpus": _INT,
     "--runner-slurm-mem": _INT,
     "--runner-slurm-account": _TEXT,
+    "--runner-slurm-requeue": _FLAG,
     "--runner-detach": _FLAG,
+    "--runner-status": _TEXT,  # used alone: ./runner --runner-status DIR (see status_folder)
 }
 _SLURM_ONLY = [
     "--runner-slurm-time", "--runner-slurm-partition", "--runner-slurm-gpus",
-    "--runner-slurm-cpus", "--runner-slurm-mem", "--runner-slurm-account", "--runner-detach",
+    "--runner-slurm-cpus", "--runner-slurm-mem", "--runner-slurm-account",
+    "--runner-slurm-requeue", "--runner-detach",
 ]
 
 # "-x" / "--xyz" start an option; "-1", "-0.5" and a lone "-" are values.
@@ -340,8 +348,13 @@ def _set_option(opts, name, value):
         opts.slurm_mem_gb = value
     elif name == "--runner-slurm-account":
         opts.slurm_account = value
+    elif name == "--runner-slurm-requeue":
+        opts.slurm_requeue = True
     elif name == "--runner-detach":
         opts.detach = True
+    elif name == "--runner-status":
+        raise UserError("--runner-status is used alone: ./runner --runner-status DIR, DIR "
+                        "being the --runner-log folder of a grid submitted with --runner-slurm")
 
 
 def _check_options(opts, seen):
@@ -358,6 +371,20 @@ def _check_options(opts, seen):
     if opts.slurm_time_min is None:
         raise UserError("--runner-slurm needs --runner-slurm-time (minutes or [D-]HH:MM[:SS], "
                         "e.g. 12:00:00): submitit's default would stop jobs after 5 minutes")
+
+
+def status_folder(argv):
+    """The folder of ``./runner --runner-status DIR`` (also ``--runner-status=DIR``), or
+    None when ``argv`` is an ordinary runner command line."""
+    if not argv or argv[0].partition("=")[0].replace("_", "-") != "--runner-status":
+        return None
+    name, has_inline, inline = argv[0].partition("=")
+    rest = ([inline] if has_inline else []) + list(argv[1:])
+    if len(rest) != 1 or not rest[0]:
+        raise UserError("--runner-status takes one folder: the --runner-log folder of a grid "
+                        "submitted with --runner-slurm, e.g. ./runner --runner-status "
+                        "__output/runner/train_v1")
+    return rest[0]
 
 
 def parse_gpu_list(text):

@@ -16,9 +16,13 @@ Before a grid of ``run_seg_tuning.py`` trainings starts, each job's run director
 resolved and a grid in which two jobs share one is refused.
 Commands are argument lists run without a shell. See ``docs/runner.md``.
 
+``./runner --runner-status DIR`` looks once at a grid submitted with ``--runner-slurm``
+(e.g. with ``--runner-detach``) and reports it the same way.
+
 This module is the entry point (:func:`main`), the log folder and the report; the work is
 done in :mod:`mirage.grid.checks` (pre-flight checks), :mod:`mirage.grid.local` (the
-local pool) and :mod:`mirage.grid.slurm` (the job array).
+local pool), :mod:`mirage.grid.slurm` (the job array) and :mod:`mirage.grid.queue` (what
+SLURM says became of each task).
 """
 import datetime
 import json
@@ -30,10 +34,10 @@ from pathlib import Path
 from mirage.errors import UserError, exit_on_user_error
 from mirage.grid.checks import (MAX_JOBS, RunDirCheck, check_cluster, check_grid_size,
                                 check_gpus, check_program, local_parallelism)
-from mirage.grid.expand import build_grid, usage_text
-from mirage.grid.local import (EXIT_USER_ERROR, STOP_GRACE_S, LocalPool, format_exit,
-                               format_seconds, sigterm_as_interrupt)
-from mirage.grid.slurm import run_on_cluster
+from mirage.grid.expand import build_grid, status_folder, usage_text
+from mirage.grid.local import (BAD_STATUSES, EXIT_USER_ERROR, STOP_GRACE_S, LocalPool,
+                               format_exit, format_seconds, sigterm_as_interrupt)
+from mirage.grid.slurm import look_at_array, run_on_cluster
 
 # Re-exported, so the runner's callers and tests find them here: the variables that fake
 # the GPUs and pick the submitit cluster, and the body of each array task.
@@ -41,11 +45,12 @@ from mirage.grid.checks import CLUSTER_ENV, FAKE_GPUS_ENV
 from mirage.grid.local import run_one_command
 
 __all__ = ["main", "report", "write_summary", "print_info", "make_log_dir", "log_paths_for",
-           "EXIT_FAILED", "EXIT_INTERRUPTED", "SUMMARY_NAME",
+           "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_RUNNING", "SUMMARY_NAME",
            "CLUSTER_ENV", "FAKE_GPUS_ENV", "run_one_command"]
 
 EXIT_FAILED = 1  # some command failed
 EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM, as a shell reports SIGINT
+EXIT_RUNNING = 3  # --runner-status: jobs still pending or running, none failed so far
 SUMMARY_NAME = "runner_summary.json"
 
 
@@ -92,19 +97,20 @@ def _exit_cell(code):
 
 
 def report(results, total):
-    """Print the counts and the table of failed / timed-out / stopped commands."""
+    """Print the counts and the table of the commands that did not succeed (failed, timed
+    out, cancelled, lost, stopped), each with its log and, where known, why."""
     counts = {}
     for result in results:
         counts[result.status] = counts.get(result.status, 0) + 1
     not_started = total - sum(r.status != "not started" for r in results)
     parts = [f"{counts.get('done', 0)} done", f"{counts.get('failed', 0)} failed"]
-    for status in ("timed out", "stopped"):
+    for status in BAD_STATUSES[1:] + ("running", "pending"):
         if counts.get(status):
             parts.append(f"{counts[status]} {status}")
     if not_started:
         parts.append(f"{not_started} not started")
     print(f"runner: {total} commands: {', '.join(parts)}", flush=True)
-    bad = [r for r in results if r.status in ("failed", "timed out", "stopped")]
+    bad = [r for r in results if r.status in BAD_STATUSES]
     if not bad:
         return
     rows = [("job", "status", "exit", "tries", "log", "command")]
@@ -112,7 +118,7 @@ def report(results, total):
         rows.append((str(r.job.index), r.status, _exit_cell(r.exit_code), str(r.attempts),
                      str(r.log_path), shlex.join(r.job.command)))
     widths = [max(len(row[col]) for row in rows) for col in range(5)]
-    kinds = sorted({r.status for r in bad}, key=["failed", "timed out", "stopped"].index)
+    kinds = sorted({r.status for r in bad}, key=BAD_STATUSES.index)
     heading = kinds[-1] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"
     print(f"{heading} commands:")
     for row in rows:
@@ -180,6 +186,20 @@ def print_info(grid):
     return 0
 
 
+def show_status(log_dir):
+    """``./runner --runner-status DIR``: one look at a grid submitted with --runner-slurm;
+    the counts and table of the report, and its summary file. Returns the exit status: 0
+    when every job is done, 1 when one did not succeed, EXIT_RUNNING while jobs are still
+    pending or running and none has failed."""
+    results, array_id = look_at_array(log_dir)
+    print(f"runner: array {array_id}, submitted into {log_dir}", flush=True)
+    report(results, len(results))
+    write_summary(results, log_dir)
+    if any(r.status in BAD_STATUSES for r in results):
+        return EXIT_FAILED
+    return EXIT_RUNNING if any(r.status != "done" for r in results) else 0
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -190,6 +210,9 @@ def main(argv=None, poll_s=None, stop_grace_s=STOP_GRACE_S):
     if argv[:1] in (["-h"], ["--help"]):
         print(usage_text())
         return 0
+    status_dir = status_folder(argv)
+    if status_dir is not None:
+        return show_status(status_dir)
     grid = build_grid(argv)
     options = grid.options
     if options.info:

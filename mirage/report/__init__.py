@@ -12,6 +12,8 @@
     study_outputs.py        every file of run_seg_report.py
 
 It reads run folders (mirage.run) and scores (mirage.evaluate); it never trains. This file
-imports nothing, so the command-line parser can read the constant below at once.
+imports nothing, so the command-line parser can read the constants below at once.
 """
 RUN_REPORT_MODES = ("missing", "all", "none")  # run_seg_report.py --run_reports
+# run_seg_report.py --columns: what the paper tables' columns are (mirage.report.tables)
+TABLE_COLUMNS = ("dataset", "tuning")

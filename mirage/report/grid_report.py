@@ -22,16 +22,16 @@ SIGNIFICANCE_COLUMNS = ["dataset", "class_group", "model_a", "model_b", "p_value
 def _paper_table_html(table):
     """The table (cells with their † and [n] marks, never-predicted cells not bold) and
     its footnotes."""
-    columns = ["model", *table.datasets]
+    columns = ["model", *table.columns]
     rows, footnotes, missed = table.layout()
     records, bold = [], set()
     for i, (label, views) in enumerate(rows):
         record = {"model": label}
-        for dataset, view in zip(table.datasets, views):
+        for column, view in zip(table.columns, views):
             text = (view.text or "–") + (f" {view.mark}" if view.mark else "")
-            record[dataset] = text + (f" [{view.number}]" if view.number else "")
+            record[column] = text + (f" [{view.number}]" if view.number else "")
             if view.bold:
-                bold.add((i, dataset))
+                bold.add((i, column))
         records.append(record)
     notes = [f"[{i}] {note}" for i, note in enumerate(footnotes, 1)]
     notes += [table.missed_footnote(missed)] if missed else []
@@ -40,20 +40,21 @@ def _paper_table_html(table):
 
 
 def _heat_map(table):
-    values = np.full((len(table.labels), len(table.datasets)), np.nan)
+    values = np.full((len(table.labels), len(table.columns)), np.nan)
     marks = np.full(values.shape, "", dtype=object)
     for i, label in enumerate(table.labels):
-        for j, dataset in enumerate(table.datasets):
-            cell = table.cells.get((label, dataset))
+        for j, column in enumerate(table.columns):
+            cell = table.cells.get((label, column))
             if cell is not None and cell.has_value:
                 values[i, j] = cell.mean
                 marks[i, j] = MISSED_MARK if cell.missed else ""
     if not np.isfinite(values).any():
         return ""
-    columns, legend = plots.short_labels(table.datasets)
+    columns, legend = plots.short_labels(table.columns)
     fig = plots.heat_map(values, table.labels, columns, f"mean {table.title}",
                          higher_is_better=table.metric not in LOWER_IS_BETTER, marks=marks)
-    caption = f"Mean {table.title} over seeds, model x dataset."
+    across = "protocol" if table.dataset else "dataset"
+    caption = f"Mean {table.title} over seeds, model x {across}."
     if legend:
         caption += " Columns: " + "; ".join(f"{short} = {name}" for short, name in legend) + "."
     if marks.any():

@@ -1,28 +1,41 @@
 """Row labels of a study: a readable name for each group of runs.
 
     label_groups(groups, labels=None) -> notes (the labels are set on the groups)
+    tuning_words(tuning, options, shown) -> the --tuning protocol in words
 
 A label is the model (its weights file stem) plus, in words, only what tells two groups on
-one dataset apart: the decoder, the loss, and the options of the protocol that differ
-(``MIRAGE-Base, lr 1e-3, fully frozen``). What identifies the weights (their SHA-256 and
-file name) is the model itself and never part of a label: summary.csv and runs.csv keep it
-in columns of its own. Options that only change with the dataset (its class table) are
-said by the dataset column. A label longer than MAX_LABEL characters names its options
-"setting 1", "setting 2", ... with a legend; a user's labels (``labels``) replace either a
-model's name (key: its weights file name or stem) or a whole automatic label.
+one dataset apart: the decoder, the loss, the options that differ, and last the tuning
+protocol (``MIRAGE-Base, lr 1e-3, fully frozen``), said once in words ("frozen (paper)",
+"fully frozen", "linear probe", "LoRA r8", "full fine-tuning") rather than by its options.
+Each group also gets ``model_label``, the label without the protocol (the rows of the
+tables with protocols as columns), and ``tuning_label``, the protocol in words (their
+columns), even where the protocol is the same for every group. What identifies the
+weights (their SHA-256 and file name) is the model itself and never part of a label:
+summary.csv and runs.csv keep it in columns of its own. Options that only change with the
+dataset (its class table) are said by the dataset column. A label longer than MAX_LABEL
+characters names its options (all but the protocol) "setting 1", "setting 2", ... with a
+legend; a user's labels (``labels``) replace either a model's name (key: its weights file
+name or stem), a whole automatic label, or an automatic label without its protocol (then
+every protocol's label of that row).
 """
 import json
 from pathlib import PurePath
 
+from mirage.config import LORA_OPTIONS, OPTION_BY_NAME
 from mirage.errors import UserError
+from mirage.run.catalog import TUNING_ENTRIES
 
 MAX_LABEL = 40  # characters: the tables, heat maps and tests stay readable at 1280 px
 # Identity entries given by the dataset column, never by a row label.
 DATASET_ENTRIES = frozenset({"dataset", "data_path", "classes", "mapping_fn"})
+# The --tuning protocols in words (a LoRA run adds its rank: "LoRA r8").
+TUNING_WORDS = {"frozen": "frozen (paper)", "fully_frozen": "fully frozen",
+                "linear_probe": "linear probe", "lora": "LoRA", "full": "full fine-tuning"}
+# LoRA options other than the rank, in words where a study has a value not the default.
+LORA_PHRASES = {"lora_alpha": "alpha {}", "lora_dropout": "dropout {}",
+                "lora_targets": "on {}"}
 # Switches in words: option -> (when on, when off); "" says nothing.
 SWITCHES = {
-    "freeze_patch_embed": ("fully frozen", ""),
-    "freeze_encoder": ("frozen encoder", "fine-tuned encoder"),
     "learnable_pos_emb": ("learned pos. embedding", "fixed pos. embedding"),
     "minmax": ("min-max input", ""),
 }
@@ -71,21 +84,64 @@ def describe(name, value, recorded=True):
     return PHRASES.get(name, words + " {}").format(text)
 
 
-def _varying(groups):
-    """Protocol entries that differ between two groups of one dataset (sorted)."""
+def _varying(groups, words):
+    """(protocol entries that differ between two groups of one dataset (sorted), whether
+    the tuning protocols do). words: {id(group): its protocol in words}.
+
+    The protocol is said by its words, so its own entries (--tuning, its older aliases,
+    the LoRA options) count only where two groups with the same words differ in them (e.g.
+    an entry one identity lacks); the decoder of a linear probe is part of the protocol,
+    so it counts only where the other groups differ in decoder."""
     by_dataset = {}
     for group in groups:
         by_dataset.setdefault(group.key.dataset_label, []).append(group)
-    varying = set()
+    varying, tuning_varies = set(), False
     for members in by_dataset.values():
         protocols = [dict(g.key.protocol) for g in members]
-        for name in {n for p in protocols for n in p} - DATASET_ENTRIES:
+        names = {n for p in protocols for n in p} - DATASET_ENTRIES
+        for name in names - TUNING_ENTRIES:
             if len({p.get(name, "\0absent") for p in protocols}) > 1:
                 varying.add(name)
-        for entry in ("decoder", "loss"):
-            if len({getattr(g.key, entry) for g in members}) > 1:
-                varying.add(entry)
-    return sorted(varying, key=lambda n: (n not in ("decoder", "loss"), n))
+        for name in names & TUNING_ENTRIES:
+            values = {}
+            for group, protocol in zip(members, protocols):
+                values.setdefault(words[id(group)], set()).add(protocol.get(name, "\0absent"))
+            if any(len(same) > 1 for same in values.values()):
+                varying.add(name)
+        if len({g.key.decoder for g in members if g.key.tuning != "linear_probe"}) > 1:
+            varying.add("decoder")
+        if len({g.key.loss for g in members}) > 1:
+            varying.add("loss")
+        tuning_varies = tuning_varies or len({words[id(g)] for g in members}) > 1
+    return sorted(varying, key=lambda n: (n not in ("decoder", "loss"), n)), tuning_varies
+
+
+def tuning_words(tuning, options=None, shown=()):
+    """The --tuning protocol in words: "frozen (paper)", "linear probe", "LoRA r8"; a LoRA
+    run's options named in ``shown`` (lora_alpha, lora_dropout, lora_targets) follow its
+    rank: "LoRA r16 alpha 32 dropout 0 on qkv-proj-fc1-fc2"."""
+    words = TUNING_WORDS.get(tuning, str(tuning).replace("_", " "))
+    if tuning != "lora":
+        return words
+    options = dict(options or {})
+    words += f" r{format_value(_lora_option(options, 'lora_rank'))}"
+    for name, phrase in LORA_PHRASES.items():
+        if name in shown:
+            words += " " + phrase.format(format_value(_lora_option(options, name)))
+    return words
+
+
+def _lora_option(options, name):
+    return options.get(name, OPTION_BY_NAME[name].default)
+
+
+def _tuning_labels(groups):
+    """{id(group): its protocol in words}; a LoRA option other than the rank is said for
+    every LoRA group when one of them has a value other than the default."""
+    options = {id(g): g.members[0].run.tuning_options() if g.members else {} for g in groups}
+    shown = {name for g in groups if g.key.tuning == "lora" for name in LORA_OPTIONS
+             if _lora_option(options[id(g)], name) != OPTION_BY_NAME[name].default}
+    return {id(g): tuning_words(g.key.tuning, options[id(g)], shown) for g in groups}
 
 
 def _option_parts(group, varying):
@@ -129,16 +185,21 @@ def _weights_path(group):
 
 
 def label_groups(groups, labels=None):
-    """Set ``group.label`` of every group; returns notes (e.g. the settings legend).
+    """Set ``group.label``, ``group.model_label`` and ``group.tuning_label`` of every
+    group; returns notes (e.g. the settings legend).
 
-    labels: {weights file name or stem, or automatic label: text} given by the user.
-    Raises UserError for a key that names nothing, or labels that would merge two rows.
+    labels: {weights file name or stem, automatic label, or automatic label without its
+    protocol: text} given by the user. Raises UserError for a key that names nothing, or
+    labels that would merge two rows.
     """
     labels = dict(labels or {})
     names = model_names(groups)
-    varying = _varying(groups)
+    words = _tuning_labels(groups)
+    varying, tuning_varies = _varying(groups, words)
     parts = {id(g): _option_parts(g, varying) for g in groups}
-    automatic = {id(g): ", ".join([_name(names, g), *parts[id(g)]]) for g in groups}
+    suffix = {id(g): f", {words[id(g)]}" if tuning_varies else "" for g in groups}
+    rows = {id(g): ", ".join([_name(names, g), *parts[id(g)]]) for g in groups}
+    automatic = {id(g): rows[id(g)] + suffix[id(g)] for g in groups}
     notes = []
     if any(len(text) > MAX_LABEL for text in automatic.values()):
         settings = {}
@@ -148,35 +209,43 @@ def label_groups(groups, labels=None):
         for group in groups:
             described = ", ".join(parts[id(group)])
             if described:
-                automatic[id(group)] = f"{_name(names, group)}, setting " \
-                                       f"{settings[described]}"
+                rows[id(group)] = f"{_name(names, group)}, setting {settings[described]}"
+                automatic[id(group)] = rows[id(group)] + suffix[id(group)]
         notes.append("row labels: " + "; ".join(f"setting {n} = {text}" for text, n in
                                                 settings.items() if text))
     used = set()
     for group in groups:
-        group.label = _user_label(group, automatic[id(group)], names, labels, used)
+        group.tuning_label = words[id(group)]
+        group.label, group.model_label = _user_label(
+            group, automatic[id(group)], rows[id(group)], suffix[id(group)], names, labels,
+            used)
     unused = sorted(set(labels) - used)
     if unused:
-        known = sorted({g.key.model for g in groups} | set(automatic.values()))
+        known = sorted({g.key.model for g in groups} | set(automatic.values()) |
+                       set(rows.values()))
         raise UserError(f"--label {unused[0]}: no model or row label of that name in the "
                         f"study (there are: {', '.join(known)})")
     return notes + _make_unique(groups, automatic)
 
 
-def _user_label(group, automatic, names, labels, used):
-    """The label of one group: the user's whole label, or the user's model name with the
-    automatic options, or the automatic label."""
+def _user_label(group, automatic, row, suffix, names, labels, used):
+    """(label, model_label) of one group: the user's whole label, or the user's label of
+    its row with the protocol, or the user's model name with the automatic options, or the
+    automatic label."""
     if automatic in labels:
         used.add(automatic)
-        return str(labels[automatic])
+        return str(labels[automatic]), str(labels[automatic])
+    if row in labels:  # the label without the protocol: the row of every protocol
+        used.add(row)
+        return f"{labels[row]}{suffix}", str(labels[row])
     path = PurePath(_weights_path(group))
     name = _name(names, group)
     for key in (path.name, path.stem, group.key.model, name):
         if key and key in labels:
             used.add(key)
-            rest = automatic[len(name):]  # ", lr 1e-3" or ""
-            return f"{labels[key]}{rest}"
-    return automatic
+            rest = row[len(name):]  # ", lr 1e-3" or ""
+            return f"{labels[key]}{rest}{suffix}", f"{labels[key]}{rest}"
+    return automatic, row
 
 
 def _make_unique(groups, automatic):
@@ -194,7 +263,16 @@ def _make_unique(groups, automatic):
                             f"{label!r}; give them different --label texts")
         for number, group in enumerate(same, 1):
             group.label = f"{label} #{number}"
+            group.model_label = f"{group.model_label} #{number}"
         notes.append(f"{len(same)} groups on {dataset} differ only in what the dataset "
                      f"column says (e.g. the class table); labelled {label} #1, #2, ...; "
                      "name them with --label")
+    cells = {}
+    for group in groups:  # one cell per row and protocol of the tables by protocol
+        cell = (group.key.dataset_label, group.model_label, group.tuning_label)
+        if cell in cells:
+            raise UserError(f"the groups labelled {cells[cell]!r} and {group.label!r} on "
+                            f"{cell[0]} would share the row {cell[1]!r} under "
+                            f"{cell[2]}; give them different --label texts")
+        cells[cell] = group.label
     return notes

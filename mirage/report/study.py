@@ -6,7 +6,7 @@
 
 A group is one (evaluated dataset, model weights, decoder, loss, protocol) with one run per
 seed; the protocol is every identity option of the run other than those (see
-identity.json, or config.yaml for older runs). Row labels: mirage.report.labels. Dice and
+identity.json, or config.yaml for older runs), the --tuning protocol among them. Row labels: mirage.report.labels. Dice and
 IoU are in percent, HD95 in pixels.
 
 Per run, the mean of a class group is the mean over all its (volume, class) rows, NaN left
@@ -43,6 +43,7 @@ class GroupKey:
     decoder: str
     loss: str
     protocol: tuple  # ((option, JSON value), ...)
+    tuning: str = "frozen"  # the --tuning protocol (mirage.run.catalog.Run.tuning)
 
     @property
     def dataset_label(self):
@@ -69,6 +70,8 @@ class Group:
     members: list = field(default_factory=list)  # sorted by seed
     notes: list = field(default_factory=list)
     label: str = ""  # the row label in the paper tables
+    model_label: str = ""  # the label without the protocol: the row of tables by protocol
+    tuning_label: str = ""  # the protocol in words: the column of tables by protocol
     conflict: str = ""  # why no mean can be computed at all (empty when fine)
     classes_differ: bool = False  # group means not computed, class means are
 
@@ -144,7 +147,7 @@ def build_study(runs, labels=None):
         for evaluation in run.evaluations:
             key = GroupKey(dataset=evaluation.dataset, trained_on=run.train_dataset,
                            model=run.model, weights=run.weights_id, decoder=run.decoder,
-                           loss=run.loss, protocol=run.protocol())
+                           loss=run.loss, protocol=run.protocol(), tuning=run.tuning)
             by_key.setdefault(key, []).append(Member(run, evaluation))
     groups = []
     for key, members in by_key.items():
@@ -252,7 +255,7 @@ def _nan_note(frames):
 
 
 SUMMARY_COLUMNS = ["dataset", "trained_on", "model", "weights_sha256", "decoder", "loss",
-                   "protocol", "label", "class_group", "class", "seeds", "seed_list",
+                   "tuning", "protocol", "label", "model_label", "tuning_label", "class_group", "class", "seeds", "seed_list",
                    "volumes", *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")],
                    *METRICS, "missed", "missed_note", "empty_volume", "hd95_missing",
                    "notes", "runs"]
@@ -262,8 +265,9 @@ def summary_table(study):
     """One row per group, class group and class; see the module docstring for the numbers.
 
     Columns (SUMMARY_COLUMNS): dataset, trained_on, model, weights_sha256, decoder, loss,
-    protocol, label, class_group, class ("[layers]" for the class group's own row), seeds,
-    seed_list, volumes, <metric>_mean, <metric>_std, <metric> ("mean ± std"), missed (the
+    tuning (the --tuning protocol), protocol, label, model_label (the label without the
+    protocol), tuning_label (the protocol in words), class_group, class ("[layers]" for
+    the class group's own row), seeds, seed_list, volumes, <metric>_mean, <metric>_std, <metric> ("mean ± std"), missed (the
     (seed, volume, class) scores of a class never predicted in a volume holding it),
     missed_note (the same in words), empty_volume, hd95_missing, notes, runs.
     """
@@ -272,9 +276,10 @@ def summary_table(study):
         key = group.key
         base = {"dataset": key.dataset_label, "trained_on": key.trained_on,
                 "model": key.model, "weights_sha256": group.weights_sha256,
-                "decoder": key.decoder, "loss": key.loss,
+                "decoder": key.decoder, "loss": key.loss, "tuning": key.tuning,
                 "protocol": "; ".join(f"{k}={v}" for k, v in key.protocol),
-                "label": group.label}
+                "label": group.label, "model_label": group.model_label,
+                "tuning_label": group.tuning_label}
         for class_group in group.class_groups():
             frames = [m.evaluation.group_rows(class_group) for m in group.members]
             rows = [(f"[{class_group}]", frames)]

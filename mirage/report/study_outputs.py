@@ -19,7 +19,7 @@ from mirage.report import htmlpage
 from mirage.errors import UserError
 from mirage.fileio import atomic_path, write_text
 from mirage.report.grid_report import render_grid_report
-from mirage.report import RUN_REPORT_MODES
+from mirage.report import RUN_REPORT_MODES, TABLE_COLUMNS
 from mirage.report.run_report import write_run_report
 from mirage.report.tensorboard_log import write_tensorboard
 from mirage.run.catalog import find_runs
@@ -144,16 +144,20 @@ def _write_run_reports(study, mode, datasets_path, tensorboard, quiet):
 
 def write_study(paths, output_dir, datasets_path=None, run_reports="missing",
                 metric="Dice", table_metrics=("Dice", "HD95"), alpha=0.05,
-                tensorboard=True, quiet=False, labels=None):
+                tensorboard=True, quiet=False, labels=None, columns="dataset"):
     """Find, group and summarise the runs at or under ``paths``; write every output.
 
     Returns {file name: path}. run_reports: "missing" (write a run's report.html when it
     has none), "all" (rewrite them) or "none". metric: the one the heat map and the HTML
     significance table show; table_metrics: the metrics of summary.md/.tex. labels:
-    {weights file name or stem, or automatic row label: the row label to show}.
+    {weights file name or stem, or automatic row label: the row label to show}. columns:
+    the paper tables' columns, "dataset" (rows = models) or "tuning" (one table per
+    dataset, rows = models, columns = the tuning protocols).
     """
     if run_reports not in RUN_REPORT_MODES:
         raise UserError(f"--run_reports must be one of {', '.join(RUN_REPORT_MODES)}")
+    if columns not in TABLE_COLUMNS:
+        raise UserError(f"--columns must be one of {', '.join(TABLE_COLUMNS)}")
     output_dir = Path(output_dir).expanduser()
     check_output_dir(output_dir)
     runs = find_runs(paths)
@@ -161,7 +165,7 @@ def write_study(paths, output_dir, datasets_path=None, run_reports="missing",
     study.notes += _write_run_reports(study, run_reports, datasets_path, tensorboard, quiet)
     summary = summary_table(study)
     significance = significance_table(study, alpha=alpha)
-    tables = paper_tables(summary, list(dict.fromkeys([metric, *table_metrics])))
+    tables = paper_tables(summary, list(dict.fromkeys([metric, *table_metrics])), columns)
     runs_frame = runs_table(study)
     unused = [(row.path, row.status) for row in runs_frame.itertuples()
               if row.status != "in the summary"]

@@ -1,8 +1,14 @@
 """The paper-style tables: rows = models, columns = datasets, cells mean ± std over seeds.
 
-    paper_tables(summary, metrics)   -> [PaperTable, ...] (one per metric and class group)
+    paper_tables(summary, metrics, columns="dataset") -> [PaperTable, ...]
     to_markdown(tables, ...)         -> summary.md text
     to_latex(tables)                 -> summary.tex text (booktabs)
+
+columns="dataset" (run_seg_report.py's default): one table per metric and class group,
+rows = the labels, columns = the datasets. columns="tuning": one table per metric, class
+group and dataset, rows = the labels without the tuning protocol (summary.csv's
+model_label), columns = the protocols in words (tuning_label) in the order of TUNINGS
+(frozen, fully_frozen, linear_probe, lora, full; LoRA variants by rank).
 
 Cells come from summary.csv's class-group rows ("[all]", "[layers]", "[lesions]"); the
 best mean per column (highest Dice/IoU, lowest HD95, compared as printed with two
@@ -10,10 +16,13 @@ decimals) is in bold, ties all bold. A cell whose runs never predicted a class i
 volume that holds it is marked † (MISSED_MARK) with a footnote and is never bold: its HD95
 can look perfect (run_seg_eval.py --hd95_missing).
 """
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from mirage.config import TUNINGS
+from mirage.report import TABLE_COLUMNS
 from mirage.report.study import LOWER_IS_BETTER, PERCENT_METRICS
 
 GROUP_TITLES = {"all": "all scored classes", "layers": "layers", "lesions": "lesions"}
@@ -62,10 +71,11 @@ class Cell:
 class PaperTable:
     metric: str
     class_group: str
-    datasets: list
+    columns: list  # the datasets, or (columns="tuning") the protocols in words
     labels: list
-    cells: dict = field(default_factory=dict)  # (label, dataset) -> Cell
+    cells: dict = field(default_factory=dict)  # (label, column) -> Cell
     seeds: int = 0  # the most seeds of any cell
+    dataset: str = ""  # the dataset of a table by protocol ("": columns are datasets)
 
     @property
     def unit(self):
@@ -73,21 +83,28 @@ class PaperTable:
 
     @property
     def title(self):
-        return f"{self.metric} ({self.unit}), {GROUP_TITLES[self.class_group]}"
+        title = f"{self.metric} ({self.unit}), {GROUP_TITLES[self.class_group]}"
+        return f"{title}, {self.dataset}" if self.dataset else title
 
-    def best(self, dataset):
+    def where(self, label, column):
+        """A cell in words: 'MIRAGE-Base on AROI', 'MIRAGE-Base, LoRA r8 on AROI'."""
+        if self.dataset:
+            return f"{label}, {column} on {self.dataset}"
+        return f"{label} on {column}"
+
+    def best(self, column):
         """Labels whose cell is the best of the column (as printed)."""
-        values = {label: round(cell.mean, 2) for (label, ds), cell in self.cells.items()
-                  if ds == dataset and cell.has_value and not cell.missed}
+        values = {label: round(cell.mean, 2) for (label, col), cell in self.cells.items()
+                  if col == column and cell.has_value and not cell.missed}
         if not values:
             return set()
         pick = min if self.metric in LOWER_IS_BETTER else max
         target = pick(values.values())
         return {label for label, value in values.items() if value == target}
 
-    def text(self, label, dataset):
+    def text(self, label, column):
         """'81.20 ± 0.31', '81.20' (one seed), 'n/a' (no mean), or '' (no run)."""
-        cell = self.cells.get((label, dataset))
+        cell = self.cells.get((label, column))
         if cell is None:
             return ""
         if not cell.has_value:
@@ -97,8 +114,8 @@ class PaperTable:
             text += f" ± {cell.std:.2f}"
         return text
 
-    def footnote(self, label, dataset):
-        cell = self.cells.get((label, dataset))
+    def footnote(self, label, column):
+        cell = self.cells.get((label, column))
         if cell is None:
             return ""
         if not cell.has_value:
@@ -110,21 +127,21 @@ class PaperTable:
     def layout(self):
         """The table as shown: (rows, footnotes, missed).
 
-        rows: [(label, [CellView per dataset])]; footnotes: numbered notes (a cell's
+        rows: [(label, [CellView per column])]; footnotes: numbered notes (a cell's
         ``number`` refers to one); missed: the † footnote's items (empty when no cell is
         marked).
         """
         rows, footnotes, missed = [], [], []
         for label in self.labels:
             views = []
-            for dataset in self.datasets:
-                cell = self.cells.get((label, dataset))
-                view = CellView(text=self.text(label, dataset),
-                                bold=label in self.best(dataset))
+            for column in self.columns:
+                cell = self.cells.get((label, column))
+                view = CellView(text=self.text(label, column),
+                                bold=label in self.best(column))
                 if cell is not None and cell.missed:
                     view.mark = MISSED_MARK
-                    missed.append(f"{label} on {dataset}: {cell.missed}")
-                note = self.footnote(label, dataset)
+                    missed.append(f"{self.where(label, column)}: {cell.missed}")
+                note = self.footnote(label, column)
                 if note:
                     footnotes.append(note)
                     view.number = len(footnotes)
@@ -150,8 +167,11 @@ class CellView:
     number: int = 0
 
 
-def paper_tables(summary, metrics=("Dice", "HD95")):
-    """One PaperTable per metric and class group present in ``summary`` (summary.csv)."""
+def paper_tables(summary, metrics=("Dice", "HD95"), columns="dataset"):
+    """The PaperTables of ``summary`` (summary.csv): one per metric and class group present
+    (columns="dataset"), or one per metric, class group and dataset (columns="tuning")."""
+    if columns not in TABLE_COLUMNS:
+        raise ValueError(f"columns must be one of {TABLE_COLUMNS}, not {columns!r}")
     tables = []
     group_rows = summary[summary["class"].str.startswith("[")]
     for metric in metrics:
@@ -161,19 +181,44 @@ def paper_tables(summary, metrics=("Dice", "HD95")):
                 continue
             # own test sets first, then external ones ("X (from Y)"), each alphabetically
             order = sorted(set(zip(rows["dataset"] != rows["trained_on"], rows["dataset"])))
-            table = PaperTable(metric=metric, class_group=class_group,
-                               datasets=[name for _, name in order],
-                               labels=sorted(set(rows["label"])))
-            for _, row in rows.iterrows():
-                seeds = int(row["seeds"]) if np.isfinite(row["seeds"]) else 0
-                table.cells[(row["label"], row["dataset"])] = Cell(
-                    mean=float(row[f"{metric}_mean"]), std=float(row[f"{metric}_std"]),
-                    seeds=seeds, notes=[n for n in str(row["notes"] or "").split(" | ") if n],
-                    missed=_text(row.get("missed_note")),
-                    hd95_missing=_text(row.get("hd95_missing")) or "original")
-                table.seeds = max(table.seeds, seeds)
-            tables.append(table)
+            datasets = [name for _, name in order]
+            if columns == "dataset":
+                tables.append(_table(metric, class_group, rows, "label", "dataset",
+                                     datasets))
+                continue
+            for dataset in datasets:
+                on = rows[rows["dataset"] == dataset]
+                protocols = sorted(set(zip(on["tuning"], on["tuning_label"])),
+                                   key=_protocol_order)
+                tables.append(_table(metric, class_group, on, "model_label", "tuning_label",
+                                     list(dict.fromkeys(t for _, t in protocols)),
+                                     dataset=dataset))
     return tables
+
+
+def _protocol_order(protocol):
+    """(tuning, words) in the order of TUNINGS, then by the numbers in the words (LoRA r8
+    before LoRA r16)."""
+    tuning, words = protocol
+    rank = TUNINGS.index(tuning) if tuning in TUNINGS else len(TUNINGS)
+    pieces = re.split(r"(\d+(?:\.\d+)?)", str(words))
+    return rank, [(0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(pieces)]
+
+
+def _table(metric, class_group, rows, row_column, cell_column, columns, dataset=""):
+    """A PaperTable of summary.csv's ``rows``: rows = their ``row_column``, columns =
+    their ``cell_column`` (``columns`` in order)."""
+    table = PaperTable(metric=metric, class_group=class_group, columns=columns,
+                       labels=sorted(set(rows[row_column])), dataset=dataset)
+    for _, row in rows.iterrows():
+        seeds = int(row["seeds"]) if np.isfinite(row["seeds"]) else 0
+        table.cells[(row[row_column], row[cell_column])] = Cell(
+            mean=float(row[f"{metric}_mean"]), std=float(row[f"{metric}_std"]),
+            seeds=seeds, notes=[n for n in str(row["notes"] or "").split(" | ") if n],
+            missed=_text(row.get("missed_note")),
+            hd95_missing=_text(row.get("hd95_missing")) or "original")
+        table.seeds = max(table.seeds, seeds)
+    return table
 
 
 def _text(value):
@@ -198,8 +243,8 @@ def to_markdown(tables, unused_runs=(), notes=(), missed=()):
         lines += ["No evaluated run was found.", ""]
     for table in tables:
         lines += [f"## {table.title}", "", _caption(table) + ".", ""]
-        lines.append("| model | " + " | ".join(_md_escape(d) for d in table.datasets) + " |")
-        lines.append("|:--|" + "--:|" * len(table.datasets))
+        lines.append("| model | " + " | ".join(_md_escape(c) for c in table.columns) + " |")
+        lines.append("|:--|" + "--:|" * len(table.columns))
         rows, footnotes, missed_cells = table.layout()
         for label, views in rows:
             cells = []
@@ -248,8 +293,8 @@ def to_latex(tables):
     for table in tables:
         out += [f"% {_caption(table)}", "\\begin{table}[t]", "\\centering",
                 f"\\caption{{{latex_escape(_caption(table))}.}}".replace("±", "$\\pm$"),
-                "\\begin{tabular}{l" + "c" * len(table.datasets) + "}", "\\toprule",
-                "Model & " + " & ".join(latex_escape(d) for d in table.datasets) + " \\\\",
+                "\\begin{tabular}{l" + "c" * len(table.columns) + "}", "\\toprule",
+                "Model & " + " & ".join(latex_escape(c) for c in table.columns) + " \\\\",
                 "\\midrule"]
         rows, footnotes, missed = table.layout()
         for label, views in rows:

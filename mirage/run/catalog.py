@@ -3,6 +3,7 @@
     find_runs([root or run dir, ...])   -> [Run, ...] (every directory with a config.yaml)
     find_run_dirs(root)                 -> [Path, ...] the same directories, not read
     read_run(run_dir)                   -> Run
+    tuning_of(config)                   -> the --tuning protocol of a config.yaml
 
 A Run never raises for a damaged or unfinished run directory: what cannot be read becomes
 a note (``run.notes``) or a status ("not evaluated: ..."), so a summary lists the run
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from mirage.config import LORA_OPTIONS, OPTION_BY_NAME, TUNINGS, tuning_of_flags
 from mirage.errors import UserError
 from mirage.run.folder import CONFIG, PREDS, RunFolder
 from mirage.run.identity import RUNTIME_OPTIONS
@@ -27,6 +29,9 @@ DEFAULT_SEED = 42  # run_seg_tuning.py's default, for configs written without a 
 WEIGHTS_ENTRIES = frozenset({"weights", "weights_name", "weights_sha256"})
 # Identity entries with a column of their own in the summary (or implied by the dataset).
 KEY_ENTRIES = WEIGHTS_ENTRIES | {"seed", "output_adapter", "loss", "data_path", "dataset"}
+# Identity entries that say the --tuning protocol (Run.tuning, Run.tuning_options): the
+# option and its older aliases, and the LoRA options (in an identity only under lora).
+TUNING_ENTRIES = frozenset({"tuning", "freeze_encoder", "freeze_patch_embed", *LORA_OPTIONS})
 
 _SEED_IN_NAME = re.compile(r"_s(\d+)(?:_[0-9a-f]{8})?$")
 
@@ -83,6 +88,22 @@ class Run:
         return str(self.config.get("loss", "?"))
 
     @property
+    def tuning(self):
+        """The --tuning protocol (frozen, fully_frozen, linear_probe, lora or full): from
+        config.yaml, or for runs trained before --tuning existed from its older options
+        (see tuning_of); an option config.yaml lacks is read from identity.json."""
+        return tuning_of({**self.identity, **self.config})
+
+    def tuning_options(self):
+        """{LoRA option: value} of a lora run (from identity.json, else config.yaml, else
+        the default); {} for the other protocols."""
+        if self.tuning != "lora":
+            return {}
+        return {name: self.identity.get(name, self.config.get(name,
+                                                              OPTION_BY_NAME[name].default))
+                for name in LORA_OPTIONS}
+
+    @property
     def evaluated(self):
         return bool(self.evaluations)
 
@@ -95,16 +116,32 @@ class Run:
                      if name not in KEY_ENTRIES)
 
 
+def tuning_of(config):
+    """The --tuning protocol a run's options name: ``tuning`` of config.yaml when it holds
+    one, else what the older options say (mirage.config.tuning_of_flags)."""
+    tuning = config.get("tuning")
+    if tuning not in TUNINGS:
+        return tuning_of_flags(config.get("freeze_encoder") is not False,
+                               config.get("freeze_patch_embed") is True,
+                               config.get("output_adapter"))
+    if tuning == "fully_frozen" and config.get("output_adapter") == "linear":
+        return "linear_probe"
+    return tuning
+
+
 def _identity(folder, config):
     """identity.json of the run when it is readable, else the identity options of its
-    config.yaml (every option except the runtime ones)."""
+    config.yaml (every option except the runtime ones; ``tuning`` and the LoRA options
+    only for a lora run, as run_seg_tuning.py writes identities)."""
     try:
         identity = folder.read_identity()
     except UserError:
         identity = None
     if isinstance(identity, dict):
         return identity
-    return {name: value for name, value in config.items() if name not in RUNTIME_OPTIONS}
+    lora = tuning_of(config) == "lora"
+    return {name: value for name, value in config.items() if name not in RUNTIME_OPTIONS
+            and (lora or name not in ("tuning", *LORA_OPTIONS))}
 
 
 # ----------------------------------------------------------------------------- finding

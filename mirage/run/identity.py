@@ -15,16 +15,18 @@ readable and ends in the seed and a short hash of the identity::
 
     MIRAGE-Base_frozen_convnext_CEGDice_s42_1a2b3c4d
 
-The full identity is written to ``identity.json`` in the run directory. A directory whose
-identity differs from the current options is never trained into, resumed or skipped: that
-is an error naming the differing options.
+(``frozen`` is the ``--tuning`` protocol.) The full identity is written to
+``identity.json`` in the run directory. A directory whose identity differs from the
+current options is never trained into, resumed or skipped: that is an error naming the
+differing options.
 """
 import hashlib
 import json
 import os
 from pathlib import Path
 
-from mirage.config import OPTIONS, RUNTIME_OPTIONS, demo_paths, parse_config, per_domain
+from mirage.config import (LORA_OPTIONS, OPTIONS, RUNTIME_OPTIONS, demo_paths, parse_config,
+                           per_domain)
 from mirage.data.layout import open_dataset
 from mirage.errors import UserError
 from mirage.fileio import file_sha256
@@ -48,7 +50,7 @@ def run_identity(config, dataset):
     """
     identity = {}
     for opt in OPTIONS:
-        if opt.name in RUNTIME_OPTIONS:
+        if opt.name in RUNTIME_OPTIONS or not _names_the_run(opt.name, config):
             continue
         value = config.get(opt.name, opt.default)
         if opt.kind == "size" and value is not None:
@@ -66,6 +68,16 @@ def run_identity(config, dataset):
     return identity
 
 
+def _names_the_run(option, config):
+    """False for ``tuning`` and the LoRA options except under ``--tuning lora``: the other
+    protocols are what ``freeze_encoder`` / ``freeze_patch_embed`` (and the decoder, for
+    ``linear_probe``) already say, so their runs keep the identity, and the folder, that
+    runs trained before ``--tuning`` existed have."""
+    if option == "tuning" or option in LORA_OPTIONS:
+        return config.get("tuning") == "lora"
+    return True
+
+
 def identity_hash(identity):
     """8 hex digits of the SHA-256 of the identity's canonical JSON."""
     text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
@@ -73,18 +85,32 @@ def identity_hash(identity):
 
 
 def run_name(config, identity):
-    """``<weights stem>[_frozen]_<decoder>_<loss>[_minmax][_fullyfrozen]_s<seed>_<hash>``."""
-    name = Path(config["weights"]).stem
-    name += "_frozen" if config["freeze_encoder"] else ""
+    """``<weights stem>_<tuning>_<decoder>_<loss>[_minmax]_s<seed>_<hash>``, e.g.
+    ``MIRAGE-Base_frozen_convnext_CEGDice_s42_1a2b3c4d`` (the paper's protocol)."""
+    name = f"{Path(config['weights']).stem}_{config['tuning']}"
     name += f"_{config['output_adapter']}_{config['loss']}"
     name += "_minmax" if config["minmax"] else ""
-    name += "_fullyfrozen" if config.get("freeze_patch_embed") else ""
     name += f"_s{config['seed']}_{identity_hash(identity)}"
     return check_name_part(name, "--weights file name")
 
 
+def legacy_run_name(config, identity):
+    """The name versions before ``--tuning`` gave the run:
+    ``<stem>[_frozen]_<decoder>_<loss>[_minmax][_fullyfrozen]_s<seed>_<hash>`` (the same
+    for the paper's protocol; fully-frozen, linear-probe and fine-tuned runs differ)."""
+    name = Path(config["weights"]).stem
+    name += "_frozen" if config["freeze_encoder"] else ""
+    name += f"_{config['output_adapter']}_{config['loss']}"
+    name += "_minmax" if config["minmax"] else ""
+    name += "_fullyfrozen" if config["freeze_patch_embed"] else ""
+    return name + f"_s{config['seed']}_{identity_hash(identity)}"
+
+
 def run_directory(config, dataset, identity=None):
-    """``<base_output_dir>/<version>/<dataset>/<run name>`` (checked to stay inside)."""
+    """``<base_output_dir>/<version>/<dataset>/<run name>`` (checked to stay inside).
+
+    A run trained before ``--tuning`` existed keeps its folder: where only the folder of
+    its older name exists (same identity, so same hash), that folder is the run's."""
     identity = run_identity(config, dataset) if identity is None else identity
     base = Path(config["base_output_dir"])
     if base.exists() and not base.is_dir():
@@ -92,7 +118,13 @@ def run_directory(config, dataset, identity=None):
                         "folder for the run directories")
     version = check_name_part(config["version"], "--version")
     dataset_name = check_name_part(dataset.name, "--data_path folder name")
-    return base / version / dataset_name / run_name(config, identity)
+    parent = base / version / dataset_name
+    current = parent / run_name(config, identity)
+    if config["tuning"] != "lora" and not current.exists():
+        legacy = parent / legacy_run_name(config, identity)
+        if legacy.is_dir():
+            return legacy
+    return current
 
 
 def run_dir_for_argv(argv):

@@ -9,6 +9,7 @@ from fm_seg_config import build_backbone
 from mirage.data.transforms import SegmentationTransform
 from mirage.errors import UserError
 from mirage.models.decoders import build_decoder
+from mirage.models.lora import add_lora
 from mirage.models.segmentation_model import SegmentationModel
 from mirage.train import distributed
 
@@ -32,11 +33,24 @@ def build_model(config, fm, num_classes, input_size, patch_size):
                         "values; the file is damaged, download it again")
     model = SegmentationModel(backbone, decoder)
     model.family = fm.name
-    if config["freeze_encoder"]:
-        model.freeze_blocks()
-    if config["freeze_patch_embed"]:  # the fully-frozen protocol
-        model.freeze_backbone()
+    report += apply_protocol(model, config)
     return model, report
+
+
+def apply_protocol(model, config):
+    """Freeze what ``--tuning`` keeps fixed and add LoRA adapters; returns a note for the
+    model's report line ('' if none)."""
+    if config["freeze_encoder"]:  # frozen, fully_frozen, linear_probe, lora
+        model.freeze_blocks()
+    if config["freeze_patch_embed"]:  # fully_frozen, linear_probe: no graph either
+        model.freeze_backbone()
+    if config["tuning"] == "lora":
+        targets = [t for t in config["lora_targets"].split("-") if t]
+        count = add_lora(model.backbone, config["lora_rank"], config["lora_alpha"],
+                         config["lora_dropout"], targets)
+        return (f"; LoRA rank {config['lora_rank']}, alpha {config['lora_alpha']:g} on "
+                f"{count} layers ({config['lora_targets']})")
+    return ""
 
 
 

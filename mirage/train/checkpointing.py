@@ -12,9 +12,10 @@ import math
 from pathlib import Path
 
 from mirage import checkpoint_io
-from mirage.config import per_domain
+from mirage.config import LORA_OPTIONS, per_domain
 from mirage.errors import UserError
 from mirage.fileio import file_sha256
+from mirage.models.lora import merge_lora
 from mirage.train.validation_metrics import selection_key
 
 
@@ -65,6 +66,9 @@ def checkpoint_meta(config, classes, model):
         "input_size": list(model.decoder.image_size),
         "patch_size": list(model.backbone.patch_size),
         "decoder": config["output_adapter"],
+        "tuning": config["tuning"],
+        "lora": ({name: config[name] for name in LORA_OPTIONS}
+                 if config["tuning"] == "lora" else None),
         "family": getattr(model, "family", None),
         "weights": {"path": str(weights), "size": weights.stat().st_size,
                     "sha256": file_sha256(weights)},
@@ -75,8 +79,9 @@ def check_checkpoint_meta(path, stored, expected):
     """UserError naming both values when a checkpoint does not fit the current options."""
     names = {"classes": "class table (value, label)", "input_size": "--input_size",
              "patch_size": "--patch_size", "decoder": "--output_adapter",
-             "family": "model family"}
+             "tuning": "--tuning", "lora": "LoRA options", "family": "model family"}
     for key, what in names.items():
+        # (checkpoints of earlier versions lack the newer entries: not compared)
         if stored.get(key) is not None and stored[key] != expected[key]:
             raise UserError(f"checkpoint {path} was trained with {what} {stored[key]}, this "
                             f"run has {expected[key]}; use the options it was trained with")
@@ -147,7 +152,7 @@ def load_model_weights(model, path, expected, payload=None):
         name, what = (missing[0], "missing") if missing else (unexpected[0], "unexpected")
         raise UserError(f"checkpoint {path} does not fit the model ({name} {what}); was it "
                         "trained with other options (decoder, model, --learnable_pos_emb, "
-                        "--freeze_encoder)?")
+                        "--tuning, --lora_*)?")
     for name, tensor in state_dict.items():
         if tuple(tensor.shape) != tuple(model_state[name].shape):
             raise UserError(f"checkpoint {path} does not fit the model: {name} has shape "
@@ -155,6 +160,15 @@ def load_model_weights(model, path, expected, payload=None):
                             "here; use the options it was trained with")
     model.load_state_dict(state_dict, strict=False)
     return payload.get("epoch")
+
+
+def load_for_inference(model, path, expected, payload=None):
+    """:func:`load_model_weights`, then LoRA adapters (if any) folded into their frozen
+    weights: testing, predicting and the predictor all run the merged model, so a test
+    score and the predictions written come from the same arithmetic. Returns the epoch."""
+    epoch = load_model_weights(model, path, expected, payload)
+    merge_lora(model)
+    return epoch
 
 
 def resume(path, model, optimizer, scaler, expected, payload=None, what="--resume"):

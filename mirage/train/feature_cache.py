@@ -24,6 +24,18 @@ interrupted run leaves only whole entries; a damaged entry is recomputed with a 
 B-scan changed since is recomputed too, and an entry or folder of another backbone or
 size is an error, never reused. A read-only folder or one without room for the cache is
 an error when the run starts.
+
+Validation B-scans (:func:`open_split_cache`): whenever the backbone is fully fixed
+(``SegmentationModel.backbone_frozen``), their tokens are the same at every validation too
+(eval mode: no stochastic depth; the B-scans are only resized), so they are computed at
+the first validation and reused at the later ones. With ``--feature_cache off`` they are
+kept in this process's memory exactly as the backbone gives them (float32 on the CPU: the
+validation numbers are those of an uncached run, bit for bit), if they fit in
+``SPLIT_MEMORY_SHARE`` of the memory available, else a note says why they are not cached.
+With ``ram``/``disk`` they go in the same kind of store as the training views (float16; on
+disk under their own group ``<dataset>-val-<hash>``, one 'orig' view each, shared by every
+run of the same backbone), and the decoder reads the float16 values at every validation,
+as it does in training. The test split, scored once per run, is not cached.
 """
 import errno
 import hashlib
@@ -47,6 +59,8 @@ VIEWS = ("orig", "flip")
 META = "meta.json"
 STALE_TMP_SECONDS = 3600  # temporary files older than this were left by a killed run
 MAX_NOTICES = 5           # per kind; then one summary line per epoch
+SPLIT_MEMORY_SHARE = 0.25  # of the memory available: the most a validation store may take
+CACHE_SPLITS = True       # internal switch (tests compare against uncached validation)
 
 
 def describe_precision(precision):
@@ -96,31 +110,47 @@ class FeatureCache:
 
     ``dataset``: the training dataset (``slices[i]`` gives slice id and B-scan path of
     item i); ``views``: how many views each item has (1, or 2 with ``--aug_name flip``).
+    ``role``: what the items are ('training', or 'validation' for a split's B-scans: only
+    the log lines differ). ``exact`` ('ram' only): keep the tokens as the backbone gives
+    them (no float16 rounding); ``identity`` may then be None, with ``token_shape`` (N, D).
     """
 
     def __init__(self, mode, identity, dataset, views=1, directory=None, device=None,
-                 log=print):
+                 log=print, role="training", exact=False, token_shape=None):
         if mode not in ("ram", "disk"):
             raise ValueError(f"feature cache mode {mode!r}")
+        if exact and mode != "ram":
+            raise ValueError("unrounded tokens are kept in memory only")
         self.mode, self.identity, self.log = mode, identity, log
+        self.role, self.exact = role, exact
+        self.stored_dtype = None if exact else torch.float16
         self.device = torch.device(device or "cpu")
         self.slices = list(dataset.slices)
         self.views = views
-        grid = self.identity["input_size"][0] // self.identity["patch_size"][0] * \
-            (self.identity["input_size"][1] // self.identity["patch_size"][1])
-        self.token_shape = (grid, self.identity["embed_dim"])
+        if token_shape is None:
+            grid = self.identity["input_size"][0] // self.identity["patch_size"][0] * \
+                (self.identity["input_size"][1] // self.identity["patch_size"][1])
+            token_shape = (grid, self.identity["embed_dim"])
+        self.token_shape = tuple(int(v) for v in token_shape)
         self.ram = {}
         self.partial = {}  # disk entries that lack a block the decoder needs: kept, merged
         self.stats = {"computed": 0, "reused": 0, "damaged": 0, "changed": 0}
         self.notices = {"damaged": 0, "changed": 0}
         self.reported = False
+        self.shard_of = None  # torchrun: how many items the whole split has
         self.folder = None
         if mode == "disk":
             self.folder = self._open_folder(Path(directory))
 
     # ------------------------------------------------------------------ opening
     def entry_bytes(self, num_layers=1):
-        return num_layers * self.token_shape[0] * self.token_shape[1] * 2 + 2048
+        """Bytes of one view's entry (``exact``: at most float32's 4 bytes a value)."""
+        element = 4 if self.exact else 2
+        return num_layers * self.token_shape[0] * self.token_shape[1] * element + 2048
+
+    def memory_need(self):
+        """Bytes a 'ram' cache of every view takes (estimated for one block)."""
+        return len(self.slices) * self.views * self.entry_bytes()
 
     def _open_folder(self, root):
         option = f"--feature_cache_dir {root}"
@@ -194,7 +224,7 @@ class FeatureCache:
 
     def check_memory(self):
         """'ram': the whole cache must fit in the memory available now."""
-        need = len(self.slices) * self.views * self.entry_bytes()
+        need = self.memory_need()
         available = _memory_available()
         if available is not None and need > 0.8 * available:
             raise UserError(f"--feature_cache ram: the cache needs about {format_size(need)} "
@@ -311,8 +341,7 @@ class FeatureCache:
             computed = model.features(subset)
             by_block = dict(zip(model.decoder.layer_indices, computed))
             for row, k in enumerate(missing):
-                entry = {b: by_block[b][row].detach().to("cpu", torch.float16).contiguous()
-                         for b in layers}
+                entry = {b: self._stored(by_block[b][row]) for b in layers}
                 self.put(indices[k], views[k], entry)
                 entries[k] = entry
             self.stats["computed"] += len(missing)
@@ -322,21 +351,43 @@ class FeatureCache:
             tokens = torch.stack([entry[b] for entry in entries])  # (B, N, D) float16
             if images.device.type == "cuda":  # pinned: the copy does not block the host
                 tokens = tokens.pin_memory()
-            stacked[b] = tokens.to(images.device, non_blocking=True).float()
+            tokens = tokens.to(images.device, non_blocking=True)
+            stacked[b] = tokens if self.exact else tokens.float()
         return [stacked[b] for b in model.decoder.layer_indices]
 
+    def _stored(self, tokens):
+        """One view's (N, D) tokens as the cache keeps them: float16 on the CPU, or
+        (``exact``) a CPU copy of their own (not a view that would keep the batch alive)."""
+        if not self.exact:
+            return tokens.detach().to("cpu", torch.float16).contiguous()
+        self.stored_dtype = tokens.dtype
+        return tokens.detach().to("cpu", copy=True).contiguous()
+
     def end_epoch(self):
-        """One line after the first epoch (and after any epoch that had to compute or
-        recompute views), then the counters start again."""
+        """One line after the first epoch or validation (and after any later one that had
+        to compute or recompute views), then the counters start again."""
         stats = self.stats
         if not self.reported or stats["computed"] or stats["damaged"] or stats["changed"]:
-            where = f"disk, {self.folder}" if self.mode == "disk" else "ram"
-            extra = "".join(f", {stats[k]} {k}" for k in ("damaged", "changed") if stats[k])
-            self.log(f">> feature cache ({where}): {stats['computed']} views computed, "
-                     f"{stats['reused']} reused{extra}")
+            self.log(self._summary(stats))
             self.reported = True
         self.stats = dict.fromkeys(stats, 0)
         self.notices = dict.fromkeys(self.notices, 0)
+
+    def _summary(self, stats):
+        where = f"disk, {self.folder}" if self.mode == "disk" else "ram"
+        extra = "".join(f", {stats[k]} {k}" for k in ("damaged", "changed") if stats[k])
+        if self.role == "training":
+            return (f">> feature cache ({where}): {stats['computed']} views computed, "
+                    f"{stats['reused']} reused{extra}")
+        total = stats["computed"] + stats["reused"]
+        if self.reported:  # a later validation that had to compute some again
+            return (f">> feature cache: {self.role}: {stats['computed']} of {total} B-scans "
+                    f"recomputed{extra}")
+        dtype = str(self.stored_dtype).replace("torch.", "")
+        shard = f"; this process's shard of {self.shard_of}" if self.shard_of else ""
+        found = f", {stats['reused']} of them read from the cache" if stats["reused"] else ""
+        return (f">> feature cache: {self.role}: {total} B-scans cached ({where}, {dtype}"
+                f"{shard}){found}{extra}")
 
 
 def open_feature_cache(config, fm, model, train_set, input_size, norm, precision, device,
@@ -355,4 +406,48 @@ def open_feature_cache(config, fm, model, train_set, input_size, norm, precision
     where = cache.folder if mode == "disk" else "memory"
     log(f">> feature cache: {len(train_set) * views} training views of "
         f"{cache.token_shape[0]}x{cache.token_shape[1]} float16 tokens in {where}")
+    return cache
+
+
+def open_split_cache(model, loader, train_cache, log, role="validation"):
+    """The store of a validation split's tokens, or None: whenever the backbone is fully
+    fixed (``model.backbone_frozen``) they are computed once and reused at every later
+    validation.
+
+    ``loader``: the split's loader (its sampler gives the items this process scores);
+    ``train_cache``: the run's FeatureCache, or None with ``--feature_cache off``. Without
+    one the tokens are kept exactly (in memory, as the backbone gives them); with one, in a
+    store of the same mode (float16; 'disk': the same folder, the split's own group). A
+    memory store is skipped, with a note saying why, when it would take more than
+    ``SPLIT_MEMORY_SHARE`` of the memory available (less the training cache's).
+    """
+    if not CACHE_SPLITS or not getattr(model, "backbone_frozen", False):
+        return None
+    dataset, items = loader.dataset, len(loader.sampler)
+    layers = len(set(model.decoder.layer_indices))
+    if train_cache is None:
+        grid = model.backbone.grid_size
+        cache = FeatureCache("ram", None, dataset, 1, log=log, role=role, exact=True,
+                             token_shape=(grid[0] * grid[1], model.backbone.embed_dim))
+    else:
+        directory = train_cache.folder.parent if train_cache.mode == "disk" else None
+        cache = FeatureCache(train_cache.mode, train_cache.identity, dataset, 1, directory,
+                             train_cache.device, log, role=role)
+    if items < len(dataset):
+        cache.shard_of = len(dataset)
+    if cache.mode == "disk":
+        return cache
+    need = items * cache.entry_bytes(layers)
+    available = _memory_available()
+    if available is None:
+        return cache
+    committed = train_cache.memory_need() if train_cache is not None else 0
+    limit = SPLIT_MEMORY_SHARE * max(available - committed, 0)
+    if need > limit:
+        spare = "" if not committed else \
+            f" less the training cache's {format_size(committed)}"
+        log(f">> feature cache: {role} tokens are not cached (recomputed at every "
+            f"{role}): {items} B-scans need about {format_size(need)} of memory, more than "
+            f"{SPLIT_MEMORY_SHARE:.0%} of the {format_size(available)} available{spare}")
+        return None
     return cache

@@ -18,7 +18,7 @@ from mirage.fileio import atomic_folder, write_png, write_text
 from mirage.run import predictions
 from mirage.train import distributed
 from mirage.train.build import make_loader, model_for, test_transform
-from mirage.train.checkpointing import checkpoint_meta, load_model_weights
+from mirage.train.checkpointing import checkpoint_meta, load_for_inference
 from mirage.train.losses import build_loss
 from mirage.train.precision import Precision
 from mirage.train.protocols import apply_speed_options
@@ -115,7 +115,7 @@ def write_predictions(model, test_set, out_dir, spec, precision, runtime, data):
     and a manifest sealing them to the checkpoint and ``data`` (the B-scans predicted);
     written aside and swapped in whole, so a killed inference never leaves a mix."""
     best, classes, log = spec.folder.best_checkpoint, spec.classes, runtime.log
-    epoch = load_model_weights(model, best, checkpoint_meta(spec.options, classes, model))
+    epoch = load_for_inference(model, best, checkpoint_meta(spec.options, classes, model))
     log(f">> {best.name} (epoch {epoch}) on {len(test_set)} B-scans of {data['split']}")
     earlier = (predictions.read_manifest(out_dir) or {}).get("data") or {}
     if earlier.get("split") and earlier["split"] != data["split"]:
@@ -134,7 +134,7 @@ def score_best_checkpoint(model, test_set, data_root, spec, precision, runtime):
     """Load ``checkpoint-best.pth`` from disk, score ``test_set`` and log the test line
     (replacing an earlier line of the same checkpoint and data)."""
     folder, classes = spec.folder, test_set.class_table
-    epoch = load_model_weights(model, folder.best_checkpoint,
+    epoch = load_for_inference(model, folder.best_checkpoint,
                                checkpoint_meta(spec.options, classes, model))
     criterion = build_loss(spec.options["loss"], spec.data.ignore_index)
     loader = make_loader(test_set, spec.options, runtime.dist, train=False)

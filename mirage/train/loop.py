@@ -24,7 +24,7 @@ from mirage.train import distributed
 from mirage.train.build import make_loader, model_for, test_transform
 from mirage.train.checkpointing import (TrainingState, checkpoint_meta,
                                         find_resume_checkpoint, resume, save_checkpoint)
-from mirage.train.feature_cache import open_feature_cache
+from mirage.train.feature_cache import open_feature_cache, open_split_cache
 from mirage.train.inference import score_best_checkpoint
 from mirage.train.losses import build_loss
 from mirage.train.optim import apply_schedule, cosine_schedule, param_groups
@@ -52,18 +52,14 @@ def train(spec, runtime, on_epoch_end=None):
 
     data = load_data(spec, runtime)
     model = model_for(spec, runtime)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f">> {trainable / 1e6:.2f} M trainable of "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; decoder "
-        f"{config['output_adapter']}; encoder blocks "
-        f"{'frozen' if config['freeze_encoder'] else 'trained'}"
-        f"{'; fully frozen backbone (no graph)' if config['freeze_patch_embed'] else ''}")
+    log(f">> {trainable_line(model, config)}")
     apply_speed_options(model, config, runtime.device, log)
     criterion = build_loss(config["loss"], spec.data.ignore_index)
     precision = Precision.from_config(runtime.device, config, log)
     feature_cache = open_feature_cache(config, spec.model.fm, model, data.train_set,
                                        spec.model.input_size, spec.model.norm, precision,
                                        runtime.device, log)
+    val_cache = open_split_cache(model, data.val_loader, feature_cache, log)  # frozen only
     optimizer, lr_schedule, wd_schedule = optimisation(model, config, data.steps_per_epoch,
                                                        runtime.device)
     state, resumed = resume_or_start(spec, runtime, model, optimizer, precision)
@@ -84,7 +80,7 @@ def train(spec, runtime, on_epoch_end=None):
             config["clip_grad"], runtime.dist, config["epochs"], feature_cache=feature_cache)
         stats = {"epoch": epoch, **{f"train/{k}": v for k, v in train_stats.items()}}
         stats.update(validate_epoch(spec, runtime, model, precision, criterion,
-                                    data.val_loader, epoch, state))
+                                    data.val_loader, epoch, state, val_cache))
         stats["time"] = round(time.time() - started, 2)
         clock.add(stats["time"])
         # The checkpoint holds a copy of the log line: a kill between the two writes leaves
@@ -108,6 +104,32 @@ def train(spec, runtime, on_epoch_end=None):
                               runtime)
     distributed.shutdown()
     return folder.path
+
+
+TUNING_WORDS = {
+    "frozen": "encoder blocks frozen; patch projector, global tokens and decoder train",
+    "fully_frozen": "whole backbone frozen, run without a graph; the decoder trains",
+    "linear_probe": "whole backbone frozen, run without a graph; a linear decoder trains",
+    "lora": "encoder blocks frozen with LoRA adapters; adapters, patch projector, global "
+            "tokens and decoder train",
+    "full": "every encoder tensor trains (layer-wise LR decay), and the decoder",
+}
+
+
+def trainable_line(model, config):
+    """'tuning lora (...): 1.23 M trainable of 88.10 M parameters (backbone 0.91 M,
+    decoder convnext 0.32 M)'; counts under 10,000 are written out."""
+    def count(params):
+        number = sum(p.numel() for p in params)
+        return f"{number / 1e6:.2f} M" if number >= 10_000 else f"{number:,}"
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    decoder = [p for p in model.decoder.parameters() if p.requires_grad]
+    return (f"tuning {config['tuning']} ({TUNING_WORDS[config['tuning']]}): "
+            f"{count(trained)} trainable of {count(model.parameters())} parameters "
+            f"(backbone {count(backbone)}, decoder {config['output_adapter']} "
+            f"{count(decoder)})")
 
 
 @dataclass
@@ -215,10 +237,12 @@ def restore_generators(state, runtime):
                     "run would")
 
 
-def validate_epoch(spec, runtime, model, precision, criterion, val_loader, epoch, state):
+def validate_epoch(spec, runtime, model, precision, criterion, val_loader, epoch, state,
+                   val_cache=None):
     """Validate when due (every --eval_freq epochs and at the end) and save
     checkpoint-best.pth when the selecting metric improves; returns the validation stats
-    (``val/...``), or {} when not validated this epoch."""
+    (``val/...``), or {} when not validated this epoch. ``val_cache``: the validation
+    tokens' store (fully-fixed backbone), or None."""
     config, folder, classes = spec.options, spec.folder, spec.classes
     is_main = runtime.dist.is_main
     if epoch % config["eval_freq"] != 0 and epoch != config["epochs"] - 1:
@@ -228,7 +252,7 @@ def validate_epoch(spec, runtime, model, precision, criterion, val_loader, epoch
     val_stats = validate(model, val_loader, criterion, precision, runtime.device,
                          classes.num_classes, spec.data.ignore_index, runtime.dist,
                          desc="val", image_dir=image_dir, epoch=epoch, classes=classes,
-                         select_metric=config["select_metric"])
+                         select_metric=config["select_metric"], feature_cache=val_cache)
     state.metric = config["select_metric"]  # val/mIoU is its value; it picks the best
     if state.improves(val_stats["mIoU"]):
         state.best_miou, state.best_epoch = val_stats["mIoU"], epoch

@@ -23,14 +23,14 @@ import numpy as np
 import torch
 
 from mirage import checkpoint_io
-from mirage.config import OPTIONS, load_yaml
+from mirage.config import OPTIONS, load_yaml, resolve_tuning
 from mirage.data.classes import ClassTable, read_class_table
 from mirage.errors import UserError
 from mirage.fileio import read_gray
 from mirage.run.folder import RunFolder
 from mirage.run.spec import resolve_model
 from mirage.train.build import build_model, test_transform
-from mirage.train.checkpointing import checkpoint_meta, load_model_weights
+from mirage.train.checkpointing import checkpoint_meta, load_for_inference
 from mirage.train.distributed import DistInfo
 from mirage.train.inference import labels_of, logits_at_size
 from mirage.train.precision import Precision
@@ -56,7 +56,9 @@ def read_run_config(folder):
         raise UserError(f"{folder.config_file} not found; {folder.path} is not a run "
                         "directory of run_seg_tuning.py (or its config.yaml was removed)")
     config = {opt.name: opt.default for opt in OPTIONS}
-    config.update(load_yaml(folder.config_file))
+    values = load_yaml(folder.config_file)
+    config.update(values)
+    resolve_tuning(config, [(str(folder.config_file), values)])  # older runs: no 'tuning:'
     return config
 
 
@@ -105,7 +107,7 @@ def load_run(run_dir, device="auto", weights=None, batch_size=None):
     # arithmetic's order, so they are applied here too; compiling is left out (minutes).
     apply_speed_options(model, {**config, "compile": False, "grad_checkpointing": False},
                         torch_device, _quiet)
-    epoch = load_model_weights(model, best, checkpoint_meta(config, classes, model), payload)
+    epoch = load_for_inference(model, best, checkpoint_meta(config, classes, model), payload)
     model.eval()
     return Predictor(model, classes, test_transform(spec), torch_device,
                      Precision.from_config(torch_device, config, _quiet),

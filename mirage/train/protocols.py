@@ -1,14 +1,18 @@
 """Training protocols and the speed options that keep their maths.
 
-Protocols (docs/segmentation_tuning.md, "Protocols and speed options"):
+Protocols (``--tuning``; docs/segmentation_tuning.md, "Protocols and speed options"), set
+up on the model by :func:`mirage.train.build.apply_protocol`:
 
-- **paper** (``--freeze_encoder``, the default): the transformer blocks are frozen; the
-  patch projector, the global tokens and the decoder train, so every step runs the encoder
+- **frozen** (the paper's, the default): the transformer blocks are frozen; the patch
+  projector, the global tokens and the decoder train, so every step runs the encoder
   forward *and* backward (the gradient reaches the projector through the frozen blocks).
-- **fully-frozen** (``--freeze_patch_embed``): the whole backbone is frozen and runs
-  without a graph (``SegmentationModel.freeze_backbone`` in
-  mirage/models/segmentation_model.py); the backward pass stops at the decoder. With ``--feature_cache`` (mirage/train/feature_cache.py) the
-  backbone runs once per training view instead of once per epoch.
+- **fully_frozen** / **linear_probe**: the whole backbone is frozen and runs without a
+  graph (``SegmentationModel.freeze_backbone`` in mirage/models/segmentation_model.py);
+  the backward pass stops at the decoder (the ``linear`` one for the probe). With
+  ``--feature_cache`` (mirage/train/feature_cache.py) the backbone runs once per training
+  view instead of once per epoch.
+- **lora**: frozen blocks with low-rank adapters (mirage/models/lora.py) that train.
+- **full**: every encoder tensor trains, with layer-wise LR decay (mirage/train/optim.py).
 
 Speed options (same maths, less time or memory), applied by :func:`apply_speed_options`
 and :func:`make_optimizer`: fused attention (checked), channels-last decoders, fused AdamW
@@ -76,8 +80,8 @@ def apply_speed_options(model, config, device, log, compile_backend="inductor"):
         notes.append("cuDNN autotuning")
     if config["grad_checkpointing"]:
         if model.backbone_frozen:
-            log(">> note: --grad_checkpointing has no effect with --freeze_patch_embed "
-                "(no graph runs through the backbone)")
+            log(">> note: --grad_checkpointing has no effect with a fully frozen backbone "
+                "(--tuning fully_frozen or linear_probe: no graph runs through it)")
         elif model.set_grad_checkpointing(True):
             notes.append("gradient checkpointing of the encoder blocks")
         else:

@@ -14,12 +14,15 @@ from mirage.train.validation_metrics import confusion_matrix, validation_scores
 @torch.no_grad()
 def validate(model, loader, criterion, precision, device, num_classes, ignore_index,
              dist_info, desc="val", image_dir=None, epoch=0, classes=None,
-             select_metric="mIoU_all"):
+             select_metric="mIoU_all", feature_cache=None):
     """Loss and the metrics of mirage.train.validation_metrics.validation_scores over every
     pixel of a split (summed over processes): mIoU (= ``select_metric``), mIoU_all, mIoU_fg, aAcc,
     mAcc as fractions, IoU as {class label: IoU}.
 
-    With ``image_dir``, saves input | truth | prediction panels of the first batch.
+    With ``image_dir``, saves input | truth | prediction panels of the first batch. With
+    ``feature_cache`` (the split's store, ``feature_cache.open_split_cache``: the backbone
+    is fully fixed) the decoder reads the split's tokens from it, computed at the first
+    validation only.
     """
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
@@ -29,7 +32,10 @@ def validate(model, loader, criterion, precision, device, num_classes, ignore_in
         images = batch["image"].to(device, non_blocking=True)
         masks = batch["mask"].to(device, non_blocking=True).long()
         with precision.autocast():
-            logits = model(images)
+            if feature_cache is None:
+                logits = model(images)
+            else:
+                logits = model(features=feature_cache.features(model, images, batch))
         loss = criterion(logits.float(), masks)
         loss_sum += torch.tensor([loss.item() * len(images), len(images)],
                                  dtype=torch.float64, device=device)
@@ -37,6 +43,8 @@ def validate(model, loader, criterion, precision, device, num_classes, ignore_in
         confusion += confusion_matrix(pred, masks, num_classes)
         if image_dir is not None and i == 0:
             save_panels(image_dir, batch, pred, loader.dataset, classes, f"{desc}_e{epoch}")
+    if feature_cache is not None and dist_info.is_main:
+        feature_cache.end_epoch()
     distributed.all_reduce_sum(confusion, dist_info)
     distributed.all_reduce_sum(loss_sum, dist_info)
     table = classes if classes is not None else getattr(loader.dataset, "class_table", None)
