@@ -17,14 +17,12 @@ import pytest
 import yaml
 
 from mirage.config import parse_config, yaml_text
-from mirage.data.classes import read_class_table
 from mirage.data.layout import open_dataset
 from mirage.data.synthetic import write_synthetic_dataset
 from mirage.evaluate.outputs import evaluate_runs
 from mirage.run.identity import legacy_run_name, run_directory, run_identity
 
-from test_study import DATASET, _log, summarise, write_prediction
-from mirage.run.predictions import write_manifest
+from test_study import DATASET, summarise, write_run_outputs
 
 MODELS = ("MIRAGE-Tiny", "RETFound-Tiny")
 TUNINGS = ("frozen", "linear_probe", "lora")
@@ -73,15 +71,7 @@ def train_run(root, model, tuning, seed, shift, legacy=False):
     run_dir.mkdir(parents=True)
     (run_dir / "identity.json").write_text(json.dumps(identity))
     (run_dir / "config.yaml").write_text(text)
-    (run_dir / "log.txt").write_text(_log(seed, shift))
-    rng = np.random.default_rng([seed, shift])
-    truths = sorted((data_path / "test" / "semseg").glob("*.png"))
-    for truth in truths:
-        write_prediction(truth, run_dir / "preds" / truth.name, shift, rng)
-    best = run_dir / "checkpoint-best.pth"
-    best.write_bytes(f"{model} {tuning} {seed}".encode())
-    write_manifest(run_dir / "preds", best, 2, read_class_table(data_path / "INFO.json"),
-                   [t.stem for t in truths])
+    write_run_outputs(run_dir, data_path, seed, shift, f"{model} {tuning} {seed}")
     return run_dir
 
 

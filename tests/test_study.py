@@ -73,18 +73,25 @@ def make_run(output, datasets, model, seed, shift, evaluate=True, name=None,
     identity.update(weights_name=f"{model}.pth", dataset=dataset)
     identity.update(identity_changes or {})
     (run_dir / "identity.json").write_text(json.dumps(identity))
+    write_run_outputs(run_dir, data_path, seed, shift, f"{model} {seed}")
+    if evaluate:
+        evaluate_runs([run_dir], datasets, quiet=True)
+    return run_dir
+
+
+def write_run_outputs(run_dir, data_path, seed, shift, checkpoint_text):
+    """What training and ``--infer_only --test`` leave in a run folder besides its options:
+    log.txt, the test predictions (``shift``: how far off the truth) sealed to a stand-in
+    checkpoint-best.pth holding ``checkpoint_text``."""
     (run_dir / "log.txt").write_text(_log(seed, shift))
     rng = np.random.default_rng([seed, shift])
     truths = sorted((data_path / "test" / "semseg").glob("*.png"))
     for truth in truths:
         write_prediction(truth, run_dir / "preds" / truth.name, shift, rng)
     best = run_dir / "checkpoint-best.pth"
-    best.write_bytes(f"{model} {seed}".encode())
+    best.write_bytes(checkpoint_text.encode())
     write_manifest(run_dir / "preds", best, 2, read_class_table(data_path / "INFO.json"),
                    [t.stem for t in truths])
-    if evaluate:
-        evaluate_runs([run_dir], datasets, quiet=True)
-    return run_dir
 
 
 def make_grid(root, models=MODELS, seeds=SEEDS, volumes=TEST_VOLUMES):
