@@ -29,19 +29,19 @@ per-modality statistics for VisionFM).
 """
 import re
 from abc import ABC, abstractmethod
-from collections import Counter
 from pathlib import Path
 
 import torch
-from timm.layers import resample_patch_embed
 
-from mirage.models.backbones import (build_sam_encoder, build_vit_encoder, load_sam_weights,
-                              load_vit_weights)
 from mirage.checkpoint_io import load_file
-from mirage.errors import UserError
-from mirage.models.input_adapters import resample_pos_embed
-from mirage.models.segmentation_model import MirageEncoder, width_and_depth
 from mirage.data.transforms import MEAN_STD
+from mirage.errors import UserError
+from mirage.models.backbones import (build_sam_encoder, build_vit_encoder, load_sam_weights,
+                                     load_vit_weights)
+from mirage.models.input_geometry import nearest_valid, pair
+from mirage.models.mirage_checkpoint import (load_mirage_weights, split_checkpoint,
+                                             to_checkpoint_key, unwrap_state_dict)
+from mirage.models.segmentation_model import MirageEncoder, width_and_depth
 
 REGISTRY = {}  # keyword -> FoundModel subclass
 
@@ -88,26 +88,12 @@ class FoundModel(ABC):
 
 
 # ----------------------------------------------------------------------------- MIRAGE
-def _unwrap_state_dict(checkpoint):
-    """The weights of a MIRAGE file: under 'model' (torch.save) or top level
-    (safetensors), with an optional 'model.' / 'module.' prefix on every key."""
-    state = checkpoint.get("model", checkpoint)
-    if not isinstance(state, dict):
-        return {}
-    for prefix in ("model.", "module."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
 class MirageFamily(FoundModel):
-    """MIRAGE encoders (MultiMAE-style ViT; B-scan input adapter, patch 32)."""
+    """MIRAGE encoders (MultiMAE-style ViT; B-scan input adapter, patch 32); the file
+    layout is read by mirage/models/mirage_checkpoint.py."""
 
     embed_dim, depth, num_heads = 768, 12, 12
     pretrain_input_size = 512
-    # checkpoint key prefix -> parameter prefix in MirageEncoder
-    KEY_MAP = (("input_adapters.bscan.", "input_adapter."), ("encoder.", "blocks."),
-               ("global_tokens", "global_tokens"))
 
     def build(self, input_size, patch_size, num_global_tokens, drop_path_rate=0.0,
               learnable_pos_emb=False):
@@ -118,59 +104,14 @@ class MirageFamily(FoundModel):
                              learnable_pos_emb=learnable_pos_emb)
 
     def num_global_tokens_in(self, checkpoint):
-        tokens = _unwrap_state_dict(checkpoint).get("global_tokens")
+        tokens = unwrap_state_dict(checkpoint).get("global_tokens")
         return tokens.shape[1] if torch.is_tensor(tokens) and tokens.ndim == 3 else 1
 
-    @classmethod
-    def to_checkpoint_key(cls, name):
-        for ckpt_prefix, param_prefix in cls.KEY_MAP:
-            if name.startswith(param_prefix):
-                return ckpt_prefix + name[len(param_prefix):]
-        return name
-
-    @classmethod
-    def from_checkpoint_key(cls, key):
-        for ckpt_prefix, param_prefix in cls.KEY_MAP:
-            if key.startswith(ckpt_prefix):
-                return param_prefix + key[len(ckpt_prefix):]
-        return None
-
     def load_weights(self, backbone, checkpoint, source):
-        state = _unwrap_state_dict(checkpoint)
-        mapped, ignored = {}, []
-        for key, tensor in state.items():
-            name = self.from_checkpoint_key(key)
-            if name is None or not torch.is_tensor(tensor):
-                ignored.append(key)
-            else:
-                mapped[name] = tensor
+        mapped, ignored = split_checkpoint(checkpoint)
         self._check_width(mapped, source)  # before any tensor: the cause, not a symptom
-        expected = backbone.state_dict()
-        extra = sorted(set(mapped) - set(expected))
-        if extra:
-            raise UserError(f"{source}: tensor {self.to_checkpoint_key(extra[0])} does not "
-                            f"exist in {self.name} ({self.depth} blocks, width "
-                            f"{self.embed_dim}); does the file name match the model?")
-        loaded = {}
-        for name, target in expected.items():
-            key = self.to_checkpoint_key(name)
-            if name not in mapped:
-                raise UserError(f"{source}: encoder tensor {key} is missing; is this a "
-                                f"{self.name} checkpoint?")
-            tensor = self._fit(name, mapped[name], target.shape, self.pos_embed_rule)
-            if tuple(tensor.shape) != tuple(target.shape):
-                # Only another number of tokens of the right width is fixed by the option.
-                hint = (" (set --num_global_tokens to match)" if name == "global_tokens"
-                        and tensor.shape[-1] == target.shape[-1] else "")
-                raise UserError(f"{source}: tensor {key} has shape {tuple(mapped[name].shape)}"
-                                f" but {self.name} needs {tuple(target.shape)}{hint}")
-            loaded[name] = tensor.to(target.dtype)
-        backbone.load_state_dict(loaded, strict=True)
-        groups = Counter(".".join(k.split(".")[:2]) for k in ignored)
-        summary = ", ".join(f"{g} ({n})" for g, n in sorted(groups.items()))
-        return (f"loaded {len(loaded)} encoder tensors from {source}; ignored "
-                f"{len(ignored)} not used for B-scan segmentation"
-                + (f": {summary}" if summary else ""))
+        return load_mirage_weights(backbone, mapped, ignored, source, self.name, self.depth,
+                                   self.embed_dim, self.pos_embed_rule)
 
     def _check_width(self, mapped, source):
         """UserError when the file holds a MIRAGE model of another width than this family
@@ -188,21 +129,9 @@ class MirageFamily(FoundModel):
                         f"but {self.name} has width {self.embed_dim} ({self.depth} blocks), "
                         f"so the file name or --fm names the wrong model{fix}")
 
-    @staticmethod
-    def _fit(name, tensor, shape, rule):
-        """Resample the position embedding (MIRAGE's rule: bicubic to the new size,
-        ``align_corners=False``) / patch projection to the tuning geometry."""
-        if name == "input_adapter.pos_emb" and tensor.ndim == 4 \
-                and tensor.shape[:2] == shape[:2]:
-            return resample_pos_embed(tensor, shape[-2:], rule)
-        if name == "input_adapter.proj.weight" and tensor.ndim == 4 \
-                and tensor.shape[:2] == shape[:2] and tensor.shape[-2:] != shape[-2:]:
-            return resample_patch_embed(tensor, list(shape[-2:]))
-        return tensor
-
     def checkpoint_from(self, backbone):
         """The published MIRAGE layout of ``backbone``'s weights (for tests and the demo)."""
-        return {"model": {self.to_checkpoint_key(n): t.detach().clone()
+        return {"model": {to_checkpoint_key(n): t.detach().clone()
                           for n, t in backbone.state_dict().items()}}
 
 
@@ -480,22 +409,6 @@ def find_model(weights, fm=None):
                     "rename the file to contain that name")
 
 
-def _nearest_valid(input_size, patch_size):
-    """The multiples of the patch size nearest to each side, e.g. '1022 or 1036'."""
-    def around(size, patch):
-        below = size - size % patch
-        return (f"{below} or {below + patch}" if below and size % patch
-                else str(below or patch))
-    (h, w), (ph, pw) = input_size, patch_size
-    if (h, ph) == (w, pw):
-        return around(h, ph)
-    return f"height {around(h, ph)}, width {around(w, pw)}"
-
-
-def _pair(size):
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
 def build_backbone(weights, input_size, patch_size=None, num_global_tokens=None,
                    drop_path_rate=0.0, learnable_pos_emb=False, fm=None):
     """Build the encoder named by ``weights`` and load its tensors.
@@ -506,13 +419,13 @@ def build_backbone(weights, input_size, patch_size=None, num_global_tokens=None,
     if not weights.is_file():
         raise UserError(f"--weights {weights}: file not found")
     fm = find_model(weights, fm)
-    input_size = _pair(input_size)
-    patch_size = _pair(patch_size if patch_size is not None else fm.default_patch_size)
+    input_size = pair(input_size)
+    patch_size = pair(patch_size if patch_size is not None else fm.default_patch_size)
     if input_size[0] % patch_size[0] or input_size[1] % patch_size[1]:
         raise UserError(f"--input_size {input_size[0]}x{input_size[1]} is not divisible by "
                         f"the patch size {patch_size[0]}x{patch_size[1]} of {fm.name} (its "
                         "own code refuses such sizes); nearest valid: "
-                        f"{_nearest_valid(input_size, patch_size)} (or set --patch_size)")
+                        f"{nearest_valid(input_size, patch_size)} (or set --patch_size)")
     checkpoint = load_file(weights)
     if num_global_tokens is None:
         num_global_tokens = fm.num_global_tokens_in(checkpoint)

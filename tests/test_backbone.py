@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import DATA
-from fm_seg_config import (MirageBase, MirageLarge, MirageTiny, build_backbone, find_model,
-                           load_backbone)
+from fm_seg_config import MirageLarge, MirageTiny, build_backbone, find_model, load_backbone
 from mirage import checkpoint_io as ckpt
 from mirage.errors import UserError
+from mirage.models.mirage_checkpoint import from_checkpoint_key
 
 
 def test_reference_tokens_reproduced(base_layout_checkpoint):
@@ -36,7 +36,7 @@ def test_base_layout_loads_every_encoder_tensor_and_resamples(base_layout_checkp
     state = bb.state_dict()
     assert len(state) == len(used) and f"loaded {len(used)} encoder tensors" in report
     for key in used:
-        name = MirageBase.from_checkpoint_key(key)
+        name = from_checkpoint_key(key)
         if key != "input_adapters.bscan.pos_emb":
             assert torch.equal(state[name], stored[key]), key
     # bicubic, align_corners=False resampling of the stored 16x16 grid
@@ -52,8 +52,8 @@ def test_large_layout_shapes(tmp_path):
     spec = json.loads((DATA / "mirage_large_keys.json").read_text())["model"]
     bb = MirageLarge().build((512, 512), (32, 32), 1)
     state = bb.state_dict()
-    used = {MirageLarge.from_checkpoint_key(k): tuple(s) for k, s in spec.items()
-            if MirageLarge.from_checkpoint_key(k) is not None}
+    used = {from_checkpoint_key(k): tuple(s) for k, s in spec.items()
+            if from_checkpoint_key(k) is not None}
     assert set(used) == set(state)
     assert all(tuple(state[n].shape) == s for n, s in used.items())
 
