@@ -74,7 +74,9 @@ def eval_parser():
                         help="processes scoring B-scans in parallel (default: %(default)s; "
                              "--workers: the old name)")
     parser.add_argument("--summary", metavar="CSV", default=None,
-                        help="also write one row per run and class group (mean ± std) here")
+                        help="also write one row per run and class group (mean ± std) to "
+                             "this CSV file: a new file, or a summary an earlier "
+                             "run_seg_eval.py wrote; never inside a run or dataset folder")
     parser.add_argument("--foreign_predictions", action="store_true",
                         help="score predictions without a manifest of this run's best "
                              "checkpoint (e.g. made by another tool); noted in the output")

@@ -15,7 +15,7 @@ from mirage.data.classes import ClassTable, read_class_table
 from mirage.data.layout import parse_slice_name
 from mirage.errors import UserError
 from mirage.evaluate.class_plan import ClassPlan, plan_classes
-from mirage.fileio import list_images
+from mirage.fileio import image_size, list_images
 from mirage.run.catalog import find_run_dirs
 from mirage.run.folder import CONFIG, RunFolder, runs_named
 from mirage.run.predictions import MANIFEST, check_predictions, data_record
@@ -114,10 +114,13 @@ def prepare_run(model_path, datasets_path, external=None, ignore_bg=True,
     gt_table = read_class_table(found.gt_info)
     train_table = read_class_table(found.train_info) if external else None
     volumes, unscored = pair_slices(found.gt_dir, found.pred_dir)
+    bscans = _bscans_of(found.gt_dir, volumes)
+    check_mask_sizes(volumes, bscans)
     if foreign_predictions:
         note = "foreign predictions: not checked against the run's checkpoint"
     else:
-        data = _scored_data(found.gt_dir, found.gt_info, volumes)
+        data = None if bscans is None else data_record(bscans_dir(found.gt_dir).parent,
+                                                       bscans, found.gt_info)
         manifest, note = check_predictions(found.pred_dir, run_dir,
                                            found.hint.replace(" first", " again"), data)
         train_table = _prediction_classes(manifest, found.pred_dir, gt_table, train_table)
@@ -231,15 +234,42 @@ def _locate(run_dir, datasets_path, external):
                     pred_dir=pred_dir, hint=hint)
 
 
-def _scored_data(gt_dir, gt_info, volumes):
-    """The data record (mirage/run/predictions.py) of the B-scans next to the masks scored,
-    or None for a dataset without a bscan/ folder (masks only)."""
-    bscan_dir = Path(gt_dir).parent / "bscan"
-    if not bscan_dir.is_dir():
+def bscans_dir(gt_dir):
+    """The B-scans of a masks folder: ``bscan/`` beside ``semseg/``."""
+    return Path(gt_dir).parent / "bscan"
+
+
+def _bscans_of(gt_dir, volumes):
+    """{slice id: path} of the B-scans of the masks scored, or None for a dataset without
+    a bscan/ folder (masks only)."""
+    folder = bscans_dir(gt_dir)
+    if not folder.is_dir():
         return None
     scored = {mask.stem for slices in volumes.values() for _, mask, _ in slices}
-    bscans = {p.stem: p for p in list_images(bscan_dir) if p.stem in scored}
-    return data_record(bscan_dir.parent, bscans, gt_info)
+    return {p.stem: p for p in list_images(folder) if p.stem in scored}
+
+
+def check_mask_sizes(volumes, bscans):
+    """UserError naming the first mask whose size is not its B-scan's (headers only).
+
+    Predictions are written at the B-scan's size, and training and run_seg_check_data.py
+    refuse such a mask: scoring it would resize one of them and give another number than
+    the dataset's own pairs. bscans: {slice id: path} (None: no B-scans to compare with).
+    """
+    if not bscans:
+        return
+    for slices in volumes.values():
+        for _, mask, _ in slices:
+            bscan = bscans.get(mask.stem)
+            if bscan is None:
+                continue
+            (width, height), (b_width, b_height) = image_size(mask), image_size(bscan)
+            if (width, height) != (b_width, b_height):
+                raise UserError(f"{mask} is {width}x{height} but its B-scan {bscan} is "
+                                f"{b_width}x{b_height}; masks must match their B-scans "
+                                "(predictions are at the B-scan's size): re-export the mask "
+                                "at its B-scan's size, then check the dataset with "
+                                "run_seg_check_data.py")
 
 
 def _prediction_classes(manifest, pred_dir, gt_table, train_table):

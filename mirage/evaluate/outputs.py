@@ -6,17 +6,19 @@ tables, and the one-row-per-run summary.
     write_summary(evaluations, path)              -> one row per run and class group
 """
 import contextlib
+import csv
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from mirage.errors import UserError
 from mirage.fileio import atomic_path
 from mirage.evaluate.inputs import expand_run_paths, prepare_run
 from mirage.evaluate.scoring import check_options, evaluate_prepared
 from mirage.run import METRICS
-from mirage.run.folder import RunFolder
+from mirage.run.folder import CONFIG, IDENTITY, RunFolder
 from mirage.run.identity import identity_hash
 from mirage.run.results import COUNT_COLUMNS, MISSED, missed_counts, record_evaluation
 
@@ -148,6 +150,69 @@ def _note_unscored(inputs):
 
 
 # ----------------------------------------------------------------------------- summary
+# The columns of the --summary CSV, in order. The first tool wrote only the run, dataset,
+# group, volumes, path and metric columns; its files are recognised too (check_summary_path).
+SUMMARY_COLUMNS = ("run", "dataset", "group", "seed", "identity", "volumes", "path", "note",
+                   "missed", *[f"{metric}{part}" for metric in METRICS
+                               for part in ("", "_mean", "_std")])
+_SUMMARY_CORE = ("run", "dataset", "group", "volumes", "path",
+                 *[f"{metric}_mean" for metric in METRICS])
+DATASET_MARK = "INFO.json"  # a folder holding it (or under one that does) is a dataset's
+_HEADER_BYTES = 1 << 16  # a summary's header is a few hundred bytes
+
+
+def _is_summary_csv(path):
+    """True when ``path`` starts with the header of a summary CSV this tool wrote."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_HEADER_BYTES)
+    except OSError:
+        return False
+    try:
+        first = head.decode("utf-8").splitlines()[0]
+    except (UnicodeDecodeError, IndexError):
+        return False  # binary (a checkpoint, an image) or empty
+    columns = next(csv.reader([first]), [])
+    return columns[:3] == list(SUMMARY_COLUMNS[:3]) and set(_SUMMARY_CORE) <= set(columns) \
+        <= set(SUMMARY_COLUMNS)
+
+
+def _protected_folder(path):
+    """(folder, what it is) of the run or dataset folder ``path`` lies in, or None."""
+    for folder in path.parents:
+        for mark, what in ((CONFIG, "a run folder"), (IDENTITY, "a run folder"),
+                           (DATASET_MARK, "a dataset folder")):
+            if (folder / mark).is_file():
+                return folder, f"{what} (it holds {mark})"
+    return None
+
+
+def check_summary_path(path):
+    """UserError unless ``path`` (--summary) may be written: a new file, or a summary CSV
+    an earlier run_seg_eval.py wrote, outside every run folder and dataset folder.
+
+    Checked before anything is scored, so a mistyped --summary never costs an evaluation,
+    and never replaces a checkpoint, a log, a prediction or a dataset's file.
+    """
+    given = Path(path).expanduser()
+    fix = "give --summary a new .csv file outside run and dataset folders"
+    resolved = given.resolve()  # a link is judged by what it points to
+    inside = _protected_folder(resolved)
+    if inside is not None:
+        folder, what = inside
+        raise UserError(f"--summary {given}: {folder} is {what}, whose files must not be "
+                        f"replaced; {fix}")
+    if resolved.is_dir():
+        raise UserError(f"--summary {given} is a folder; {fix}")
+    if resolved.exists() and not _is_summary_csv(resolved):
+        raise UserError(f"--summary {given} exists and is not a summary CSV written by "
+                        f"run_seg_eval.py (no run,dataset,group,... header); it is left as it "
+                        f"is: {fix}, or move the file away")
+    blocking = next((p for p in resolved.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"--summary {given}: {blocking} is a file, not a folder; {fix}")
+
+
 def summary_table(evaluations):
     """One row per run and class group (and "all" where there are several groups).
 
@@ -176,11 +241,15 @@ def summary_table(evaluations):
                 record[metric] = f"{mean:.2f} ± {spread}"
                 record[f"{metric}_mean"], record[f"{metric}_std"] = mean, std
             records.append(record)
-    return pd.DataFrame(records)
+    return pd.DataFrame(records, columns=list(SUMMARY_COLUMNS))
 
 
 def write_summary(evaluations, path):
-    """Write summary_table(evaluations) to the CSV file ``path`` (atomically); returns it."""
+    """Write summary_table(evaluations) to the CSV file ``path`` (atomically); returns it.
+
+    UserError (nothing written) when ``path`` is not one to write (check_summary_path).
+    """
+    check_summary_path(path)
     table = summary_table(evaluations)
     with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False, na_rep="NaN")
@@ -198,9 +267,12 @@ def evaluate_runs(model_paths, datasets_path, external=None, ignore_bg=True,
     Every run's files are checked before any is scored, so a typo in the last path fails
     at once. Each run's CSVs are written when that run is done, with evaluation.json
     (how they were scored); then ``on_scored(evaluation)`` is called if given (the command
-    line writes the run's report there). ``summary`` (a CSV path) is written at the end.
+    line writes the run's report there). ``summary`` (a CSV path) is written at the end;
+    it is checked first (check_summary_path).
     """
     check_options(empty_volume, workers, hd95_missing)
+    if summary:
+        check_summary_path(summary)
     run_dirs, skipped, notes = expand_run_paths(model_paths, external)
     for note in [] if quiet else notes:
         print(f"note: {note}")
