@@ -9,7 +9,7 @@ import pytest
 import run_seg_tuning
 from fm_seg_config import build_backbone
 from mirage.errors import UserError
-from mirage.grid import local, runner
+from mirage.grid import one_command, progress, runner
 from mirage.run.lock import run_lock
 from mirage.train import loop, validation
 from mirage.train.checkpointing import TrainingState
@@ -172,11 +172,11 @@ def test_runner_estimates_from_finished_jobs_not_from_tqdms_rate(runner_env, cap
 
 
 def test_time_left_of_the_grid_from_the_mean_job():
-    assert local.time_left_estimate([], [5.0], 3, 2) is None  # nothing finished: no guess
+    assert progress.time_left_estimate([], [5.0], 3, 2) is None  # nothing finished: no guess
     # mean 90 s: two pending jobs and the 60 s left of the running one
-    assert local.time_left_estimate([60.0, 120.0], [30.0], 2, 1) == pytest.approx(240.0)
-    assert local.time_left_estimate([60.0, 120.0], [30.0], 2, 2) == pytest.approx(120.0)
-    assert local.time_left_estimate([60.0], [90.0], 0, 4) == pytest.approx(0.0)
+    assert progress.time_left_estimate([60.0, 120.0], [30.0], 2, 1) == pytest.approx(240.0)
+    assert progress.time_left_estimate([60.0, 120.0], [30.0], 2, 2) == pytest.approx(120.0)
+    assert progress.time_left_estimate([60.0], [90.0], 0, 4) == pytest.approx(0.0)
 
 
 BARS = ("from tqdm import tqdm\nimport time\n"
@@ -193,6 +193,6 @@ def test_a_jobs_progress_bars_write_rarely_into_its_log(runner_env):
     assert b"finished" in text and b"\r" not in text  # a 1 s bar: never drawn
     # the same in a SLURM array task
     task_log = runner_env / "task.log"
-    assert local.run_one_command([sys.executable, str(job)], task_log)["exit_code"] == 0
+    assert one_command.run_one_command([sys.executable, str(job)], task_log)["exit_code"] == 0
     text = task_log.read_bytes()
     assert b"finished" in text and b"\r" not in text

@@ -189,7 +189,7 @@ def test_labels_from_the_command_line_and_a_yaml_file(tmp_path):
 
 
 def test_the_runner_usage_names_the_installed_command(monkeypatch):
-    from mirage.grid.expand import usage_text
+    from mirage.grid.runner_options import usage_text
     monkeypatch.setattr(sys, "argv", ["/usr/local/bin/mirage_runner", "--help"])
     assert usage_text().startswith("usage: mirage_runner BASE COMMAND")
     assert "./runner" not in usage_text()

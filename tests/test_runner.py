@@ -21,7 +21,8 @@ import yaml
 from conftest import process_gone as gone
 from mirage.grid import runner
 from mirage.errors import UserError
-from mirage.grid.expand import build_grid, parse_duration, parse_slurm_time
+from mirage.grid.expand import build_grid
+from mirage.grid.runner_options import parse_duration, parse_slurm_time
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNER_SCRIPT = REPO / "runner"

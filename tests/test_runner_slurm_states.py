@@ -337,7 +337,7 @@ def test_a_lock_of_a_dead_process_here_is_stale(tmp_path):
 TASK = textwrap.dedent("""
     import sys
     sys.path.insert(0, {repo!r})
-    from mirage.grid.local import run_one_command
+    from mirage.grid.one_command import run_one_command
     print(run_one_command({command!r}, {log!r}, retries=2), flush=True)
 """)
 

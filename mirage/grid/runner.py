@@ -21,8 +21,10 @@ Commands are argument lists run without a shell. See ``docs/runner.md``.
 
 This module is the entry point (:func:`main`), the log folder and the report; the work is
 done in :mod:`mirage.grid.checks` (pre-flight checks), :mod:`mirage.grid.local` (the
-local pool), :mod:`mirage.grid.slurm` (the job array) and :mod:`mirage.grid.queue` (what
-SLURM says became of each task).
+local pool), :mod:`mirage.grid.one_command` (one command: each SLURM array task),
+:mod:`mirage.grid.slurm` (the job array) and :mod:`mirage.grid.queue` (what SLURM says
+became of each task); the command line is read by :mod:`mirage.grid.runner_options` and
+:mod:`mirage.grid.expand`.
 """
 import datetime
 import json
@@ -34,15 +36,16 @@ from pathlib import Path
 from mirage.errors import UserError, exit_on_user_error
 from mirage.grid.checks import (MAX_JOBS, RunDirCheck, check_cluster, check_grid_size,
                                 check_gpus, check_program, local_parallelism)
-from mirage.grid.expand import build_grid, status_folder, usage_text
-from mirage.grid.local import (BAD_STATUSES, EXIT_USER_ERROR, STOP_GRACE_S, LocalPool,
-                               format_exit, format_seconds, sigterm_as_interrupt)
+from mirage.grid.expand import build_grid
+from mirage.grid.local import BAD_STATUSES, LocalPool, format_exit, sigterm_as_interrupt
+from mirage.grid.one_command import EXIT_USER_ERROR, STOP_GRACE_S, format_seconds
+from mirage.grid.runner_options import status_folder, usage_text
 from mirage.grid.slurm import look_at_array, run_on_cluster
 
 # Re-exported, so the runner's callers and tests find them here: the variables that fake
 # the GPUs and pick the submitit cluster, and the body of each array task.
 from mirage.grid.checks import CLUSTER_ENV, FAKE_GPUS_ENV
-from mirage.grid.local import run_one_command
+from mirage.grid.one_command import run_one_command
 
 __all__ = ["main", "report", "write_summary", "print_info", "make_log_dir", "log_paths_for",
            "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_RUNNING", "SUMMARY_NAME",

@@ -1,8 +1,8 @@
 """The SLURM backend: the grid submitted with submitit as one job array, then waited for,
 or left to run and looked at later (``./runner --runner-status DIR``).
 
-Each array task runs :func:`mirage.grid.local.run_one_command` (retries, time limit) on
-its node; that module is pickled by value, so the node needs no copy of this repository.
+Each array task runs :func:`mirage.grid.one_command.run_one_command` (retries, time limit)
+on its node; that module is pickled by value, so the node needs no copy of this repository.
 What became of each task is read from SLURM's queue and the task's result file
 (:mod:`mirage.grid.queue`), never from submitit's sacct-based status checks. The array's
 tasks are recorded in ``runner_array.json`` in the log folder, for ``--runner-status``.
@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from mirage.errors import UserError
 from mirage.grid.expand import Job
-from mirage.grid.local import JobResult, progress_bar, run_one_command, show_progress
+from mirage.grid.local import JobResult
+from mirage.grid.one_command import run_one_command
+from mirage.grid.progress import progress_bar, show_progress
 from mirage.grid.queue import SlurmArray, Task, describe, read_result, result_of_task
 
 ARRAY_RECORD = "runner_array.json"  # in the log folder: the array's id and tasks
