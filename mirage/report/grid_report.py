@@ -11,7 +11,7 @@ import pandas as pd
 from mirage.report import htmlpage as H
 from mirage.report import plots
 from mirage.report.study import LOWER_IS_BETTER
-from mirage.report.tables import MISSED_MARK
+from mirage.report.tables import MISSED_MARK, document_layout
 
 # The significance table's columns, p-values first after the pair so that they stay in
 # view on narrow screens; long labels and notes wrap (htmlpage's CSS).
@@ -19,11 +19,10 @@ SIGNIFICANCE_COLUMNS = ["dataset", "class_group", "model_a", "model_b", "p_value
                         "significant", "better", "median_diff", "n_volumes", "note"]
 
 
-def _paper_table_html(table):
+def _paper_table_html(table, rows, notes):
     """The table (cells with their † and [n] marks, never-predicted cells not bold) and
-    its footnotes."""
+    the footnotes said under it (tables.document_layout)."""
     columns = ["model", *table.columns]
-    rows, footnotes, missed = table.layout()
     records, bold = [], set()
     for i, (label, views) in enumerate(rows):
         record = {"model": label}
@@ -33,8 +32,6 @@ def _paper_table_html(table):
             if view.bold:
                 bold.add((i, column))
         records.append(record)
-    notes = [f"[{i}] {note}" for i, note in enumerate(footnotes, 1)]
-    notes += [table.missed_footnote(missed)] if missed else []
     return H.table(pd.DataFrame(records, columns=columns), bold=bold,
                    text_columns={"model"}) + H.notes_list(notes)
 
@@ -104,13 +101,13 @@ def render_grid_report(study, tables, significance, runs_frame, run_links, files
                     if any(maps) else H.section(f"Heat map of mean {metric}",
                                                 H.paragraph("No value to show.")))
     table_parts = []
-    for table in tables:
+    for table, rows, notes in document_layout(tables, "the Overview" if missed else ""):
         table_parts.append(f"<h3>{H.esc(table.title)}</h3>")
         seeds = f"over {table.seeds} seeds" if table.seeds > 1 else "one seed"
         table_parts.append(H.paragraph(f"Mean ± sample std {seeds}; best per column in "
                                        f"bold (never a cell marked {MISSED_MARK}).",
                                        cls="muted"))
-        table_parts.append(_paper_table_html(table))
+        table_parts.append(_paper_table_html(table, rows, notes))
     sections.append(H.section("Tables", *table_parts, anchor="tables"))
     sections.append(H.section(
         f"Paired Wilcoxon tests ({metric})",

@@ -6,7 +6,9 @@
 
 Pairing: on one dataset, the two models' scores of the same test volume form a pair; a
 model's score of a volume is its per-volume score averaged over its seeds
-(mirage.report.study.volume_scores). Volumes missing or NaN for either model are left out.
+(mirage.report.study.volume_scores). Volumes missing or NaN for either model are left out;
+a seed with no value of the metric in any volume adds nothing, and the row's note says that
+the model's scores come from fewer of its seeds ("A: HD95: 1 of 2 seeds scored; ...").
 The test: two-sided Wilcoxon signed-rank test on the differences A - B; zero differences
 (|d| < 1e-9) are dropped first (Wilcoxon's convention); the p-value is exact when at most
 50 differences remain and no two have equal magnitude, else the normal approximation with
@@ -23,7 +25,8 @@ import pandas as pd
 from scipy import stats
 
 from mirage.run import METRICS
-from mirage.report.study import LOWER_IS_BETTER, missed_summary, volume_scores
+from mirage.report.study import (LOWER_IS_BETTER, missed_summary, seed_values,
+                                 unscored_seeds_note, volume_scores)
 
 MIN_PAIRS = 6
 EXACT_MAX = 50
@@ -164,8 +167,9 @@ def significance_table(study, metrics=METRICS, alpha=0.05, min_pairs=MIN_PAIRS):
                     scores = _scores(group_a, group_b, class_group, metric, problem)
                     row = _compare(dataset, class_group, metric, group_a.label,
                                    group_b.label, [scores], min_pairs)
-                    if missed:
-                        row["note"] = "; ".join(n for n in (row.get("note"), missed) if n)
+                    notes = (row.get("note"), missed,
+                             *_seed_notes((group_a, group_b), class_group, metric))
+                    row["note"] = "; ".join(n for n in notes if n)
                     rows.append(row)
     if len(by_dataset) > 1:
         rows += _pooled_rows(by_dataset, metrics, min_pairs)
@@ -182,6 +186,19 @@ def _missed_note(group_a, group_b, class_group):
         return ""
     return (f"{' and '.join(which)} never predict(s) a class in some test volumes that "
             "hold it (see summary.md, †)")
+
+
+def _seed_notes(groups, class_group, metric, dataset=""):
+    """'A: HD95: 1 of 2 seeds scored; no value in seed(s) 2 (...)' for each group whose
+    per-volume scores of ``metric`` come from fewer seeds than it has."""
+    notes = []
+    for group in groups:
+        present = [(m, m.evaluation.group_rows(class_group)) for m in group.members]
+        note = unscored_seeds_note(seed_values([(m, rows) for m, rows in present
+                                                if len(rows)], metric), metric)
+        if note:
+            notes.append(f"{dataset + ': ' if dataset else ''}{group.label}: {note}")
+    return notes
 
 
 def _shared_class_groups(group_a, group_b):
@@ -202,12 +219,13 @@ def _pooled_rows(by_dataset, metrics, min_pairs):
     for label_a, label_b in itertools.combinations(labels, 2):
         for class_group in ("layers", "lesions", "all"):
             for metric in metrics:
-                pieces, used = [], []
+                pieces, used, seed_notes = [], [], []
                 for dataset, groups in by_dataset.items():
                     found = {g.label: g for g in groups}
                     a, b = found.get(label_a), found.get(label_b)
                     if a is None or b is None or class_group not in _shared_class_groups(a, b):
                         continue
+                    seed_notes += _seed_notes((a, b), class_group, metric, dataset)
                     problem = _pair_problem(a, b, class_group)
                     if problem:
                         problem = f"{dataset}: {problem}"
@@ -223,7 +241,7 @@ def _pooled_rows(by_dataset, metrics, min_pairs):
                 row = _compare(POOLED, class_group, metric, label_a, label_b, pieces,
                                min_pairs)
                 row["note"] = "; ".join(n for n in (f"over {', '.join(used)}",
-                                                    row.get("note", "")) if n)
+                                                    row.get("note", ""), *seed_notes) if n)
                 rows.append(row)
     return rows
 

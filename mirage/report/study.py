@@ -258,7 +258,28 @@ SUMMARY_COLUMNS = ["dataset", "trained_on", "model", "weights_sha256", "decoder"
                    "tuning", "protocol", "label", "model_label", "tuning_label", "class_group", "class", "seeds", "seed_list",
                    "volumes", *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")],
                    *METRICS, "missed", "missed_note", "empty_volume", "hd95_missing",
-                   "notes", "runs"]
+                   "notes", "runs",
+                   # last, so that readers of the columns above by position keep working
+                   *[f"{m}_seeds" for m in METRICS]]
+
+
+def seed_values(present, metric):
+    """{seed: its mean of ``metric`` over its rows, NaN when every row is NaN} of
+    ``present`` = [(Member, its rows), ...] (Dice and IoU in percent)."""
+    return {member.seed: _nanmean(_scaled(rows, metric)) for member, rows in present}
+
+
+def unscored_seeds_note(values, metric):
+    """'HD95: 1 of 2 seeds scored; no value in seed(s) 2 (every volume NaN)' when some
+    but not all of ``values`` (seed_values) are NaN, else "".
+
+    Such a cell is a mean over fewer seeds than the group has, so it is never shown or
+    tested as if all of them were there."""
+    missing = [seed for seed, value in values.items() if not np.isfinite(value)]
+    if not missing or len(missing) == len(values):
+        return ""
+    return (f"{metric}: {len(values) - len(missing)} of {len(values)} seeds scored; no "
+            f"value in seed(s) {', '.join(map(str, missing))} (every volume NaN)")
 
 
 def summary_table(study):
@@ -267,9 +288,12 @@ def summary_table(study):
     Columns (SUMMARY_COLUMNS): dataset, trained_on, model, weights_sha256, decoder, loss,
     tuning (the --tuning protocol), protocol, label, model_label (the label without the
     protocol), tuning_label (the protocol in words), class_group, class ("[layers]" for
-    the class group's own row), seeds, seed_list, volumes, <metric>_mean, <metric>_std, <metric> ("mean ± std"), missed (the
+    the class group's own row), seeds (the seeds with a Dice value), seed_list (the seeds
+    with rows), volumes, <metric>_mean, <metric>_std, <metric> ("mean ± std"), missed (the
     (seed, volume, class) scores of a class never predicted in a volume holding it),
-    missed_note (the same in words), empty_volume, hd95_missing, notes, runs.
+    missed_note (the same in words), empty_volume, hd95_missing, notes, runs,
+    <metric>_seeds (the seeds with a value of that metric: a seed whose every volume is
+    NaN has none, and the mean is over the others).
     """
     records = []
     for group in study.groups:
@@ -298,17 +322,20 @@ def _row_numbers(group, name, parts):
     blocked = group.conflict or (group.classes_differ and name.startswith("["))
     record = {"seed_list": " ".join(str(m.seed) for m, _ in present),
               "volumes": len({v for _, p in present for v in p["ID"]})}
+    unscored = []
     for metric in METRICS:
-        per_seed = [float("nan")] if blocked else \
-            [_nanmean(_scaled(p, metric)) for _, p in present]
-        mean, std, n = seed_statistics(per_seed)
+        values = {} if blocked else seed_values(present, metric)
+        mean, std, n = seed_statistics(values.values() if values else [float("nan")])
         record[f"{metric}_mean"], record[f"{metric}_std"] = mean, std
         record[metric] = format_cell(mean, std)
+        record[f"{metric}_seeds"] = n
         if metric == "Dice":
             record["seeds"] = n
+        unscored.append(unscored_seeds_note(values, metric))
     record["missed"], record["missed_note"] = missed_summary(present)
+    notes = _row_notes(group, name, parts) + [note for note in unscored if note]
     record.update(empty_volume=group.empty_volume, hd95_missing=group.hd95_missing,
-                  notes=" | ".join(_row_notes(group, name, parts)),
+                  notes=" | ".join(notes),
                   runs="; ".join(str(m.run.path) for m in group.members))
     return record
 

@@ -14,7 +14,12 @@ Cells come from summary.csv's class-group rows ("[all]", "[layers]", "[lesions]"
 best mean per column (highest Dice/IoU, lowest HD95, compared as printed with two
 decimals) is in bold, ties all bold. A cell whose runs never predicted a class in a test
 volume that holds it is marked † (MISSED_MARK) with a footnote and is never bold: its HD95
-can look perfect (run_seg_eval.py --hd95_missing).
+can look perfect (run_seg_eval.py --hd95_missing). A cell is the mean over the seeds with a
+value of its metric: with fewer than the group's seeds (e.g. one seed's HD95 NaN in every
+volume) a footnote says "1 of 2 seeds scored", and one seed shows no ± std.
+
+In summary.md and the study's report.html each footnote is said once, under the first
+table that needs it (document_layout); summary.tex keeps every table self-contained.
 """
 import re
 from dataclasses import dataclass, field
@@ -47,12 +52,19 @@ def missed_effect(metric, rule):
 
 @dataclass
 class Cell:
+    """One mean over seeds. seeds: the seeds with a value of the table's metric; runs: the
+    seeds the group has (with a value or not; 0: not known, taken as ``seeds``)."""
+
     mean: float
     std: float
     seeds: int
     notes: list = field(default_factory=list)
     missed: str = ""  # which class was never predicted in how many volumes ("" if none)
     hd95_missing: str = "original"
+    runs: int = 0
+
+    def __post_init__(self):
+        self.runs = max(self.runs, self.seeds)
 
     def reason(self, metric):
         """The note that explains a missing mean: a conflict first, then NaN values."""
@@ -74,7 +86,7 @@ class PaperTable:
     columns: list  # the datasets, or (columns="tuning") the protocols in words
     labels: list
     cells: dict = field(default_factory=dict)  # (label, column) -> Cell
-    seeds: int = 0  # the most seeds of any cell
+    seeds: int = 0  # the most seeds of any cell's group
     dataset: str = ""  # the dataset of a table by protocol ("": columns are datasets)
 
     @property
@@ -103,7 +115,8 @@ class PaperTable:
         return {label for label, value in values.items() if value == target}
 
     def text(self, label, column):
-        """'81.20 ± 0.31', '81.20' (one seed), 'n/a' (no mean), or '' (no run)."""
+        """'81.20 ± 0.31', '81.20' (one seed with a value), 'n/a' (no mean), or '' (no
+        run)."""
         cell = self.cells.get((label, column))
         if cell is None:
             return ""
@@ -120,18 +133,26 @@ class PaperTable:
             return ""
         if not cell.has_value:
             return cell.reason(self.metric)
-        if cell.seeds < self.seeds:
+        if cell.seeds < cell.runs:  # e.g. a seed whose every volume has a NaN HD95
+            prefix = f"{self.metric}: {cell.seeds} of {cell.runs} seeds scored"
+            said = next((n for n in cell.notes if n.startswith(prefix)), prefix)
+            return said[len(f"{self.metric}: "):]
+        if cell.runs < self.seeds:
             return f"{cell.seeds} seed(s) only"
         return ""
 
-    def layout(self):
-        """The table as shown: (rows, footnotes, missed).
+    def layout(self, footnotes=None):
+        """The table as shown: (rows, footnotes said here, missed).
 
-        rows: [(label, [CellView per column])]; footnotes: numbered notes (a cell's
-        ``number`` refers to one); missed: the † footnote's items (empty when no cell is
-        marked).
+        rows: [(label, [CellView per column])]; footnotes: [(number, text)] of the notes
+        first needed by this table (a cell's ``number`` refers to one); ``footnotes`` (a
+        Footnotes shared by the tables of one document) numbers them across tables, so a
+        note already said under an earlier table is referred to, not repeated; without it
+        the table numbers its own from 1. missed: the † footnote's items (empty when no
+        cell is marked).
         """
-        rows, footnotes, missed = [], [], []
+        footnotes = Footnotes() if footnotes is None else footnotes
+        rows, said, missed = [], [], []
         for label in self.labels:
             views = []
             for column in self.columns:
@@ -143,17 +164,74 @@ class PaperTable:
                     missed.append(f"{self.where(label, column)}: {cell.missed}")
                 note = self.footnote(label, column)
                 if note:
-                    footnotes.append(note)
-                    view.number = len(footnotes)
+                    view.number, new = footnotes.number(note)
+                    if new:
+                        said.append((view.number, note))
                 views.append(view)
             rows.append((label, views))
-        return rows, footnotes, missed
+        return rows, said, missed
 
     def missed_footnote(self, missed):
-        """The † footnote: which cells, and what a missed class does to this metric."""
+        """The † footnote of this table alone: which cells, and what a missed class does
+        to this metric (summary.tex, where each table stands on its own)."""
         rules = {c.hd95_missing for c in self.cells.values() if c.missed} or {"original"}
         effect = "; ".join(missed_effect(self.metric, rule) for rule in sorted(rules))
         return f"{MISSED_MARK} {'; '.join(missed)}. {effect}. Never in bold."
+
+
+class Footnotes:
+    """The numbered footnotes of one document: each text gets one number, the first time a
+    table needs it."""
+
+    def __init__(self):
+        self._numbers = {}
+
+    def number(self, text):
+        """(the number of ``text``, whether it is new)."""
+        if text in self._numbers:
+            return self._numbers[text], False
+        self._numbers[text] = len(self._numbers) + 1
+        return self._numbers[text], True
+
+
+def missed_footnote(tables, listed_in=""):
+    """The † footnote of a document of ``tables``, said once: which cells (or, with
+    ``listed_in``, where they are listed) and what a class never predicted does to each
+    metric of the tables that mark one ("" when none does)."""
+    cells = [(table, label, column, cell) for table in tables
+             for (label, column), cell in table.cells.items() if cell.missed]
+    if not cells:
+        return ""
+    if listed_in:
+        which = (f"a class never predicted in test volumes that hold it (which, and how "
+                 f"often: {listed_in})")
+    else:
+        which = "; ".join(dict.fromkeys(f"{table.where(label, column)}: {cell.missed}"
+                                        for table, label, column, cell in cells))
+    rules = sorted({cell.hd95_missing for *_, cell in cells})
+    effects = []
+    for metric in dict.fromkeys(table.metric for table, *_ in cells):
+        effects += [missed_effect(metric, rule) for rule in (rules if metric == "HD95"
+                                                             else rules[:1])]
+    return f"{MISSED_MARK} {which}. {'. '.join(dict.fromkeys(effects))}. Never in bold."
+
+
+def document_layout(tables, listed_in=""):
+    """The tables of one document (summary.md, the study's report.html) as shown: [(table,
+    rows, notes)], notes being the footnote lines said under that table. Each footnote is
+    said once, under the first table that needs it (later tables refer to its number),
+    and so is the † footnote (missed_footnote; ``listed_in``: where the cells are listed).
+    """
+    numbered, dagger = Footnotes(), missed_footnote(tables, listed_in)
+    shown = []
+    for table in tables:
+        rows, said, missed = table.layout(numbered)
+        notes = [f"[{number}] {text}" for number, text in said]
+        if missed and dagger:
+            notes.append(dagger)
+            dagger = ""
+        shown.append((table, rows, notes))
+    return shown
 
 
 @dataclass
@@ -211,14 +289,26 @@ def _table(metric, class_group, rows, row_column, cell_column, columns, dataset=
     table = PaperTable(metric=metric, class_group=class_group, columns=columns,
                        labels=sorted(set(rows[row_column])), dataset=dataset)
     for _, row in rows.iterrows():
-        seeds = int(row["seeds"]) if np.isfinite(row["seeds"]) else 0
-        table.cells[(row[row_column], row[cell_column])] = Cell(
-            mean=float(row[f"{metric}_mean"]), std=float(row[f"{metric}_std"]),
-            seeds=seeds, notes=[n for n in str(row["notes"] or "").split(" | ") if n],
-            missed=_text(row.get("missed_note")),
-            hd95_missing=_text(row.get("hd95_missing")) or "original")
-        table.seeds = max(table.seeds, seeds)
+        # The seeds with a value of this metric (summaries written before the <metric>_seeds
+        # columns: the seeds with a Dice value).
+        seeds = _count(row.get(f"{metric}_seeds", row["seeds"]))
+        cell = Cell(mean=float(row[f"{metric}_mean"]), std=float(row[f"{metric}_std"]),
+                    seeds=seeds, notes=[n for n in str(row["notes"] or "").split(" | ") if n],
+                    missed=_text(row.get("missed_note")),
+                    hd95_missing=_text(row.get("hd95_missing")) or "original",
+                    runs=len(_text(row.get("seed_list")).split()))
+        table.cells[(row[row_column], row[cell_column])] = cell
+        table.seeds = max(table.seeds, cell.runs)
     return table
+
+
+def _count(value):
+    """A summary.csv count cell as an int (0 when missing)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return 0
+    return int(value) if np.isfinite(value) else 0
 
 
 def _text(value):
@@ -241,11 +331,11 @@ def to_markdown(tables, unused_runs=(), notes=(), missed=()):
     lines = ["# Summary", ""]
     if not tables:
         lines += ["No evaluated run was found.", ""]
-    for table in tables:
+    listed_in = "Classes never predicted, below" if missed else ""
+    for table, rows, footnotes in document_layout(tables, listed_in):
         lines += [f"## {table.title}", "", _caption(table) + ".", ""]
         lines.append("| model | " + " | ".join(_md_escape(c) for c in table.columns) + " |")
         lines.append("|:--|" + "--:|" * len(table.columns))
-        rows, footnotes, missed_cells = table.layout()
         for label, views in rows:
             cells = []
             for view in views:
@@ -256,10 +346,8 @@ def to_markdown(tables, unused_runs=(), notes=(), missed=()):
                 cells.append(text)
             lines.append(f"| {_md_escape(label)} | " + " | ".join(cells) + " |")
         lines.append("")
-        lines += [f"[{i}] {_md_escape(note)}  " for i, note in enumerate(footnotes, 1)]
-        if missed_cells:
-            lines.append(_md_escape(table.missed_footnote(missed_cells)) + "  ")
-        lines += [""] if footnotes or missed_cells else []
+        lines += [f"{_md_escape(note)}  " for note in footnotes]
+        lines += [""] if footnotes else []
     if missed:
         lines += ["## Classes never predicted", "",
                   "A class in a test volume's truth that the model never predicted in that "
@@ -288,7 +376,11 @@ def latex_escape(text):
 
 
 def to_latex(tables):
-    """summary.tex: one booktabs table environment per PaperTable."""
+    """summary.tex: one booktabs table environment per PaperTable.
+
+    Unlike summary.md, each table carries all of its own footnotes (numbered from 1): a
+    table float is pasted into a paper alone, and floats move away from each other.
+    """
     out = ["% Written by run_seg_report.py. Needs \\usepackage{booktabs}.", ""]
     for table in tables:
         out += [f"% {_caption(table)}", "\\begin{table}[t]", "\\centering",
@@ -307,7 +399,7 @@ def to_latex(tables):
                 cells.append(text)
             out.append(latex_escape(label) + " & " + " & ".join(cells) + " \\\\")
         out += ["\\bottomrule", "\\end{tabular}"]
-        marks = [f"$^{{{i}}}$ {latex_escape(note)}" for i, note in enumerate(footnotes, 1)]
+        marks = [f"$^{{{i}}}$ {latex_escape(note)}" for i, note in footnotes]
         if missed:
             marks.append(latex_escape(table.missed_footnote(missed)).replace(
                 MISSED_MARK, "$^\\dagger$"))
