@@ -139,3 +139,36 @@ def test_a_table_alone_lists_its_never_predicted_cells():
     md = to_markdown([table])  # as the command line prints it, without the section
     assert "† B on D1: Layer never predicted in 8 of 8 test volumes that hold it. In " \
            "those volumes its Dice is 0. Never in bold." in md
+
+
+# ----------------------------------------------------------------------------- heat maps
+def colour_scale(fig):
+    return fig.axes[0].images[0].get_clim()
+
+
+def test_a_heat_map_never_magnifies_tiny_differences():
+    from mirage.report import plots
+    # QA's study: 33.75 vs 33.90 filled the whole colour scale
+    fig = plots.heat_map([[33.75], [33.90]], ["A", "B"], ["D1"], "mean Dice",
+                         min_span=10, natural=(0, 100), unit="%")
+    low, high = colour_scale(fig)
+    assert high - low == pytest.approx(10) and (low + high) / 2 == pytest.approx(33.825)
+    assert fig.axes[0].get_xlabel() == "colour scale 28.8 to 38.8 %, at least 10 wide"
+    # near the top of Dice the scale stays inside 0-100, as wide as asked
+    assert colour_scale(plots.heat_map([[97.0], [99.5]], ["A", "B"], ["D1"], "Dice",
+                                       min_span=10, natural=(0, 100))) == (90, 100)
+    # HD95 (pixels) has no upper bound; a wide spread is shown whole
+    assert plots.colour_limits([0.5, 1.0], 10, (0, np.inf)) == (0, 10)
+    assert plots.colour_limits([20.0, 65.0], 10, (0, np.inf)) == (20, 65)
+
+
+def test_the_study_heat_map_states_its_colour_scale():
+    study = study_with_an_unscored_seed()
+    summary = summary_table(study)
+    tables = paper_tables(summary, ["Dice"])
+    page = render_grid_report(study, tables, significance_table(study), runs_table(study),
+                              {}, {})
+    dice = sorted(float(summary[(summary["label"] == label) & (summary["class"] == "[all]")]
+                        ["Dice_mean"].iloc[0]) for label in ("A", "B"))
+    assert dice[1] - dice[0] > 10  # wider than the span: the scale is the values' range
+    assert f"Colours: colour scale {dice[0]:.1f} to {dice[1]:.1f} %, at least 10 wide" in page

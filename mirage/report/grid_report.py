@@ -10,8 +10,15 @@ import pandas as pd
 
 from mirage.report import htmlpage as H
 from mirage.report import plots
-from mirage.report.study import LOWER_IS_BETTER
+from mirage.report.study import LOWER_IS_BETTER, PERCENT_METRICS
 from mirage.report.tables import MISSED_MARK, document_layout
+
+# The narrowest colour scale of a heat map, in the metric's unit (Dice and IoU in %, HD95
+# in pixels), and the metric's own range: differences smaller than this keep similar
+# colours, so noise between models never looks like a finding (docs: "The grid report").
+HEAT_MAP_MIN_SPAN = 10.0
+PERCENT_RANGE = (0.0, 100.0)
+DISTANCE_RANGE = (0.0, np.inf)
 
 # The significance table's columns, p-values first after the pair so that they stay in
 # view on narrow screens; long labels and notes wrap (htmlpage's CSS).
@@ -48,10 +55,15 @@ def _heat_map(table):
     if not np.isfinite(values).any():
         return ""
     columns, legend = plots.short_labels(table.columns)
+    natural = PERCENT_RANGE if table.metric in PERCENT_METRICS else DISTANCE_RANGE
     fig = plots.heat_map(values, table.labels, columns, f"mean {table.title}",
-                         higher_is_better=table.metric not in LOWER_IS_BETTER, marks=marks)
+                         higher_is_better=table.metric not in LOWER_IS_BETTER, marks=marks,
+                         min_span=HEAT_MAP_MIN_SPAN, natural=natural, unit=table.unit)
     across = "protocol" if table.dataset else "dataset"
-    caption = f"Mean {table.title} over seeds, model x {across}."
+    low, high = plots.colour_limits(values, HEAT_MAP_MIN_SPAN, natural)
+    caption = (f"Mean {table.title} over seeds, model x {across}. Colours: "
+               f"{plots.scale_text(low, high, HEAT_MAP_MIN_SPAN, table.unit)} and centred "
+               "on the values, so differences of a few tenths keep similar colours.")
     if legend:
         caption += " Columns: " + "; ".join(f"{short} = {name}" for short, name in legend) + "."
     if marks.any():

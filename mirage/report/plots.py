@@ -8,6 +8,7 @@ built with ``matplotlib.figure.Figure`` (no pyplot state, no display needed).
     class_iou_curves(log)           per-class validation IoU per epoch
     box_plots(rows)                 per-volume Dice and HD95 per class
     heat_map(values, rows, cols)    e.g. mean Dice, model x dataset
+    colour_limits(values, span)     a heat map's colour scale, never narrower than span
     class_colors(K)                 class colours (no red: red marks errors)
 
 Every figure uses matplotlib's constrained layout and is sized from its labels, so long
@@ -216,11 +217,41 @@ def short_labels(names, width=HEAT_MAP_COLUMN_CHARS, max_lines=HEAT_MAP_COLUMN_L
     return shorts, list(zip(shorts, names))
 
 
-def heat_map(values, row_labels, column_labels, title, higher_is_better=True, marks=None):
+def colour_limits(values, min_span, natural=(-np.inf, np.inf)):
+    """(low, high) of a heat map's colour scale: the range of the finite ``values``,
+    widened about its centre to at least ``min_span`` (never wider than ``natural``, the
+    metric's own range, e.g. (0, 100) for Dice in %), then moved inside ``natural``
+    whole. A colour scale spanning only the data would paint 33.75 and 33.90 as far apart
+    as 10 and 90: differences below the span keep similar colours.
+    """
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if not finite.size:
+        return 0.0, 1.0
+    low, high = float(finite.min()), float(finite.max())
+    span = max(high - low, float(min_span))
+    if np.isfinite(natural[0]) and np.isfinite(natural[1]):
+        span = min(span, natural[1] - natural[0])
+    centre = (low + high) / 2
+    low, high = centre - span / 2, centre + span / 2
+    if low < natural[0]:
+        low, high = natural[0], natural[0] + span
+    if high > natural[1]:
+        low, high = natural[1] - span, natural[1]
+    if high <= low:  # one value and no span asked for: any scale shows it
+        high = low + 1.0
+    return low, high
+
+
+def heat_map(values, row_labels, column_labels, title, higher_is_better=True, marks=None,
+             min_span=0.0, natural=(-np.inf, np.inf), unit=""):
     """A model x dataset heat map with each value written in its cell; NaN cells blank.
 
     Column labels may hold line breaks (short_labels); marks: (rows, columns) texts added
-    after the values (e.g. "†"). The figure is sized from its labels, so nothing is cut.
+    after the values (e.g. "†"). The colour scale is colour_limits(values, min_span,
+    natural); the figure states it under the plot ("colour scale 28.8 to 38.8 %, at
+    least 10 wide") when min_span is given. The figure is sized from its labels, so
+    nothing is cut.
     """
     values = np.asarray(values, dtype=float)
     label_chars = max([len(str(label)) for label in row_labels] + [1])
@@ -233,14 +264,14 @@ def heat_map(values, row_labels, column_labels, title, higher_is_better=True, ma
     fig = Figure(figsize=(width, height), layout="constrained")
     ax = fig.subplots()
     masked = np.ma.masked_invalid(values)
+    low, high = colour_limits(values, min_span, natural)
     image = ax.imshow(masked, cmap="viridis" if higher_is_better else "viridis_r",
-                      aspect="auto")
+                      aspect="auto", vmin=low, vmax=high)
     ax.set_xticks(range(len(column_labels)))
     ax.set_xticklabels(column_labels, fontsize=8)
     ax.set_yticks(range(len(row_labels)))
     ax.set_yticklabels(row_labels, fontsize=8)
-    finite = values[np.isfinite(values)]
-    middle = (finite.min() + finite.max()) / 2 if finite.size else 0
+    middle = (low + high) / 2  # the colour map is dark below it (above: viridis_r)
     for (i, j), value in np.ndenumerate(values):
         if np.isfinite(value):
             dark = (value < middle) == higher_is_better
@@ -248,5 +279,13 @@ def heat_map(values, row_labels, column_labels, title, higher_is_better=True, ma
             ax.text(j, i, f"{value:.1f}{mark}", ha="center", va="center", fontsize=8,
                     color="white" if dark else "black")
     ax.set_title(title, fontsize=10)
+    if min_span:
+        ax.set_xlabel(scale_text(low, high, min_span, unit), fontsize=7)
     fig.colorbar(image, ax=ax, fraction=0.04)
     return fig
+
+
+def scale_text(low, high, min_span, unit=""):
+    """The colour scale in words: 'colour scale 28.8 to 38.8 %, at least 10 wide'."""
+    unit = f" {unit}" if unit else ""
+    return f"colour scale {low:.1f} to {high:.1f}{unit}, at least {min_span:g} wide"
