@@ -172,3 +172,53 @@ def test_the_study_heat_map_states_its_colour_scale():
                         ["Dice_mean"].iloc[0]) for label in ("A", "B"))
     assert dice[1] - dice[0] > 10  # wider than the span: the scale is the values' range
     assert f"Colours: colour scale {dice[0]:.1f} to {dice[1]:.1f} %, at least 10 wide" in page
+
+
+# ----------------------------------------------------------------------------- class tables
+LAYER_ONLY = [[0, "Background"], [40, "Layer"]]
+WITH_FLUID = [[0, "Background"], [40, "Layer"], [120, "Fluid"]]
+
+
+def test_runs_of_one_dataset_with_two_class_tables_get_a_column_each():
+    """A was trained on D1 with both class tables, B with the one holding Fluid: their
+    scores are over different classes, so one column would compare unlike with unlike."""
+    runs = [make_run("A", s, GOOD_DICE[s - 1], HD95_SEED1, identity={"classes": LAYER_ONLY})
+            for s in (1, 2)]
+    runs += [make_run(m, s, dice[s - 1], HD95_SEED1, identity={"classes": WITH_FLUID})
+             for m, dice in (("A", BAD_DICE), ("B", GOOD_DICE)) for s in (1, 2)]
+    study = build_study(runs)
+    columns = ["D1, class table 1", "D1, class table 2"]
+    assert study.datasets == columns and study.labels == ["A", "B"]  # no "A #1", "A #2"
+    assert ("D1: runs trained with 2 different class tables (identity.json classes) are in "
+            "separate columns: class table 1 = 2 classes (0 Background, 40 Layer); class "
+            "table 2 = 3 classes (0 Background, 40 Layer, 120 Fluid)") in study.notes
+
+    summary = summary_table(study)
+    assert set(summary["dataset"]) == {"D1"}  # the dataset column says the dataset
+    totals = summary[summary["class"] == "[all]"].set_index(["label", "class_table"])
+    assert sorted(totals.index) == [("A", "class table 1"), ("A", "class table 2"),
+                                    ("B", "class table 2")]
+    table = paper_tables(summary, ["Dice"])[0]
+    assert table.columns == columns
+    dice = {name: [100 * np.mean(d) for d in values]
+            for name, values in (("good", GOOD_DICE), ("bad", BAD_DICE))}
+    md = to_markdown([table], notes=study.notes)
+    assert "| model | D1, class table 1 | D1, class table 2 |" in md
+    assert (f"| A | **{np.mean(dice['good']):.2f} ± {np.std(dice['good'], ddof=1):.2f}** | "
+            f"{np.mean(dice['bad']):.2f} ± {np.std(dice['bad'], ddof=1):.2f} |") in md
+    assert f"| B | – | **{np.mean(dice['good']):.2f} ±" in md
+    assert "separate columns: class table 1 = 2 classes" in md  # the note, in ## Notes
+
+    tests = significance_table(study)  # pairs within a column only: A and B on table 2
+    assert set(tests["dataset"]) == {"D1, class table 2"}
+    assert set(runs_table(study)["status"]) == {"in the summary"}
+    assert set(runs_table(study)["dataset"]) == set(columns)
+
+
+def test_one_class_table_keeps_the_dataset_column_as_it_was():
+    runs = [make_run(m, 1, GOOD_DICE[0], HD95_SEED1, identity={"classes": LAYER_ONLY})
+            for m in "AB"]
+    runs.append(make_run("C", 1, GOOD_DICE[0], HD95_SEED1))  # older run: table not recorded
+    study = build_study(runs)
+    assert study.datasets == ["D1"] and not study.notes
+    assert set(summary_table(study)["class_table"]) == {""}

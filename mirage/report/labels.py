@@ -94,7 +94,7 @@ def _varying(groups, words):
     so it counts only where the other groups differ in decoder."""
     by_dataset = {}
     for group in groups:
-        by_dataset.setdefault(group.key.dataset_label, []).append(group)
+        by_dataset.setdefault(group.key.column, []).append(group)
     varying, tuning_varies = set(), False
     for members in by_dataset.values():
         protocols = [dict(g.key.protocol) for g in members]
@@ -253,7 +253,7 @@ def _make_unique(groups, automatic):
     UserError when the user's labels did it. Returns notes."""
     by_label = {}
     for group in groups:
-        by_label.setdefault((group.key.dataset_label, group.label), []).append(group)
+        by_label.setdefault((group.key.column, group.label), []).append(group)
     notes = []
     for (dataset, label), same in by_label.items():
         if len(same) < 2:
@@ -269,7 +269,7 @@ def _make_unique(groups, automatic):
                      "name them with --label")
     cells = {}
     for group in groups:  # one cell per row and protocol of the tables by protocol
-        cell = (group.key.dataset_label, group.model_label, group.tuning_label)
+        cell = (group.key.column, group.model_label, group.tuning_label)
         if cell in cells:
             raise UserError(f"the groups labelled {cells[cell]!r} and {group.label!r} on "
                             f"{cell[0]} would share the row {cell[1]!r} under "

@@ -156,7 +156,7 @@ def significance_table(study, metrics=METRICS, alpha=0.05, min_pairs=MIN_PAIRS):
     rows = []
     by_dataset = {}
     for group in study.groups:
-        by_dataset.setdefault(group.key.dataset_label, []).append(group)
+        by_dataset.setdefault(group.key.column, []).append(group)
     for dataset, groups in by_dataset.items():
         groups = sorted(groups, key=lambda g: g.label)
         for group_a, group_b in itertools.combinations(groups, 2):

@@ -17,8 +17,9 @@ rules that differ between seeds) leaves the mean empty with a note saying why, r
 a wrong number. A class never predicted in a test volume that holds it is counted per row
 (``missed``, ``missed_note``), so the tables can flag the cell.
 """
+import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -44,12 +45,27 @@ class GroupKey:
     loss: str
     protocol: tuple  # ((option, JSON value), ...)
     tuning: str = "frozen"  # the --tuning protocol (mirage.run.catalog.Run.tuning)
+    # "class table 2" where runs of this dataset were trained with several class tables
+    # (identity.json "classes"), else "": see tag_class_tables
+    class_table: str = ""
 
     @property
     def dataset_label(self):
+        """The dataset, as summary.csv's dataset column says it."""
         if self.dataset == self.trained_on:
             return self.dataset
         return f"{self.dataset} (from {self.trained_on})"
+
+    @property
+    def column(self):
+        """The paper tables' column of the group: its dataset and, when the dataset's runs
+        have several class tables, which one ("Duke_DME, class table 2")."""
+        return column_label(self.dataset_label, self.class_table)
+
+
+def column_label(dataset_label, class_table=""):
+    """A paper table column: the dataset label, plus its class table where it has several."""
+    return f"{dataset_label}, {class_table}" if class_table else dataset_label
 
 
 @dataclass
@@ -114,18 +130,19 @@ class Study:
 
     @property
     def datasets(self):
-        """Dataset labels in order of first appearance (own test sets first)."""
+        """The tables' columns (dataset labels, with their class table where a dataset has
+        several) in order: own test sets first."""
         keys = sorted({g.key for g in self.groups},
-                      key=lambda k: (k.dataset != k.trained_on, k.dataset_label))
-        return list(dict.fromkeys(k.dataset_label for k in keys))
+                      key=lambda k: (k.dataset != k.trained_on, k.dataset_label, k.column))
+        return list(dict.fromkeys(k.column for k in keys))
 
     @property
     def labels(self):
         return sorted({g.label for g in self.groups})
 
-    def group(self, label, dataset_label):
+    def group(self, label, column):
         for group in self.groups:
-            if group.label == label and group.key.dataset_label == dataset_label:
+            if group.label == label and group.key.column == column:
                 return group
         return None
 
@@ -164,12 +181,54 @@ def build_study(runs, labels=None):
                 continue
             group.members.append(member)
         groups.append(group)
-    notes = label_groups(groups, labels)
+    notes = tag_class_tables(groups)
+    notes += label_groups(groups, labels)
     for group in groups:
         _check_group(group)
     _note_missing_seeds(groups)
-    groups.sort(key=lambda g: (g.key.dataset_label, g.label))
+    groups.sort(key=lambda g: (g.key.dataset_label, g.key.column, g.label))
     return Study(runs=list(runs), groups=groups, notes=notes)
+
+
+def _class_entries(key):
+    """The class table a group's runs were trained with ([[value, label], ...] from
+    identity.json), or None when not recorded (runs without identity.json)."""
+    text = dict(key.protocol).get("classes")
+    return None if text is None else json.loads(text)
+
+
+def tag_class_tables(groups):
+    """Give each group of a dataset whose runs were trained with several class tables
+    (identity.json "classes") its table: "class table 1", "class table 2", ... (fewest
+    classes first), so the tables put each in a column of its own rather than comparing
+    scores over different classes in one. Returns one note per such dataset, which says
+    what each table is. Groups without a recorded table join no column of a known one."""
+    by_dataset = {}
+    for group in groups:
+        by_dataset.setdefault(group.key.dataset_label, []).append(group)
+    notes = []
+    for dataset, members in by_dataset.items():
+        tables = {}
+        for group in members:
+            entries = _class_entries(group.key)
+            if entries is not None:
+                tables.setdefault(json.dumps(entries), entries)
+        if len(tables) < 2:
+            continue
+        order = sorted(tables, key=lambda text: (len(tables[text]), text))
+        names = {text: f"class table {i}" for i, text in enumerate(order, 1)}
+        for group in members:
+            entries = _class_entries(group.key)
+            tag = "class table not recorded" if entries is None else \
+                names[json.dumps(entries)]
+            group.key = replace(group.key, class_table=tag)
+        described = "; ".join(
+            f"{names[text]} = {len(tables[text])} classes ("
+            + ", ".join(f"{value} {label}" for value, label in tables[text]) + ")"
+            for text in order)
+        notes.append(f"{dataset}: runs trained with {len(tables)} different class tables "
+                     f"(identity.json classes) are in separate columns: {described}")
+    return notes
 
 
 def _check_group(group):
@@ -204,12 +263,12 @@ def _check_group(group):
 
 
 def _note_missing_seeds(groups):
-    """A group with fewer seeds than others on its dataset says which are missing."""
+    """A group with fewer seeds than others in its column says which are missing."""
     seeds_by_dataset = {}
     for group in groups:
-        seeds_by_dataset.setdefault(group.key.dataset_label, set()).update(group.seeds)
+        seeds_by_dataset.setdefault(group.key.column, set()).update(group.seeds)
     for group in groups:
-        missing = sorted(seeds_by_dataset[group.key.dataset_label] - set(group.seeds))
+        missing = sorted(seeds_by_dataset[group.key.column] - set(group.seeds))
         if missing:
             group.notes.append(f"seed(s) {', '.join(map(str, missing))} missing (other models "
                                "on this dataset have them)")
@@ -260,7 +319,7 @@ SUMMARY_COLUMNS = ["dataset", "trained_on", "model", "weights_sha256", "decoder"
                    *METRICS, "missed", "missed_note", "empty_volume", "hd95_missing",
                    "notes", "runs",
                    # last, so that readers of the columns above by position keep working
-                   *[f"{m}_seeds" for m in METRICS]]
+                   *[f"{m}_seeds" for m in METRICS], "class_table"]
 
 
 def seed_values(present, metric):
@@ -293,12 +352,14 @@ def summary_table(study):
     (seed, volume, class) scores of a class never predicted in a volume holding it),
     missed_note (the same in words), empty_volume, hd95_missing, notes, runs,
     <metric>_seeds (the seeds with a value of that metric: a seed whose every volume is
-    NaN has none, and the mean is over the others).
+    NaN has none, and the mean is over the others), class_table ("class table 2" where
+    the dataset's runs were trained with several class tables, else "").
     """
     records = []
     for group in study.groups:
         key = group.key
-        base = {"dataset": key.dataset_label, "trained_on": key.trained_on,
+        base = {"dataset": key.dataset_label, "class_table": key.class_table,
+                "trained_on": key.trained_on,
                 "model": key.model, "weights_sha256": group.weights_sha256,
                 "decoder": key.decoder, "loss": key.loss, "tuning": key.tuning,
                 "protocol": "; ".join(f"{k}={v}" for k, v in key.protocol),

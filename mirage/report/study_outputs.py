@@ -67,11 +67,12 @@ def make_output_dir(output_dir):
 
 
 def _group_of(study):
-    """{(run path, dataset label): group label} of the runs used in a group."""
+    """{(run path, id of the evaluation): (its column, group label)} of the evaluations
+    used in a group."""
     found = {}
     for group in study.groups:
         for member in group.members:
-            found[(member.run.path, group.key.dataset_label)] = group.label
+            found[(member.run.path, id(member.evaluation))] = (group.key.column, group.label)
     return found
 
 
@@ -90,7 +91,7 @@ def runs_table(study):
         for evaluation in run.evaluations:
             dataset = evaluation.dataset if not evaluation.external else \
                 f"{evaluation.dataset} (from {run.train_dataset})"
-            label = used.get((run.path, dataset), "")
+            dataset, label = used.get((run.path, id(evaluation)), (dataset, ""))
             status = "in the summary" if label else "not used (duplicate seed)"
             records.append(dict(base, dataset=dataset, label=label, status=status))
     columns = ["run", "dataset", "label", "seed", "status", "notes", "weights_sha256",

@@ -28,7 +28,7 @@ import numpy as np
 
 from mirage.config import TUNINGS
 from mirage.report import TABLE_COLUMNS
-from mirage.report.study import LOWER_IS_BETTER, PERCENT_METRICS
+from mirage.report.study import LOWER_IS_BETTER, PERCENT_METRICS, column_label
 
 GROUP_TITLES = {"all": "all scored classes", "layers": "layers", "lesions": "lesions"}
 MISSING_MD = "–"
@@ -251,21 +251,25 @@ def paper_tables(summary, metrics=("Dice", "HD95"), columns="dataset"):
     if columns not in TABLE_COLUMNS:
         raise ValueError(f"columns must be one of {TABLE_COLUMNS}, not {columns!r}")
     tables = []
-    group_rows = summary[summary["class"].str.startswith("[")]
+    group_rows = summary[summary["class"].str.startswith("[")].copy()
+    # A dataset whose runs have several class tables is a column per table.
+    group_rows["column"] = [column_label(dataset, _text(table)) for dataset, table in zip(
+        group_rows["dataset"], group_rows.get("class_table", [""] * len(group_rows)))]
     for metric in metrics:
         for class_group in ("all", "layers", "lesions"):
             rows = group_rows[group_rows["class_group"] == class_group]
             if rows.empty:
                 continue
             # own test sets first, then external ones ("X (from Y)"), each alphabetically
-            order = sorted(set(zip(rows["dataset"] != rows["trained_on"], rows["dataset"])))
-            datasets = [name for _, name in order]
+            order = sorted(set(zip(rows["dataset"] != rows["trained_on"], rows["dataset"],
+                                   rows["column"])))
+            datasets = [column for *_, column in order]
             if columns == "dataset":
-                tables.append(_table(metric, class_group, rows, "label", "dataset",
+                tables.append(_table(metric, class_group, rows, "label", "column",
                                      datasets))
                 continue
             for dataset in datasets:
-                on = rows[rows["dataset"] == dataset]
+                on = rows[rows["column"] == dataset]
                 protocols = sorted(set(zip(on["tuning"], on["tuning_label"])),
                                    key=_protocol_order)
                 tables.append(_table(metric, class_group, on, "model_label", "tuning_label",
