@@ -105,16 +105,17 @@ def evaluate(argv=None):
         return paths
     from mirage.evaluate.outputs import evaluate_runs  # deferred: pandas, OpenCV, SciPy
 
-    def after_scoring(evaluation):  # scoring is followed by the run's report and overlays
-        if args.report:
-            from mirage.report.run_report import write_run_report  # deferred: matplotlib
-            print(f"wrote {write_run_report(evaluation.run_dir, args.datasets_path, quiet=False)}")
+    def after_scoring(evaluation):  # scoring is followed by the run's overlays and report
+        # overlays first: the report points to them and their legend
         if args.overlays:
-            from mirage.report.overlays import write_overlays  # deferred: OpenCV, matplotlib
+            from mirage.report.overlays import LEGEND, write_overlays  # deferred: OpenCV
             folder = write_overlays(evaluation.run_dir, args.datasets_path,
                                     evaluation.external, ignore_bg=args.ignore_bg,
                                     foreign_predictions=args.foreign_predictions, quiet=False)
-            print(f"wrote {folder}")
+            print(f"wrote {folder} (colours: {folder.name}/{LEGEND})")
+        if args.report:
+            from mirage.report.run_report import write_run_report  # deferred: matplotlib
+            print(f"wrote {write_run_report(evaluation.run_dir, args.datasets_path, quiet=False)}")
 
     return evaluate_runs(args.run_dir, args.datasets_path, external=args.external,
                          ignore_bg=args.ignore_bg, empty_sets_nan=args.empty_sets_nan,

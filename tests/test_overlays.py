@@ -41,7 +41,8 @@ def test_one_overlay_per_test_bscan_as_the_gallery_draws_it(predicted):
     folder = write_overlays(run_dir, datasets)
     assert folder == RunFolder(run_dir).overlays_dir() == run_dir / "overlays"
     bscans = sorted((datasets / "Tiny" / "test" / "bscan").glob("*.png"))
-    assert sorted(p.name for p in folder.iterdir()) == [p.name for p in bscans]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [p.name for p in bscans] + ["legend.png"])
     for bscan in bscans:
         image = read_rgb(folder / bscan.name)
         height, width = cv2.imread(str(bscan), cv2.IMREAD_UNCHANGED).shape
@@ -69,7 +70,7 @@ def test_external_overlays_and_a_bad_prediction_leave_the_old_folder(predicted, 
     external = make_dataset(datasets, name="Other", seed=3)
     run_seg_tuning.main(args + ["--infer_only", "--test", "--test_data_path", str(external)])
     folder = write_overlays(run_dir, datasets, external="Other", foreign_predictions=True)
-    assert folder == run_dir / "overlays_Other" and len(list(folder.iterdir())) == 3
+    assert folder == run_dir / "overlays_Other" and len(list(folder.iterdir())) == 3 + 1
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     (run_dir / "preds_Other" / "testvol0_1.png").write_bytes(b"broken")
     with pytest.raises(UserError, match="testvol0_1.png"):
@@ -80,7 +81,28 @@ def test_external_overlays_and_a_bad_prediction_leave_the_old_folder(predicted, 
     with pytest.raises(UserError, match="was changed after it was written"):
         write_overlays(run_dir, datasets, external="Other")
     out = write_overlays(run_dir, datasets, out_dir=tmp_path / "mine")
-    assert out == tmp_path / "mine" and len(list(out.iterdir())) == 3
+    assert out == tmp_path / "mine" and len(list(out.iterdir())) == 3 + 1  # + legend.png
+
+
+def test_the_overlays_folder_has_a_legend_naming_every_class(predicted, capsys):
+    from PIL import Image
+    from run_seg_eval import main as run_seg_eval
+    datasets, run_dir, _ = predicted
+    run_seg_eval(["-d", str(datasets), "-m", str(run_dir), "--overlays"])
+    assert "(colours: overlays/legend.png)" in capsys.readouterr().out
+    legend = run_dir / "overlays" / "legend.png"
+    image = Image.open(legend)
+    said = image.text["Description"].splitlines()
+    colors = plots.class_colors(3)  # the Tiny dataset: Background, Layer, Fluid
+    rgb = [tuple(int(round(255 * v)) for v in colors[c]) for c in (1, 2)]
+    assert said == [f"Layer: rgb{rgb[0]}", f"Fluid: rgb{rgb[1]}",
+                    "errors (4th panel; no class is red): rgb(255, 26, 26)",
+                    "not tinted (not scored): Background"]
+    drawn = {tuple(p) for p in np.asarray(image.convert("RGB")).reshape(-1, 3)}
+    assert set(rgb) | {(255, 26, 26)} <= drawn  # each swatch in its exact colour
+    # ... and the run report points to the folder and its legend
+    page = (run_dir / "report.html").read_text()
+    assert 'href="overlays/legend.png"' in page and "Every test B-scan (3)" in page
 
 
 def test_a_predicted_mask_is_tinted_on_its_bscan():

@@ -112,6 +112,20 @@ def compose(image, truth, pred, wrong, colors, shown, gap=4):
     return np.round(255 * np.clip(np.concatenate(panels, axis=1), 0, 1)).astype(np.uint8)
 
 
+ERRORS_LABEL = "errors (4th panel; no class is red)"
+
+
+def _rgb255(rgb):
+    return tuple(int(round(255 * v)) for v in rgb)
+
+
+def legend_entries(plan, colors):
+    """[(label, (r, g, b) in 0..255)]: the tinted (scored) classes of ``plan`` in
+    ``colors``, then the error red, as compose() draws them."""
+    return [(plan.labels[c], _rgb255(colors[c])) for c in plan.scored] + \
+        [(ERRORS_LABEL, _rgb255(plots.ERROR_RGB))]
+
+
 @dataclass
 class Gallery:
     """images: [(caption, PNG bytes)] best, median, worst; legend: [(label, (r, g, b))]
@@ -157,10 +171,7 @@ def gallery(run_dir, datasets_path, external="", ignore_bg=True, quiet=True):
         result.notes.append("no overlay gallery: no B-scan has a scored class")
         return result
     colors = plots.class_colors(plan.num_classes)
-    result.legend = [(plan.labels[c], tuple(int(round(255 * v)) for v in colors[c]))
-                     for c in scored]
-    result.legend.append(("errors (4th panel; no class is red)",
-                          tuple(int(round(255 * v)) for v in plots.ERROR_RGB)))
+    result.legend = legend_entries(plan, colors)
     scores.sort(key=lambda s: (s[0], s[1]))
     picks = {"worst": scores[0], "median": scores[(len(scores) - 1) // 2], "best": scores[-1]}
     seen = set()

@@ -6,9 +6,11 @@
 ``write_overlays`` draws each test B-scan as the run report's gallery draws its best,
 median and worst (mirage/report/gallery.py): B-scan | truth | prediction | errors in red,
 the scored classes tinted in the report's colours, but at the B-scan's own size (the
-gallery shrinks wide B-scans for the page). Files and classes are found as
-run_seg_eval.py finds them (mirage.evaluate.inputs.prepare_run). ``class_overlay`` tints
-the classes of one predicted mask on its B-scan (run_seg_predict.py --overlays).
+gallery shrinks wide B-scans for the page); ``legend.png`` in the same folder says
+which colour is which class (and the error red), as the report's legend does. Files and
+classes are found as run_seg_eval.py finds them (mirage.evaluate.inputs.prepare_run).
+``class_overlay`` tints the classes of one predicted mask on its B-scan
+(run_seg_predict.py --overlays).
 """
 import sys
 from pathlib import Path
@@ -19,9 +21,12 @@ from tqdm import tqdm
 from mirage.data.classes import UNKNOWN_CLASS
 from mirage.evaluate.class_plan import BACKGROUND_LIKE
 from mirage.evaluate.inputs import prepare_run
-from mirage.fileio import atomic_folder, write_png
+from mirage.fileio import atomic_folder, atomic_path, write_png
 from mirage.report import gallery, plots
 from mirage.run.folder import RunFolder
+
+LEGEND = "legend.png"  # never a B-scan's name: those are <scan>_<slice number>.png
+
 
 def write_png_rgb(path, rgb):
     """An (H, W, 3) uint8 RGB image as a PNG, atomically (OpenCV stores BGR)."""
@@ -32,7 +37,8 @@ def write_overlays(run_dir, datasets_path, external="", out_dir=None, ignore_bg=
                    foreign_predictions=False, quiet=True):
     """One ``<slice_id>.png`` per test B-scan into ``out_dir`` (default
     ``RunFolder.overlays_dir``): B-scan | truth | prediction | errors, an (H, 4W + 12, 3) RGB
-    image at the B-scan's size. The folder is written aside and swapped in whole.
+    image at the B-scan's size, and ``legend.png``: each tinted class's colour, the error
+    red and the classes left untinted. The folder is written aside and swapped in whole.
 
     The predictions must carry their manifest, as for scoring, unless
     ``foreign_predictions``; ``ignore_bg``: background-like classes are not tinted and
@@ -46,6 +52,7 @@ def write_overlays(run_dir, datasets_path, external="", out_dir=None, ignore_bg=
     slices = [(f"{scan}_{number}", gt, pred) for scan, items in inputs.volumes.items()
               for number, gt, pred in items]
     with atomic_folder(target) as staging:
+        _write_legend(staging / LEGEND, plan, colors)
         for slice_id, gt, pred in tqdm(slices, desc=f"overlays -> {target.name}/",
                                        unit="B-scan", disable=quiet, file=sys.stderr):
             # truth and prediction read as scoring reads them; full size, unlike the
@@ -56,6 +63,15 @@ def write_overlays(run_dir, datasets_path, external="", out_dir=None, ignore_bg=
             write_png_rgb(staging / f"{slice_id}.png",
                           gallery.compose(image, truth, guess, wrong, colors, scored))
     return target
+
+
+def _write_legend(path, plan, colors):
+    untinted = [label for c, label in enumerate(plan.labels) if c not in plan.scored]
+    notes = [f"not tinted (not scored): {', '.join(untinted)}"] if untinted else []
+    png = plots.legend_png(gallery.legend_entries(plan, colors),
+                           "colours: B-scan | truth | prediction | errors", notes)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(png)
 
 
 def tinted_classes(classes):

@@ -10,6 +10,7 @@ built with ``matplotlib.figure.Figure`` (no pyplot state, no display needed).
     heat_map(values, rows, cols)    e.g. mean Dice, model x dataset
     colour_limits(values, span)     a heat map's colour scale, never narrower than span
     class_colors(K)                 class colours (no red: red marks errors)
+    legend_png(entries, title)      colour swatches with their labels, as a PNG
 
 Every figure uses matplotlib's constrained layout and is sized from its labels, so long
 labels stay inside the image (tight_layout gives up with a warning and cuts them).
@@ -57,6 +58,36 @@ def class_colors(num_classes):
     palette = [c[:3] for name in names for c in matplotlib.colormaps[name].colors
                if not is_red_like(c)]
     return np.array([palette[i % len(palette)] for i in range(num_classes)])
+
+
+def legend_png(entries, title, notes=()):
+    """PNG bytes of a colour legend: one row per entry [(label, (r, g, b) in 0..255)], a
+    swatch of exactly that colour (no edge, no antialiasing) and the label; ``notes``:
+    lines of text below. The labels and notes are also stored in the PNG's Description
+    text, so a program (or a test) can read what it says."""
+    from matplotlib.patches import Rectangle
+    lines = [label for label, _ in entries] + list(notes)
+    width = 0.9 + 0.075 * max([len(title)] + [len(line) for line in lines])
+    fig = Figure(figsize=(width, 0.5 + 0.28 * (len(lines) + 1)))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    rows = len(lines) + 1
+    ax.set_xlim(0, width)
+    ax.set_ylim(rows + 0.5, -0.2)
+    ax.text(0.15, 0.3, title, fontsize=9, fontweight="bold", va="center")
+    for row, (label, rgb) in enumerate(entries, 1):
+        ax.add_patch(Rectangle((0.15, row), 0.45, 0.6, facecolor=np.array(rgb) / 255,
+                               edgecolor="none", antialiased=False))
+        ax.text(0.75, row + 0.3, label, fontsize=8, va="center")
+    for row, note in enumerate(notes, len(entries) + 1):
+        ax.text(0.15, row + 0.3, note, fontsize=8, va="center", color="#444")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI, facecolor="white",
+                metadata={"Software": None, "Title": title,
+                          "Description": "\n".join(
+                              [f"{label}: rgb{tuple(rgb)}" for label, rgb in entries]
+                              + list(notes))})
+    return buffer.getvalue()
 
 
 def _integer_epochs(ax):

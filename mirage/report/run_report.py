@@ -19,6 +19,7 @@ from mirage.report import plots
 from mirage.errors import UserError
 from mirage.run import METRICS
 from mirage.report.gallery import gallery
+from mirage.report.overlays import LEGEND
 from mirage.report.tables import MISSED_MARK
 from mirage.report.tensorboard_log import write_tensorboard
 from mirage.run.catalog import read_run
@@ -164,8 +165,23 @@ def _evaluation_section(run, evaluation, datasets_path, with_gallery, quiet):
             parts += [H.image(png, caption, caption, zoom=found.zoom)
                       for caption, png in found.images]
             parts.append(H.notes_list(found.notes))
+    parts.append(_overlays_note(run, evaluation))
     anchor = f"test-{evaluation.dataset}"
     return H.section(title, *parts, anchor=anchor)
+
+
+def _overlays_note(run, evaluation):
+    """Where every test B-scan is drawn (run_seg_eval.py --overlays) and its colour legend;
+    "" when they were not drawn."""
+    folder = RunFolder(run.path).overlays_dir(evaluation.external)
+    legend = folder / LEGEND
+    if not legend.is_file():
+        return ""
+    count = sum(1 for p in folder.glob("*.png") if p.name != LEGEND)
+    href = f"{folder.name}/{LEGEND}"  # relative: the report sits in the run folder
+    return (f'<p>Every test B-scan ({count}) is drawn in <code>{H.esc(folder.name)}/</code> '
+            f"as B-scan | truth | prediction | errors, in the colours above; their legend: "
+            f'<a href="{H.esc(href)}">{H.esc(href)}</a>.</p>')
 
 
 def _training_section(run):
