@@ -200,9 +200,9 @@ def _print_overview(study, tables, metric, unused, output_dir, missed=()):
     evaluated = sum(1 for run in study.runs if run.evaluated)
     print(f"{len(study.runs)} run directories, {evaluated} evaluated, {len(study.groups)} "
           f"groups over seeds")
-    for table in tables:
-        if table.metric == metric and table.class_group == "all":
-            print(to_markdown([table]).split("\n", 2)[2].strip())
+    shown = [t for t in tables if t.metric == metric and t.class_group == "all"]
+    if shown:  # one document: each footnote printed once
+        print(to_markdown(shown).split("\n", 2)[2].strip())
     for line in missed:
         print(f"never predicted (†): {line}")
     for path, status in unused:
