@@ -15,13 +15,24 @@ A lock of another host that names no SLURM job (or when ``squeue`` cannot be ask
 be checked, so the error says how to remove it. A run directory that the lock created and
 that is still empty when the lock is released (a run that failed before writing anything:
 bad weights, a dataset error) is removed again.
+
+The lock appears only whole: its content is written to a temporary file beside it and
+hard-linked to ``.lock``, which, like ``O_EXCL``, fails when ``.lock`` exists, so two
+processes can never both take it. A full disk or a folder that cannot be written is an
+error naming the run directory, and leaves no ``.lock`` behind: an empty one would name no
+owner, and every later command on the run would have to refuse it. On a file system
+without hard links the lock is created with ``O_EXCL`` and written, and removed again if
+the write fails. A lock that is empty or not what this module writes (damaged by hand, or
+by a crash of the machine) names itself and says how to clear it.
 """
 import contextlib
+import errno
 import json
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +42,20 @@ from mirage.run.folder import LOCK
 # squeue states in which a job's processes may still be alive (COMPLETING: being stopped).
 SLURM_LIVE_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED",
                      "SIGNALING", "RESIZING", "STAGE_OUT"}
+
+# link() errors of a file system that has no hard links (FAT, some FUSE and SMB mounts).
+_NO_HARD_LINKS = {errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+# fsync() errors of a file system that does not sync (nothing was lost).
+_NO_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+# How long an empty lock may still be being written (on a file system without hard links,
+# where it is created before it is written) before it counts as left behind.
+SETTLE_S = 0.5
+
+
+def _file_mode():
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o644 & ~mask
 
 
 def _pid_alive(pid):
@@ -102,13 +127,16 @@ def run_lock(run_dir):
     run_dir = Path(run_dir)
     created = _make_run_dir(run_dir)
     path = run_dir / LOCK
-    me = _identity()
+    me, taken = _identity(), False
     try:
         created = _acquire(path, me) or created
+        taken = True
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            if _read_lock(path).get("pid") == me["pid"]:
+        # Only a lock this call took, and still ours: a refused call must not remove the
+        # holder's lock, even one of the same pid (on another node, or in this process).
+        if taken and _read_lock(path)[0] == me:
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
         if created:
             # A start that failed before writing anything (bad weights, a dataset error)
@@ -146,33 +174,114 @@ def _acquire(path, me):
     run_dir, remade = path.parent, False
     for _ in range(3):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(path)
-            why = stale_reason(holder, me)
-            if why:
-                print(f">> note: removing a stale lock of process {holder.get('pid')} on "
-                      f"{holder.get('host')} in {run_dir}: {why}", flush=True)
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-                continue
-            job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
-            raise UserError(
-                f"{run_dir} is in use by process {holder.get('pid')} on "
-                f"{holder.get('host')}{job} (since {holder.get('started')}); wait for it to "
-                f"finish, or delete {path} if that process is gone") from None
+            if _publish(path, json.dumps(me).encode("utf-8")):
+                return remade
         except FileNotFoundError:
             # The folder was just removed again by a process whose start failed (it
             # created the folder, found it empty on exit): make it anew and retry.
             remade = _make_run_dir(run_dir) or remade
             continue
         except OSError as err:
-            raise UserError(f"cannot write {path}: {err.strerror or err}") from None
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(me, handle)
-        return remade
+            raise _lock_error(run_dir, err) from None
+        holder = _holder(path)
+        if holder is None:
+            continue  # released in between
+        why = stale_reason(holder, me)
+        if why:
+            print(f">> note: removing a stale lock of process {holder.get('pid')} on "
+                  f"{holder.get('host')} in {run_dir}: {why}", flush=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            continue
+        job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
+        raise UserError(
+            f"{run_dir} is in use by process {holder.get('pid')} on "
+            f"{holder.get('host')}{job} (since {holder.get('started')}); wait for it to "
+            f"finish, or delete {path} if that process is gone")
     raise UserError(f"cannot take the lock {path}: it keeps changing; is another process "
                     f"starting in {run_dir}?")
+
+
+def _publish(path, content):
+    """Make ``path`` hold ``content``, appearing only whole: False if ``path`` exists.
+    Raises OSError (a full disk, a folder that cannot be written) leaving no file behind."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        try:
+            os.fchmod(fd, _file_mode())  # mkstemp's file is its owner's only
+            _write_all(fd, content)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as err:
+            if err.errno not in _NO_HARD_LINKS:
+                raise
+            return _create_and_write(path, content)
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def _create_and_write(path, content):
+    """``_publish`` without hard links: create ``path`` exclusively, then write it; on any
+    failure it is removed again. False if ``path`` exists."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _file_mode())
+    except FileExistsError:
+        return False
+    try:
+        try:
+            _write_all(fd, content)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
+    return True
+
+
+def _write_all(fd, content):
+    """Write ``content`` to ``fd`` and sync it, so that after a crash of the machine the
+    lock is not an empty file (the link can reach the disk before the data)."""
+    view = memoryview(content)
+    while view:
+        view = view[os.write(fd, view):]
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in _NO_FSYNC:
+            raise
+
+
+def _lock_error(run_dir, err):
+    """One line for a lock that cannot be written: a full disk, a read-only or a
+    not writable folder."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"cannot lock the run directory {run_dir}: no space left on its "
+                         "disk (or quota exceeded); free some space and run again")
+    return UserError(f"cannot lock the run directory {run_dir}: {err.strerror or err}; "
+                     "check that the folder is writable")
+
+
+def _holder(path):
+    """What the lock ``path`` says of its holder, or None if it is gone. A lock that holds
+    no owner is an error naming it: it may be written this instant only where there are no
+    hard links, so it is read again for :data:`SETTLE_S` before that."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        holder, problem = _read_lock(path)
+        if problem is None or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    if problem is None:
+        return holder
+    raise UserError(f"the lock {path} {problem}, so it names no owner; delete {path} if no "
+                    f"run_seg_tuning.py is running on {path.parent}")
 
 
 def _make_run_dir(run_dir):
@@ -193,12 +302,22 @@ def _make_run_dir(run_dir):
 
 
 def _read_lock(path):
+    """``(holder, problem)``: the lock's content, ``(None, None)`` when there is no lock, or
+    ``({}, what is wrong with it)`` when it holds no owner."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        return {"pid": -1, "host": socket.gethostname()}
-    except (OSError, ValueError):
-        # Being written right now by its holder, or damaged: treat as held by a live
-        # process of unknown identity.
-        return {"pid": "?", "host": "?"}
+        return None, None
+    except OSError as err:
+        return {}, f"cannot be read ({err.strerror or err})"
+    except ValueError:
+        return {}, "is not text"
+    if not text.strip():
+        return {}, "is empty"
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or "pid" not in data:
+        return {}, "is not a lock this tool wrote"
+    return data, None
