@@ -8,11 +8,30 @@ mistyped option the same way.
   the whole help; exit status 2 like every other input error.
 - The program name is the one the user typed (``run_seg_eval.py`` or the installed
   ``run_seg_eval``), so usage lines can be copied.
+- A negative number after an option (``--min_lr -1e-3``) looks like an option to argparse,
+  which then says only that ``--min_lr`` expected an argument; the error says instead
+  how to write it: ``--min_lr: a negative value must be written --min_lr=-1e-3``.
 """
 import argparse
 import difflib
 import os
+import re
 import sys
+
+# argparse's "argument --a/--b: expected one argument" (or "at least one", "2 arguments").
+_EXPECTED_ARGUMENT = re.compile(r"^argument (\S+): expected .*arguments?$")
+
+
+def _is_negative_number(token):
+    """``-1e-3``, ``-0.5``, ``-inf``: what argparse takes for an option (unless it is a
+    plain ``-2`` or ``-.5``, which it reads as a value)."""
+    if not token.startswith("-"):
+        return False
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
 
 
 def program_name(default):
@@ -40,6 +59,11 @@ class ArgumentParser(argparse.ArgumentParser):
     def option_names(self):
         return [flag for action in self._actions for flag in action.option_strings]
 
+    def parse_known_args(self, args=None, namespace=None):
+        # Kept for error(): argparse's messages do not show the value that was refused.
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def parse_args(self, args=None, namespace=None):
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:
@@ -55,8 +79,23 @@ class ArgumentParser(argparse.ArgumentParser):
         usage = self.format_usage()
         return usage if usage.count("\n") <= 3 else f"usage: {self.prog} [options]\n"
 
+    def negative_value_hint(self, message):
+        """``--x: a negative value must be written --x=-1e-3`` when argparse's ``message``
+        says that option ``--x`` expected an argument and the command line gives it a
+        negative number; else None."""
+        expected = _EXPECTED_ARGUMENT.match(message)
+        if not expected:
+            return None
+        flags = set(expected.group(1).split("/"))
+        given = [str(token) for token in getattr(self, "_given", [])]
+        for flag, value in zip(given, given[1:]):
+            if flag in flags and _is_negative_number(value):
+                return f"{flag}: a negative value must be written {flag}={value}"
+        return None
+
     def error(self, message):
         """Short usage line + ``error: ...; <prog> -h lists the options``; exit 2."""
+        message = self.negative_value_hint(message) or message
         sys.stderr.write(self.short_usage())
         print(f"error: {message}; {self.prog} -h lists the options", file=sys.stderr,
               flush=True)

@@ -1,5 +1,5 @@
-"""Edges QA found: a full disk or a read-only folder while taking a run's lock, and a lock
-file that names no owner."""
+"""Edges QA found: a full disk or a read-only folder while taking a run's lock, a lock file
+that names no owner, and a negative number after an option."""
 import errno
 import json
 import os
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import run_seg_tuning
+from mirage.config import build_parser
 from mirage.errors import UserError
 from mirage.run import lock
 from mirage.run.lock import run_lock
@@ -131,3 +132,25 @@ def test_the_lock_is_whole_and_exclusive(tmp_path, monkeypatch, hard_links):
                 pass
         assert json.loads((run_dir / ".lock").read_text()) == held
     assert not run_dir.exists()  # it created the folder, nothing was written in it
+
+
+# ----------------------------------------------------------------------------- negative values
+@pytest.mark.parametrize("value", ["-1e-3", "-0.5e2", "-inf"])
+def test_a_negative_value_after_a_space_says_how_to_write_it(value, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_seg_tuning.main(["--min_lr", value, "--epochs", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2
+    assert [line for line in err if line.startswith("error:")] == [
+        f"error: --min_lr: a negative value must be written --min_lr={value}; "
+        f"{build_parser().prog} -h lists the options"]
+    # written that way it parses
+    parsed = build_parser().parse_args([f"--min_lr={value}"])
+    assert parsed.min_lr == value
+
+
+def test_an_option_missing_its_value_keeps_argparses_message(capsys):
+    with pytest.raises(SystemExit):
+        run_seg_tuning.main(["--min_lr", "--epochs", "2"])
+    err = capsys.readouterr().err
+    assert "argument --min_lr: expected one argument" in err and "negative" not in err
