@@ -1,8 +1,10 @@
 """Edges QA found: a full disk or a read-only folder while taking a run's lock, a lock file
-that names no owner, and a negative number after an option."""
+that names no owner, a negative number after an option, and PEFT that is installed but
+does not import."""
 import errno
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 import run_seg_tuning
 from mirage.config import build_parser
 from mirage.errors import UserError
+from mirage.models import lora
 from mirage.run import lock
 from mirage.run.lock import run_lock
 
@@ -154,3 +157,59 @@ def test_an_option_missing_its_value_keeps_argparses_message(capsys):
         run_seg_tuning.main(["--min_lr", "--epochs", "2"])
     err = capsys.readouterr().err
     assert "argument --min_lr: expected one argument" in err and "negative" not in err
+
+
+# ----------------------------------------------------------------------------- PEFT
+@pytest.fixture
+def fake_peft(tmp_path, monkeypatch):
+    """Write a package ``peft`` whose __init__ is the given source, first on sys.path;
+    the real peft (imported or not) is back in sys.modules after the test."""
+    saved = {name: mod for name, mod in sys.modules.items()
+             if name == "peft" or name.startswith("peft.")}
+    for name in saved:
+        monkeypatch.delitem(sys.modules, name)
+
+    def install(source):
+        package = tmp_path / "fake" / "peft"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(source)
+        monkeypatch.syspath_prepend(str(package.parent))  # also invalidates import caches
+        return package
+
+    yield install
+    for name in [n for n in sys.modules if n == "peft" or n.startswith("peft.")]:
+        if name not in saved:
+            del sys.modules[name]
+
+
+@pytest.mark.parametrize("source, reason", [
+    ("raise RuntimeError('CUDA driver version is insufficient\\nmore detail')",
+     "RuntimeError: CUDA driver version is insufficient"),
+    ("import transformers_that_is_not_there", "ModuleNotFoundError: No module named "
+                                              "'transformers_that_is_not_there'"),
+    ("from os import no_such_name", "ImportError: cannot import name 'no_such_name' from 'os'"),
+])
+def test_peft_that_fails_to_import_says_why(fake_peft, source, reason):
+    fake_peft(source)
+    with pytest.raises(UserError) as info:
+        lora._import_peft()
+    text = one_line(info)
+    assert text.startswith("--tuning lora: Hugging Face's PEFT library is installed but "
+                           f"fails to import ({reason}")
+    assert "not installed" not in text and "pip install --force-reinstall peft" in text
+    assert "peft" not in sys.modules
+
+
+def test_a_module_named_peft_that_is_not_peft(fake_peft):
+    package = fake_peft("VERSION = 'mine'\n")
+    with pytest.raises(UserError, match=f"peft imported from {package / '__init__.py'} is not "
+                                        "Hugging Face's PEFT"):
+        lora._import_peft()
+
+
+def test_peft_not_installed_says_so(fake_peft, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # import raises ModuleNotFoundError
+    with pytest.raises(UserError) as info:
+        lora._import_peft()
+    assert one_line(info) == ("--tuning lora needs Hugging Face's PEFT library, which is not "
+                              f"installed: {lora.LORA_EXTRA}")

@@ -27,12 +27,34 @@ LORA_EXTRA = "pip install .[lora] (or pip install peft)"
 
 
 def _import_peft():
+    """The ``peft`` module, or a one-line UserError: not installed, or installed but
+    failing to import (a broken install, a dependency of another version: its own error,
+    which "not installed" would hide), or not Hugging Face's PEFT at all."""
     try:
         import peft  # deferred: optional, and slow to import (it loads transformers)
-    except ImportError:
-        raise UserError(f"--tuning lora needs Hugging Face's PEFT library, which is not "
-                        f"installed: {LORA_EXTRA}") from None
+    except ModuleNotFoundError as err:
+        if err.name == "peft":
+            raise UserError(f"--tuning lora needs Hugging Face's PEFT library, which is not "
+                            f"installed: {LORA_EXTRA}") from None
+        raise _broken_peft(err) from None
+    except Exception as err:  # noqa: BLE001 (anything its import raises, named in the error)
+        raise _broken_peft(err) from None
+    if not all(hasattr(peft, name) for name in ("LoraConfig", "inject_adapter_in_model")):
+        # e.g. a folder named peft in the working directory, imported instead of the library
+        where = (getattr(peft, "__file__", None)
+                 or next(iter(getattr(peft, "__path__", [])), "?"))
+        raise UserError(f"--tuning lora: the module peft imported from {where} is not Hugging "
+                        f"Face's PEFT (no LoraConfig); rename it or reinstall PEFT: "
+                        f"{LORA_EXTRA}")
     return peft
+
+
+def _broken_peft(err):
+    lines = str(err).strip().splitlines()
+    reason = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return UserError(f"--tuning lora: Hugging Face's PEFT library is installed but fails to "
+                     f"import ({reason}); reinstall it: pip install --force-reinstall peft "
+                     "(or pip install .[lora] --force-reinstall)")
 
 
 def target_module_names(backbone, targets):
