@@ -68,15 +68,33 @@ def atomic_path(path):
 
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# rename() errors of a folder that cannot be moved: a mount point (EBUSY; EXDEV for a bind
+# mount), or a folder the system protects (EPERM).
+_UNMOVABLE = {errno.EBUSY, errno.EXDEV, errno.EPERM}
+# The folders atomic_folder works in inside a folder it cannot replace (a mount point);
+# a name of this prefix found there is a leftover of a killed write.
+IN_PLACE_PREFIX = ".mirage-staging."
+# What a mount point of a fresh file system holds (fsck's): never ours to delete.
+_MOUNT_OWN = {"lost+found"}
 
 
-def _write_error(path, err):
-    """One line for a write that cannot happen: a full disk, or a folder not writable."""
+def _write_error(path, err, folder=None):
+    """One line for a write that cannot happen: a full disk, or a folder not writable
+    (``folder``: the one written in, by default ``path``'s)."""
+    folder = path.parent if folder is None else folder
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return UserError(f"no space left on {path.parent} while writing {path.name}; free "
+        return UserError(f"no space left on {folder} while writing {path.name}; free "
                          "some space and run again")
-    return UserError(f"cannot write {path}: {err.strerror or err}; check the folder's "
-                     "permissions or choose another --base_output_dir")
+    # Every tool writes through here: name the path, never one tool's option.
+    return UserError(f"cannot write {path}: {err.strerror or err}; check the permissions "
+                     f"of {folder} or write somewhere else")
+
+
+def replaceable_target(path):
+    """The folder :func:`atomic_folder` replaces for ``path``: the target of a symlink
+    (the link stays a link), else ``path`` itself."""
+    path = Path(path)
+    return path.resolve() if path.is_symlink() else path
 
 
 @contextlib.contextmanager
@@ -84,9 +102,22 @@ def atomic_folder(path):
     """Yield an empty temporary folder next to ``path``; on success it replaces ``path``
     whole (the old folder, if any, is deleted after the swap), on failure it is removed.
 
-    Readers see the old folder or the complete new one, never a mix.
+    Readers see the old folder or the complete new one, never a mix. When ``path`` is a
+    symlink, the folder it points to is replaced and the link stays.
+
+    A folder that cannot be renamed (a mount point; or a rename refused with EBUSY, EXDEV
+    or EPERM) is written into instead, with a weaker guarantee: the new files are written
+    in a hidden folder inside it and, only once all are written, moved into place one by
+    one (each file whole) and the old entries that are not among them deleted. A failure
+    before that leaves the folder as it was; a reader in that last moment, or a failure
+    in it, can see old and new files mixed.
     """
-    path = Path(path)
+    path = replaceable_target(path)
+    if os.path.ismount(path):
+        # Its parent may not even be writable (/mnt): stage inside it, on its file system.
+        with _staging_in(path) as staging:
+            yield staging
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial",
@@ -95,18 +126,110 @@ def atomic_folder(path):
         raise _write_error(path, err) from None
     try:
         yield staging
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
+            raise _write_error(path, err) from None
+        raise
+    try:
         os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp makes it owner-only
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old",
-                                        dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(staging, path)
-            shutil.rmtree(old, ignore_errors=True)
+            _swap(path, staging)
         else:
             os.replace(staging, path)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise _swap_error(path, err) from None
         raise
+
+
+def _swap(path, staging):
+    """Replace the folder ``path`` by the complete folder ``staging`` beside it."""
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    try:
+        os.replace(path, old / path.name)
+    except OSError as err:
+        os.rmdir(old)
+        if err.errno not in _UNMOVABLE:
+            raise
+        # Not movable (a bind mount, a protected folder): its content is replaced instead.
+        with _staging_in(path) as inner:
+            for entry in staging.iterdir():
+                _copy(entry, inner / entry.name)
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    try:
+        os.replace(staging, path)
+    except BaseException:
+        os.replace(old / path.name, path)  # the old folder back where it was
+        os.rmdir(old)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap_error(path, err):
+    if err.errno in _DISK_ERRNOS:
+        return _write_error(path, err)
+    return UserError(f"cannot replace {path} by its new version: {err.strerror or err}")
+
+
+def _copy(source, target):
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, target, symlinks=True)
+    else:
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
+@contextlib.contextmanager
+def _staging_in(folder):
+    """Yield an empty hidden folder inside ``folder``; on success its entries replace
+    those of ``folder`` (see :func:`atomic_folder`), on failure it is removed."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=IN_PLACE_PREFIX, suffix=".partial",
+                                        dir=folder))
+    except OSError as err:
+        raise _write_error(folder, err, folder) from None
+    try:
+        yield staging
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
+            raise _write_error(folder, err, folder) from None
+        raise
+    try:
+        _move_in(folder, staging)
+    except OSError as err:
+        raise UserError(f"cannot finish writing into {folder} ({err.strerror or err}): it "
+                        "may hold old and new files mixed; run again") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_in(folder, staging):
+    """Move every entry of ``staging`` into ``folder`` (a file replaces its namesake
+    whole), then delete what else ``folder`` holds (earlier output, leftovers of killed
+    writes) but a file system's own ``lost+found``."""
+    new = {entry.name for entry in staging.iterdir()}
+    trash = Path(tempfile.mkdtemp(prefix=IN_PLACE_PREFIX, suffix=".old", dir=folder))
+    try:
+        for name in sorted(new):
+            target = folder / name
+            if os.path.lexists(target) and ((target.is_dir() and not target.is_symlink())
+                                            or (staging / name).is_dir()):
+                # rename() puts a folder only over an empty folder, a file never over one
+                os.replace(target, trash / name)
+            os.replace(staging / name, target)
+        for entry in folder.iterdir():
+            if entry.name in new or entry.name in _MOUNT_OWN or entry in (staging, trash):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def write_text(path, text):

@@ -9,9 +9,14 @@ The output folder of run_seg_predict.py (``-o OUT``) is written aside and swappe
 when every input is predicted, so a bad input file or a kill leaves OUT as it was. OUT
 must be new, empty, or an earlier output of run_seg_predict.py (it holds
 ``prediction_record.json`` and only the files listed there), which is then replaced;
-anything else is refused, so that no file of the user's is ever deleted.
+anything else is refused, so that no file of the user's is ever deleted. An OUT that is a
+symlink is followed: the folder it points to is replaced and the link stays. An OUT that
+is a mount point cannot be swapped: the outputs are written inside it, and an earlier
+output there is replaced file by file once every new file is written
+(:func:`mirage.fileio.atomic_folder`). Paths may start with ``~``, even quoted.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +28,12 @@ OVERLAY_SUFFIX = "_overlay"
 
 
 # ============================================================================ predict
+def _user_path(text):
+    """A path option's value with ``~`` expanded: the shell leaves ``'~/x'`` and
+    ``--opt=~/x`` as they are, and a folder named ``~`` is never what was meant."""
+    return os.path.expanduser(text)
+
+
 def predict_parser():
     """The options of ``run_seg_predict.py``."""
     parser = ArgumentParser(
@@ -30,14 +41,15 @@ def predict_parser():
         description="Predict B-scans with a trained run: one mask PNG of INFO.json values "
                     "per input (<stem>.png, the input's size), optionally the class "
                     "probabilities and colour overlays.")
-    parser.add_argument("--run_dir", required=True, metavar="RUN_DIR",
+    parser.add_argument("--run_dir", required=True, metavar="RUN_DIR", type=_user_path,
                         help="the trained run: <output>/<version>/<dataset>/<run name>/")
     parser.add_argument("-i", "--input", nargs="+", required=True, metavar="IN",
+                        type=_user_path,
                         help="folders of B-scans (PNG, TIFF, BMP, JPEG; 8/16-bit, gray or "
                              "RGB; any size) and/or single image files")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT",
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", type=_user_path,
                         help="output folder: new, empty, or an earlier output of this "
-                             "command (replaced whole)")
+                             "command (replaced whole; a mount point is written into)")
     parser.add_argument("--probabilities", action="store_true",
                         help="also write <stem>.npz: 'probabilities' (K, H, W) float16 "
                              "softmax, 'values' and 'labels' of the K classes")
@@ -48,7 +60,7 @@ def predict_parser():
                         help="auto (CUDA if present), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--batch_size", type=int, default=None, metavar="N",
                         help="B-scans per forward pass (default: the run's --batch_size)")
-    parser.add_argument("--weights", default=None, metavar="FILE",
+    parser.add_argument("--weights", default=None, metavar="FILE", type=_user_path,
                         help="the foundation model's weights file, if it moved since "
                              "training (default: the path in config.yaml; its SHA-256 "
                              "must match)")
@@ -82,6 +94,7 @@ def input_files(inputs):
 def check_output_folder(out, stems, overlays):
     """Refuse an OUT that holds files this command did not write (they would be lost), or
     inputs whose outputs would collide."""
+    from mirage.fileio import IN_PLACE_PREFIX, replaceable_target  # deferred: OpenCV
     if out.exists() and not out.is_dir():
         raise UserError(f"-o {out}: is a file; give a folder")
     if overlays:
@@ -93,13 +106,18 @@ def check_output_folder(out, stems, overlays):
                             "second; rename one of them")
     if not out.is_dir():
         return
-    present = sorted(p.name for p in out.iterdir())
+    target = replaceable_target(out)
+    # Not the user's files: a mount point's lost+found (kept), and the hidden folders a
+    # killed write left there (the next write removes them).
+    own = {"lost+found"} if os.path.ismount(target) else set()
+    present = sorted(p.name for p in target.iterdir()
+                     if p.name not in own and not p.name.startswith(IN_PLACE_PREFIX))
     if not present:
         return
     listed = set()
     if RECORD in present:
         try:
-            listed = set(json.loads((out / RECORD).read_text(encoding="utf-8"))["files"])
+            listed = set(json.loads((target / RECORD).read_text(encoding="utf-8"))["files"])
         except (OSError, ValueError, KeyError, TypeError):
             listed = set()
     foreign = [name for name in present if name != RECORD and name not in listed]

@@ -1,22 +1,26 @@
 """Edges QA found: a full disk or a read-only folder while taking a run's lock, a lock file
-that names no owner, a negative number after an option, and PEFT that is installed but
-does not import."""
+that names no owner, a negative number after an option, PEFT that is installed but does
+not import, and run_seg_predict.py's output folder given as ``~/...``, as a symlink or as
+a mount point."""
 import errno
 import json
 import os
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
+import run_seg_predict
 import run_seg_tuning
+from mirage import fileio
 from mirage.config import build_parser
 from mirage.errors import UserError
 from mirage.models import lora
 from mirage.run import lock
 from mirage.run.lock import run_lock
-
 
 
 def one_line(info):
@@ -213,3 +217,177 @@ def test_peft_not_installed_says_so(fake_peft, monkeypatch):
         lora._import_peft()
     assert one_line(info) == ("--tuning lora needs Hugging Face's PEFT library, which is not "
                               f"installed: {lora.LORA_EXTRA}")
+
+
+# ----------------------------------------------------------------------------- run_seg_predict
+def test_predict_paths_may_start_with_a_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = run_seg_predict.build_parser().parse_args(
+        ["--run_dir", "~/run", "-i", "~/a", "~/b.png", "-o=~/masks", "--weights", "~/w.pth"])
+    assert (args.run_dir, args.input, args.output, args.weights) == (
+        str(tmp_path / "run"), [str(tmp_path / "a"), str(tmp_path / "b.png")],
+        str(tmp_path / "masks"), str(tmp_path / "w.pth"))
+
+
+class FakePredictor:
+    """What write_predictions reads of a Predictor: a mask of the B-scan's size per input,
+    of value 100 (or raising on a file named broken*)."""
+
+    def __init__(self, run_dir):
+        self.run_dir, self.epoch, self.device = run_dir, 3, "cpu"
+        self.classes = SimpleNamespace(values=(0, 100), labels=("Background", "Layer"),
+                                       entries=lambda: [[0, "Background"], [100, "Layer"]])
+
+    def iter_predictions(self, paths, probabilities, dtype):
+        for path in paths:
+            if Path(path).name.startswith("broken"):
+                raise UserError(f"{path} is not a readable image")
+            yield np.full((4, 6), 100, np.uint8), None
+
+
+@pytest.fixture
+def scans(tmp_path, monkeypatch):
+    """A folder of two B-scans, and load_run answering a FakePredictor."""
+    from mirage.train import predictor
+    monkeypatch.setattr(predictor, "load_run", lambda run_dir, **kw: FakePredictor(
+        Path(run_dir)))
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for stem in ("a", "b"):
+        fileio.write_png(folder / f"{stem}.png", np.zeros((4, 6), np.uint8))
+    return folder
+
+
+def predict(*args):
+    try:
+        run_seg_predict.main([str(a) for a in ("--run_dir", "run", *args)])
+    except SystemExit as stop:
+        return stop.code
+    return 0
+
+
+def test_a_symlinked_output_is_written_through_the_link(scans, tmp_path):
+    real, link = tmp_path / "outputs" / "masks", tmp_path / "masks"
+    real.parent.mkdir()
+    assert predict("-i", scans, "-o", real) == 0
+    link.symlink_to(real, target_is_directory=True)
+    (scans / "a.png").unlink()
+    fileio.write_png(scans / "c.png", np.zeros((4, 6), np.uint8))
+    assert predict("-i", scans, "-o", link) == 0
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert sorted(p.name for p in real.iterdir()) == ["b.png", "c.png",
+                                                      "prediction_record.json"]
+    assert hidden(real.parent) == [] and hidden(tmp_path) == []
+
+
+def mount_at(monkeypatch, folder):
+    """Make ``folder`` a mount point: os.path.ismount says so, and rename() of it fails."""
+    folder = Path(folder).resolve()
+    real_ismount, real_replace = os.path.ismount, os.replace
+    monkeypatch.setattr(os.path, "ismount",
+                        lambda p: Path(p).resolve() == folder or real_ismount(p))
+
+    def replace(src, dst, **kwargs):
+        if folder in (Path(src).resolve(), Path(dst).resolve()):
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        return real_replace(src, dst, **kwargs)
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("detected", [True, False])
+def test_a_mount_point_output_is_written_into(scans, tmp_path, monkeypatch, detected):
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    mount_at(monkeypatch, mount)
+    own = ["lost+found"] if detected else []  # a fresh file system's, at its mount point
+    if detected:
+        (mount / "lost+found").mkdir()
+    else:  # a bind mount that ismount misses: only the rename is refused
+        monkeypatch.setattr(os.path, "ismount", lambda p: False)
+    assert predict("-i", scans, "-o", mount) == 0
+    assert sorted(p.name for p in mount.iterdir()) == ["a.png", "b.png", *own,
+                                                       "prediction_record.json"]
+    before = {p.name: p.read_bytes() for p in mount.iterdir() if p.is_file()}
+    # a failure while predicting leaves the earlier output as it was, and no temporaries
+    fileio.write_png(scans / "broken.png", np.zeros((4, 6), np.uint8))
+    assert predict("-i", scans, "-o", mount) == 2
+    assert {p.name: p.read_bytes() for p in mount.iterdir() if p.is_file()} == before
+    assert hidden(mount) == [] and hidden(tmp_path) == []
+    # an earlier output is replaced: what the new run does not write goes, lost+found stays
+    (scans / "broken.png").unlink()
+    (scans / "a.png").unlink()
+    assert predict("-i", scans, "-o", mount) == 0
+    assert sorted(p.name for p in mount.iterdir()) == ["b.png", *own,
+                                                       "prediction_record.json"]
+    assert json.loads((mount / "prediction_record.json").read_text())["files"] == ["b.png"]
+    assert hidden(mount) == [] and hidden(tmp_path) == []
+
+
+def test_a_mount_point_with_the_users_files_is_refused(scans, tmp_path, monkeypatch, capsys):
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    (mount / "notes.txt").write_text("mine")
+    mount_at(monkeypatch, mount)
+    assert predict("-i", scans, "-o", mount) == 2
+    assert "holds files run_seg_predict.py did not write (notes.txt)" in capsys.readouterr().err
+    assert [p.name for p in mount.iterdir()] == ["notes.txt"]
+
+
+def test_a_killed_write_into_a_mount_point_does_not_block_the_next(scans, tmp_path,
+                                                                   monkeypatch):
+    mount = tmp_path / "mnt"
+    (mount / f"{fileio.IN_PLACE_PREFIX}x1.partial").mkdir(parents=True)
+    mount_at(monkeypatch, mount)
+    assert predict("-i", scans, "-o", mount) == 0
+    assert sorted(p.name for p in mount.iterdir()) == ["a.png", "b.png",
+                                                       "prediction_record.json"]
+
+
+def test_an_output_that_cannot_be_written_names_it_not_another_commands_option(
+        scans, tmp_path, monkeypatch, capsys):
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    out = tmp_path / "masks"
+    assert predict("-i", scans, "-o", out) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "--base_output_dir" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: cannot write {out}: Permission denied; check the permissions of {tmp_path} "
+        "or write somewhere else"]
+
+
+def test_a_failed_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    real_replace = os.replace
+
+    def replace(src, dst, **kwargs):
+        if Path(dst) == target and Path(src).name.endswith(".partial"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(src, dst, **kwargs)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(UserError, match=f"cannot replace {target} by its new version: Input"):
+        with fileio.atomic_folder(target) as staging:
+            (staging / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["old.txt"] and hidden(tmp_path) == []
+
+
+def test_writing_into_a_mount_point_replaces_files_and_folders_by_either(tmp_path,
+                                                                         monkeypatch):
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    (mount / "a").mkdir()
+    (mount / "a" / "old.txt").write_text("old")
+    (mount / "b").write_text("old")
+    (mount / "c").write_text("old")
+    mount_at(monkeypatch, mount)
+    with fileio.atomic_folder(mount) as staging:
+        assert staging.parent == mount  # on the mount's own file system
+        (staging / "a").write_text("new")
+        (staging / "b").mkdir()
+        (staging / "b" / "new.txt").write_text("new")
+    assert (mount / "a").read_text() == "new" and (mount / "b" / "new.txt").read_text() == "new"
+    assert sorted(p.name for p in mount.iterdir()) == ["a", "b"]
