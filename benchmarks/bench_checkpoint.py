@@ -31,6 +31,8 @@ from fm_seg_config import MirageBase, MirageTiny  # noqa: E402
 from mirage import checkpoint_io as ckpt  # noqa: E402
 from mirage.train.checkpointing import trained_state_dict  # noqa: E402
 from mirage.models.segmentation_model import SegmentationModel  # noqa: E402
+from mirage.options import default_options  # noqa: E402
+from mirage.run.spec import OptimSpec  # noqa: E402
 from mirage.train.optim import build_optimizer, param_groups  # noqa: E402
 from mirage.models.decoders import build_decoder  # noqa: E402
 
@@ -44,8 +46,9 @@ def paper_model(quick):
                             image_size=size, encoder_depth=backbone.depth)
     model = SegmentationModel(backbone, decoder)
     model.freeze_blocks()
-    optimizer = build_optimizer(param_groups(model, 0.05, 0.75), "adamw", 1e-4, 1e-8,
-                                [0.9, 0.999], 0.9)
+    optimizer = build_optimizer(param_groups(model, 0.05, 0.75), OptimSpec.from_options(
+        default_options(opt="adamw", lr=1e-4, opt_eps=1e-8, opt_betas=[0.9, 0.999],
+                        momentum=0.9)))
     for p in model.parameters():  # one step with zero gradients creates the AdamW state
         if p.requires_grad:
             p.grad = torch.zeros_like(p)

@@ -45,6 +45,7 @@ import platform
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -58,14 +59,19 @@ from mirage.train import distributed, protocols  # noqa: E402
 from mirage.train import loop as engine  # noqa: E402
 from mirage.train.precision import Precision  # noqa: E402
 from mirage.data.layout import SliceFiles  # noqa: E402
-from mirage.train.feature_cache import FeatureCache, cache_identity  # noqa: E402
+from mirage.train.feature_cache import CacheSpec, FeatureCache, cache_identity  # noqa: E402
 from mirage.train.losses import build_loss  # noqa: E402
 from mirage.models.segmentation_model import SegmentationModel  # noqa: E402
 from mirage.train.optim import apply_schedule, build_optimizer, param_groups  # noqa: E402
 from mirage.models.decoders import build_decoder  # noqa: E402
-from mirage.config import LORA_OPTIONS, OPTION_BY_NAME, TUNING_FLAGS  # noqa: E402
+from mirage.options import default_options  # noqa: E402
+from mirage.protocol import Protocol  # noqa: E402
+from mirage.run.spec import OptimSpec, PrecisionSpec, SpeedSpec  # noqa: E402
 from mirage.train.build import apply_protocol  # noqa: E402
-from mirage.train.checkpointing import trained_state_dict  # noqa: E402
+from mirage.train.checkpointing import TrainingState, trained_state_dict  # noqa: E402
+from mirage.train.context import TrainingContext  # noqa: E402
+from mirage.train.loop import TrainingData  # noqa: E402
+from mirage.train.runtime import Runtime  # noqa: E402
 
 MODELS = {  # name: (family, patch size)
     "mirage-tiny": (MirageTiny, 32),
@@ -122,10 +128,7 @@ def build(model_name, size, protocol, drop_path):
                             grid_size=backbone.grid_size, patch_size=backbone.patch_size,
                             image_size=size, encoder_depth=backbone.depth)
     model = SegmentationModel(backbone, decoder)
-    config = {name: OPTION_BY_NAME[name].default for name in LORA_OPTIONS}
-    config.update(tuning=tuning, freeze_encoder=TUNING_FLAGS[tuning][0],
-                  freeze_patch_embed=TUNING_FLAGS[tuning][1])
-    apply_protocol(model, config)
+    apply_protocol(model, Protocol.from_options(default_options(tuning=tuning)))
     return fm, model
 
 
@@ -184,30 +187,44 @@ class Protocol:
         size, amp, cached = spec["size"], spec.get("amp"), spec.get("cache")
         fm, self.model = build(spec["model"], size, spec["protocol"], 0.0 if cached else 0.1)
         self.model.to(device)
-        config = {"grad_checkpointing": spec.get("checkpointing", False),
-                  "compile": spec.get("compile", False), "opt": "adamw", "lr": LR,
-                  "opt_eps": 1e-8, "opt_betas": [0.9, 0.999], "momentum": 0.9}
-        self.precision = Precision(device, amp is not None, False, quiet,
-                                          amp or "fp16")
+        speed = SpeedSpec(grad_checkpointing=spec.get("checkpointing", False),
+                          compile=spec.get("compile", False))
+        optim = OptimSpec.from_options(default_options(opt="adamw", lr=LR))
+        self.precision = Precision(device, PrecisionSpec(amp is not None, amp or "fp16"),
+                                   quiet)
         groups = param_groups(self.model, 0.05, 0.75)
         self.legacy = spec["protocol"] == "paper"
         if self.legacy:
-            self.optimizer = build_optimizer(groups, "adamw", LR)
+            self.optimizer = build_optimizer(groups, optim)
         else:
-            protocols.apply_speed_options(self.model, config, device, quiet)
-            self.optimizer = protocols.make_optimizer(groups, config, device)
+            protocols.apply_speed_options(self.model, speed, device, quiet)
+            self.optimizer = protocols.make_optimizer(groups, optim, device)
         self.cache = None
         if cached:
-            identity = cache_identity(fm.name, "0" * 64, size, self.model, "minmax",
-                                      amp or "fp32")
-            self.cache = FeatureCache(cached, identity, data, 1, Path(folder) / "cache",
-                                      device, quiet)
+            model_spec = SimpleNamespace(fm=fm, input_size=size, norm="minmax")
+            identity = cache_identity(model_spec, self.model, amp or "fp32", "0" * 64)
+            self.cache = FeatureCache(CacheSpec(cached, identity, Path(folder) / "cache",
+                                                device), data, 1, quiet)
         self.loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False,
                                                   drop_last=True,
                                                   pin_memory=device.type == "cuda")
         self.criterion = build_loss("CEGDice")
         self.epochs = 0
         self.seconds, self.cpu_seconds = [], []
+
+    def context(self, schedule):
+        """The TrainingContext train_one_epoch reads: this model, loader and optimiser, one
+        process on ``self.device``; the spec holds only the two values it reads."""
+        spec = SimpleNamespace(optim=SimpleNamespace(clip_grad=None),
+                               loop=SimpleNamespace(epochs=self.epochs + 1))
+        data = TrainingData(train_set=self.loader.dataset, train_loader=self.loader,
+                            val_loader=None, steps_per_epoch=self.steps, test_slices=[])
+        return TrainingContext(
+            spec, Runtime(self.device, distributed.DistInfo(), quiet), self.model,
+            self.precision, criterion=self.criterion, optimizer=self.optimizer,
+            lr_schedule=schedule, wd_schedule=np.full(len(schedule), 0.05), data=data,
+            feature_cache=self.cache, val_cache=None, ddp_model=self.model, record=None,
+            state=TrainingState())
 
     def epoch(self):
         """One epoch over the batches; returns its seconds."""
@@ -221,11 +238,7 @@ class Protocol:
             legacy_epoch(self.model, self.loader, self.criterion, self.optimizer,
                          self.precision, self.device, self.epochs * self.steps, schedule)
         else:
-            engine.train_one_epoch(self.model, self.loader, self.criterion, self.optimizer,
-                                   self.precision, self.device, self.epochs, schedule,
-                                   np.full(len(schedule), 0.05), self.epochs * self.steps,
-                                   None, distributed.DistInfo(), self.epochs + 1,
-                                   feature_cache=self.cache)
+            engine.train_one_epoch(self.context(schedule), self.epochs)
         sync(self.device)
         self.epochs += 1
         self.seconds.append(time.perf_counter() - started)
@@ -290,9 +303,8 @@ def check_compile(model_name, size, device, batch, steps, folder):
         _, model = build(model_name, size, "paper", 0.0)  # no drop path: same RNG use
         model.to(device).train()
         if compiled:
-            protocols.apply_speed_options(model, {"grad_checkpointing": False,
-                                                  "compile": True}, device,
-                                            lambda line: print(line, file=sys.stderr))
+            protocols.apply_speed_options(model, SpeedSpec(compile=True), device,
+                                          lambda line: print(line, file=sys.stderr))
         started = time.perf_counter()
         logits = model(images)
         (logits.float().square().mean()).backward()

@@ -30,6 +30,8 @@ from mirage.train.distributed import DistInfo  # noqa: E402
 from mirage.train.build import make_loader  # noqa: E402
 from mirage.train.losses import build_loss  # noqa: E402
 from mirage.models.segmentation_model import SegmentationModel  # noqa: E402
+from mirage.options import default_options  # noqa: E402
+from mirage.run.spec import LoaderSpec, OptimSpec  # noqa: E402
 from mirage.train.optim import build_optimizer, param_groups  # noqa: E402
 from mirage.models.decoders import build_decoder  # noqa: E402
 from mirage.data.synthetic import write_synthetic_dataset  # noqa: E402
@@ -51,8 +53,8 @@ def data_throughput(root, samples, slices_per_volume=16):
     assert item["image"].shape == (1, 1024, 1024) and item["mask"].shape == (1024, 1024)
 
     # The training loader exactly as a run builds it (persistent workers, prefetch).
-    loader = make_loader(dataset, {"batch_size": 4, "num_workers": 2, "pin_mem": False,
-                                   "seed": 0}, DistInfo(), train=True)
+    loader = make_loader(dataset, LoaderSpec(batch_size=4, num_workers=2, pin_mem=False,
+                                             seed=0), DistInfo(), train=True)
     iterator = iter(loader)
     next(iterator)  # workers started and warm
     start, seen = time.perf_counter(), 0
@@ -80,7 +82,8 @@ def step_time(fm, input_size, patch, batch, steps=3):
     model = SegmentationModel(backbone, decoder)
     model.freeze_blocks()
     model.train()
-    optimizer = build_optimizer(param_groups(model, 0.05, 0.75), "adamw", 1e-4)
+    optimizer = build_optimizer(param_groups(model, 0.05, 0.75),
+                                OptimSpec.from_options(default_options(opt="adamw", lr=1e-4)))
     criterion = build_loss("CEGDice")
     images = torch.rand(batch, 1, *input_size)
     masks = torch.randint(0, 9, (batch, *input_size))

@@ -6,7 +6,9 @@ tests/test_architecture.py keeps it so):
     errors.py, fileio.py, checkpoint_io.py, workers.py, argparsing.py, units.py
                           the ground floor
     data/, models/        datasets in the benchmark layout; encoders and decoders
-    config.py             the options: defaults < YAML < command line
+    options.py            the options table: every option once, with its metadata
+    protocol.py           the tuning protocol (--tuning and its older aliases)
+    config.py             the options: defaults < YAML < command line; a run read back
     option_checks.py      the checks of option values and of options against each other
     run/                  one run directory: RunFolder, identity, RunSpec, predictions
     train/, evaluate/     training/testing/inference; per-volume scoring

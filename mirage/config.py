@@ -1,25 +1,24 @@
 """Command-line options: built-in defaults < YAML config (``-c FILE``) < command line.
 
-Every option is declared once in ``OPTIONS``; the argparse parser, the YAML validation
-and the saved ``config.yaml`` are all derived from that table. Option names and meanings
-follow the original MIRAGE tuning script so existing shell scripts keep working. The
-checks of values against each other (``check_config``) are in :mod:`mirage.option_checks`.
+Every option is declared once, in the table of :mod:`mirage.options`; the argparse parser,
+the YAML validation and the saved ``config.yaml`` are derived from it here. The protocol
+(``--tuning`` and its older aliases) is resolved by :mod:`mirage.protocol`; the checks of
+values against each other (``check_config``) are in :mod:`mirage.option_checks`.
 """
 import argparse
 import difflib
 import math
-import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from mirage.argparsing import ArgumentParser
 from mirage.errors import UserError
-from mirage.models import decoders
+from mirage.options import OPTION_BY_NAME, OPTIONS, RUNTIME_OPTIONS
+from mirage.protocol import resolve_tuning
 
-DEVICE_AUTO = "auto"
+RUN_CONFIG = "config.yaml"  # a run folder's options (mirage/run/folder.py names the rest)
 CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: works installed
 DEMO_CONFIG = CONFIGS / "demo.yaml"
 DEMO_ROOT = Path("__demo")  # --demo writes its dataset and weights here
@@ -29,213 +28,6 @@ DEMO_DATASET = "Synth_OCT"
 def demo_paths(root=DEMO_ROOT):
     """The demo's ``(weights path, dataset path)`` (which may not exist yet)."""
     return root / "weights" / "MIRAGE-Tiny.pth", root / "datasets" / DEMO_DATASET
-
-
-@dataclass(frozen=True)
-class Option:
-    """One option: ``--name`` on the command line, ``name:`` in YAML."""
-
-    name: str
-    default: object
-    help: str
-    kind: str = "str"  # str | int | float | bool | size | floats | path
-    choices: tuple = ()
-    nullable: bool = False  # may be null / None
-    short: str = ""
-    group: str = "training"
-
-
-# --tuning: each protocol and the (freeze_encoder, freeze_patch_embed) values it stands
-# for; the last two are the older options, kept as aliases.
-TUNINGS = ("frozen", "fully_frozen", "linear_probe", "lora", "full")
-TUNING_FLAGS = {"frozen": (True, False), "fully_frozen": (True, True),
-                "linear_probe": (True, True), "lora": (True, False), "full": (False, False)}
-PROTOCOL_ALIASES = ("freeze_encoder", "freeze_patch_embed")
-LORA_OPTIONS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
-
-
-def _default_workers():
-    return min(8, os.cpu_count() or 1)
-
-
-OPTIONS = (
-    # --- training
-    Option("batch_size", 8, "Batch size per GPU (per process).", "int"),
-    Option("epochs", 200, "Number of training epochs.", "int"),
-    Option("save_ckpt_freq", 20, "Save checkpoint-<epoch>.pth every this many epochs "
-           "(and at the end).", "int"),
-    Option("seed", 42, "Random seed.", "int"),
-    Option("aug_name", "simple", "Training augmentation: 'simple' = horizontal flip, "
-           "resize to 1.1x input, random crop; 'flip' = resize, then horizontal flip "
-           "(p 0.5); 'none' = resize only.", "str", choices=("simple", "flip", "none")),
-    # --- task
-    Option("in_domains", "bscan", "Input domains, separated by hyphens. The benchmark "
-           "layout provides 'bscan' only.", group="task"),
-    Option("mapping_fn", None, "Class table (INFO.json format) mapping mask values to "
-           "classes; default <data_path>/INFO.json.", "path", nullable=True, group="task"),
-    Option("ignore_index", None, "Class index left out of CE-ignore-bg and of the "
-           "validation mIoU_fg; -1 = none; default: the first class whose label contains "
-           "'background' or 'bg'.",
-           "int", nullable=True, group="task"),
-    # --- model
-    Option("fm", None, "Foundation model of --weights, named explicitly (e.g. "
-           "dinov2_vitb14, visionfm_oct, mirage-base); wins over the file name, so any "
-           "file name works. Default: chosen from the file name.", nullable=True,
-           group="model"),
-    Option("num_global_tokens", 1, "Number of global tokens appended to the patch tokens.",
-           "int", group="model"),
-    Option("patch_size", None, "Patch size: an int, 'H W', or in YAML a per-domain mapping "
-           "{bscan: [32, 32]}; default: the model's pretraining patch size (MIRAGE: 32; "
-           "another size resamples the patch projection).", "size", nullable=True,
-           group="model"),
-    Option("input_size", 1024, "Input size the B-scans are resized to: an int, 'H W', or in "
-           "YAML a per-domain mapping {bscan: [1024, 1024]}.", "size", group="model"),
-    Option("drop_path_encoder", 0.1, "Stochastic depth rate of the encoder blocks (acts "
-           "in frozen blocks too while training).", "float", group="model"),
-    Option("learnable_pos_emb", False, "Train the position embedding.", "bool",
-           group="model"),
-    Option("tuning", "frozen", "Tuning protocol (docs/segmentation_tuning.md, "
-           "'Protocols'): 'frozen' = the paper's (blocks frozen; patch projector, global "
-           "tokens and decoder train); 'fully_frozen' = the whole backbone frozen, run "
-           "without a graph; 'linear_probe' = fully frozen with the 'linear' decoder; "
-           "'lora' = frozen blocks with trained low-rank adapters (pip install .[lora]); "
-           "'full' = every encoder tensor trains, with layer-wise LR decay.",
-           choices=TUNINGS, group="protocol"),
-    Option("freeze_encoder", True, "Alias: --freeze_encoder is --tuning frozen, "
-           "--no_freeze_encoder is --tuning full.", "bool", group="protocol"),
-    Option("freeze_patch_embed", False, "Alias of --tuning fully_frozen.", "bool",
-           group="protocol"),
-    Option("lora_rank", 8, "LoRA: rank r of each adapter (--tuning lora).", "int",
-           group="protocol"),
-    Option("lora_alpha", 16.0, "LoRA: scaling alpha; an adapter adds (alpha / r) B A x.",
-           "float", group="protocol"),
-    Option("lora_dropout", 0.1, "LoRA: dropout on each adapter's input while training.",
-           "float", group="protocol"),
-    Option("lora_targets", "qkv-proj", "LoRA: the layers of every transformer block that "
-           "get an adapter, separated by hyphens: qkv and proj (attention; every family), "
-           "fc1 and fc2 (MLP; w12 and w3 for DINOv2's SwiGLU).", group="protocol"),
-    Option("output_adapter", decoders.DEFAULT, "Segmentation decoder: a module of "
-           "mirage/decoders/ ('convnext' is the paper's).", choices=decoders.Choices(),
-           group="model"),
-    Option("decoder_interpolate_mode", "bilinear", "Upsampling of the decoder output.",
-           choices=decoders.INTERPOLATE_MODES, group="model"),
-    Option("decoder_main_tasks", "bscan", "Domains whose tokens the decoder reads, "
-           "separated by hyphens.", group="model"),
-    Option("loss", "CE-ignore-bg", "Loss: CE, CE ignoring the background class, or "
-           "0.5 CE + 0.5 generalised Dice.", choices=("CE", "CE-ignore-bg", "CEGDice"),
-           group="model"),
-    Option("minmax", False, "Force per-image min-max normalisation to [0, 1] for models "
-           "whose own normalisation differs.", "bool", group="model"),
-    # --- optimiser
-    Option("opt", "adamw", "Optimiser ('sgd' is Nesterov momentum SGD, 'momentum' plain "
-           "momentum SGD).", choices=("adamw", "adam", "sgd", "momentum"), group="optimiser"),
-    Option("opt_eps", 1e-8, "Optimiser epsilon.", "float", group="optimiser"),
-    Option("opt_betas", [0.9, 0.999], "Optimiser betas.", "floats", group="optimiser"),
-    Option("clip_grad", None, "Clip the gradient norm to this value (none = no clipping).",
-           "float", nullable=True, group="optimiser"),
-    Option("momentum", 0.9, "SGD momentum.", "float", group="optimiser"),
-    Option("weight_decay", 0.05, "Weight decay.", "float", group="optimiser"),
-    Option("weight_decay_end", None, "Final weight decay of the cosine schedule "
-           "(default: constant weight_decay).", "float", nullable=True, group="optimiser"),
-    Option("decoder_decay", None, "Multiplier of the weight decay for decoder parameters.",
-           "float", nullable=True, group="optimiser"),
-    Option("no_lr_scale_list", "", "Parameter-name substrings, separated by hyphens, "
-           "exempt from layer-wise LR decay.", group="optimiser"),
-    Option("lr", 1e-4, "Peak learning rate.", "float", group="optimiser"),
-    Option("warmup_lr", 0.0, "Learning rate at the start of the warmup (the original "
-           "code always starts at 0).", "float", group="optimiser"),
-    Option("min_lr", 0.0, "Final learning rate of the cosine schedule.", "float",
-           group="optimiser"),
-    Option("layer_decay", 0.75, "Layer-wise LR decay: block i gets "
-           "lr * layer_decay^(L - i); 1 = off.", "float", group="optimiser"),
-    Option("warmup_epochs", 1, "Linear warmup epochs.", "int", group="optimiser"),
-    Option("warmup_steps", -1, "Linear warmup steps (overrides warmup_epochs if > 0).",
-           "int", group="optimiser"),
-    # --- data and evaluation
-    Option("test_data_path", None, "Another dataset to test/predict on (its test/ split, "
-           "or bscan/ for evaluation-only layouts); predictions go to preds_<name>/.",
-           "path", nullable=True, group="data"),
-    Option("eval_freq", 1, "Validate every this many epochs.", "int", group="data"),
-    Option("select_metric", "mIoU_all", "Validation metric that selects "
-           "checkpoint-best.pth: 'mIoU_all' (the paper's: mean IoU over all classes, "
-           "background included) or 'mIoU_fg' (without the --ignore_index class).",
-           choices=("mIoU_all", "mIoU_fg"), group="data"),
-    Option("num_workers", _default_workers(), "DataLoader worker processes.", "int",
-           group="data"),
-    Option("pin_mem", True, "Pin host memory in the DataLoader (CUDA only).", "bool",
-           group="data"),
-    # --- runtime
-    Option("base_output_dir", "./__output/seg", "Root of the run directories.", "path",
-           group="runtime"),
-    Option("device", DEVICE_AUTO, "Device: 'auto' (CUDA if available, else CPU), 'cpu', "
-           "'cuda' or 'cuda:N'.", group="runtime"),
-    Option("resume", "", "Resume training from this checkpoint file.", "path",
-           group="runtime"),
-    Option("auto_resume", True, "Continue an interrupted run from its latest "
-           "checkpoint-<epoch>.pth.", "bool", group="runtime"),
-    Option("save_ckpt", True, "Save checkpoints.", "bool", group="runtime"),
-    Option("keep_ckpts", 1, "Keep this many of the newest checkpoint-<epoch>.pth files "
-           "(older ones are deleted once a newer one is safely on disk; "
-           "checkpoint-best.pth is always kept).", "int", group="runtime"),
-    Option("start_epoch", 0, "Epoch to start from (set by resuming).", "int",
-           group="runtime"),
-    Option("infer_only", False, "With --test: only write the test predictions as PNGs.",
-           "bool", group="runtime"),
-    Option("test", False, "Test the run's best checkpoint instead of training.", "bool",
-           group="runtime"),
-    Option("fp16", True, "Mixed precision on CUDA in --amp_dtype (default float16 with a "
-           "grad scaler); --no_fp16 trains in float32. CPU runs are always float32.", "bool",
-           group="runtime"),
-    Option("bf16", False, "Old name of --amp_dtype bf16 (kept for existing scripts).",
-           "bool", group="runtime"),
-    # --- speed: the same maths in less time or memory (docs/segmentation_tuning.md)
-    Option("amp_dtype", "fp16", "Mixed-precision dtype on CUDA: 'fp16' (float16 autocast "
-           "with a grad scaler) or 'bf16' (bfloat16, no scaler; Ampere GPUs or newer).",
-           choices=("fp16", "bf16"), group="speed"),
-    Option("compile", False, "torch.compile the encoder and the decoder (the first steps "
-           "are slower while compiling); falls back to eager with a notice where "
-           "unsupported.", "bool", group="speed"),
-    Option("grad_checkpointing", False, "Recompute the encoder blocks' activations in the "
-           "backward pass instead of storing them: much less GPU memory for about one "
-           "more encoder forward per step.", "bool", group="speed"),
-    Option("feature_cache", "off", "With --freeze_patch_embed: keep each training view's "
-           "tokens (float16) after their first computation and reuse them; 'ram' for this "
-           "run, 'disk' in --feature_cache_dir, shared by every run of the same weights "
-           "file, input and patch size. Needs --aug_name none or flip and "
-           "--drop_path_encoder 0.", choices=("off", "ram", "disk"), group="speed"),
-    Option("feature_cache_dir", "./__cache/features", "Folder of the disk feature cache.",
-           "path", group="speed"),
-    Option("log_images", False, "Save input | truth | prediction panels during "
-           "validation.", "bool", group="runtime"),
-    Option("log_images_freq", 5, "Save image panels every this many epochs.", "int",
-           group="runtime"),
-    Option("show_user_warnings", False, "Show Python UserWarnings.", "bool",
-           group="runtime"),
-    Option("run_dir", None, "A trained run's folder: its config.yaml gives every option, and "
-           "only options that do not change what was trained (device, workers, --test, "
-           "--infer_only, --test_data_path, moved --weights/--data_path files, ...) may be "
-           "given beside it, e.g. --run_dir RUN --infer_only --test.", "path", nullable=True,
-           group="runtime"),
-    Option("version", "v1", "Experiment version: a folder level of the run directory.",
-           short="-v", group="runtime"),
-    Option("weights", None, "Foundation-model weights file; its name selects the model "
-           "(e.g. MIRAGE-Base.pth) unless --fm names it. Required.", "path", nullable=True,
-           group="required"),
-    Option("data_path", None, "Dataset folder in the benchmark layout. Required.", "path",
-           nullable=True, group="required"),
-)
-OPTION_BY_NAME = {opt.name: opt for opt in OPTIONS}
-# Options that change how or where a run executes but not what it trains.
-RUNTIME_OPTIONS = frozenset({
-    "base_output_dir", "version", "device", "num_workers", "pin_mem", "resume",
-    "auto_resume", "save_ckpt", "save_ckpt_freq", "keep_ckpts", "start_epoch",
-    "infer_only", "test", "test_data_path", "log_images", "log_images_freq",
-    "show_user_warnings", "compile", "grad_checkpointing", "feature_cache_dir", "run_dir",
-    # replaced by what they stand for (see run_identity)
-    "weights", "data_path", "mapping_fn",
-})
-POSITIVE_INTS = ("batch_size", "epochs", "save_ckpt_freq", "eval_freq", "log_images_freq",
-                 "num_global_tokens", "keep_ckpts", "lora_rank")
 
 
 # ----------------------------------------------------------------------------- values
@@ -417,83 +209,67 @@ def parse_config(argv=None):
     given = vars(build_parser().parse_args(argv))
     demo = given.pop("demo", False)
     config_file = given.pop("config", None)
+    if given.get("run_dir"):
+        if demo or config_file:
+            raise UserError(f"--run_dir {given['run_dir']}: its config.yaml gives the "
+                            f"options; drop {'--demo' if demo else '-c/--config'}")
+        _check_beside_run_dir(given["run_dir"], given)  # before a bad value is named
+        config = run_dir_config(given["run_dir"], _command_line(given))
+        return config, demo, Path(given["run_dir"]) / RUN_CONFIG
     layers = []  # (where, {option: value}) above the built-in defaults, lowest first
     if demo:
         layers.append(("--demo", load_yaml(DEMO_CONFIG)))
-    if given.get("run_dir"):
-        config_file = _run_config(given, demo, config_file)
-        layers.append((f"--run_dir {given['run_dir']}", load_yaml(config_file,
-                                                                    what="--run_dir")))
-    elif config_file:
+    if config_file:
         config_file = resolve_config_file(config_file)
         layers.append((f"--config {config_file}", load_yaml(config_file)))
-    command_line = {}
+    layers.append(("command line", _command_line(given)))
+    return _merge(layers), demo, config_file
+
+
+def _command_line(given):
+    """The options given on the command line, checked and converted."""
+    values = {}
     for name, value in given.items():
         opt = OPTION_BY_NAME[name]
         if opt.kind == "size" and len(value) > 2:
             raise UserError(f"--{name}: give one size or two (height width)")
-        command_line[name] = _coerce(opt, value, "command line")
-    layers.append(("command line", command_line))
+        values[name] = _coerce(opt, value, "command line")
+    return values
+
+
+def _merge(layers):
+    """Every option: the built-in defaults updated by each layer ``(where, values)`` in
+    turn, the protocol resolved."""
     config = {opt.name: opt.default for opt in OPTIONS}
     for _, values in layers:
         config.update(values)
     resolve_tuning(config, layers)
-    if config["run_dir"]:
-        _place_in_run_dir(config, given)
-    return config, demo, config_file
+    return config
 
 
-def tuning_of_flags(freeze_encoder, freeze_patch_embed, decoder):
-    """The protocol the older options name (runs trained before ``--tuning`` existed):
-    a fully-frozen backbone is ``fully_frozen``, or ``linear_probe`` under the ``linear``
-    decoder (the same run by definition); trained blocks are ``full``; else ``frozen``."""
-    if freeze_patch_embed:
-        return "linear_probe" if decoder == "linear" else "fully_frozen"
-    return "frozen" if freeze_encoder else "full"
+def run_dir_config(run_dir, overrides=None, need_data=True):
+    """Every option of a trained run folder: the defaults < its config.yaml < ``overrides``
+    (``{option: value}``, only options that do not change what was trained), placed in
+    that folder (its output root and version).
 
-
-def resolve_tuning(config, layers):
-    """Set ``tuning`` and its aliases ``freeze_encoder`` / ``freeze_patch_embed`` to one
-    protocol, in place.
-
-    The highest layer (``[(where, values)]`` above the defaults, lowest first) that names
-    any of the three decides, so a command-line ``--tuning full`` wins over ``freeze_encoder: true`` in a
-    YAML file; within that layer they must agree. The aliases alone give frozen,
-    fully_frozen or full, and a fully-frozen backbone under the ``linear`` decoder is
-    ``linear_probe`` by definition (so both spellings are one run). ``linear_probe``
-    brings the ``linear`` decoder unless another one is given.
+    The one way a run is read back from its folder (``--run_dir``, the predictor, the
+    run spec's ``from_run_dir``). ``need_data``: the dataset it names must exist from here
+    (not for predicting files, which needs only the weights).
     """
-    names = ("tuning",) + PROTOCOL_ALIASES
-    level, where, values = next(((i, w, v) for i, (w, v) in reversed(list(enumerate(layers)))
-                                 if any(n in v for n in names)), (-1, "defaults", {}))
-    if "tuning" in values:
-        tuning = values["tuning"]
-        for alias, implied in zip(PROTOCOL_ALIASES, TUNING_FLAGS[tuning]):
-            if alias in values and values[alias] != implied:
-                flag = f"--{alias}" if values[alias] else f"--no_{alias}"
-                raise UserError(f"{where}: --tuning {tuning} and {flag} name different "
-                                "protocols; drop the older option")
-    else:
-        freeze_encoder = values.get("freeze_encoder", True)
-        freeze_patch_embed = values.get("freeze_patch_embed", False)
-        if freeze_patch_embed and not freeze_encoder:
-            raise UserError(f"{where}: --freeze_patch_embed freezes the whole backbone but "
-                            "--no_freeze_encoder trains its blocks; drop one of them")
-        tuning = tuning_of_flags(freeze_encoder, freeze_patch_embed, config["output_adapter"])
-    if tuning == "fully_frozen" and config["output_adapter"] == "linear":
-        tuning = "linear_probe"
-    if tuning == "linear_probe":
-        # A decoder named where the protocol is named (or above) must be 'linear'; one
-        # from a lower layer (a YAML file under a command-line --tuning) gives way.
-        named = [w for w, v in layers[max(level, 0):] if "output_adapter" in v]
-        if named and config["output_adapter"] != "linear":
-            raise UserError(f"--tuning linear_probe trains the 'linear' decoder, but "
-                            f"{named[-1]} gives --output_adapter "
-                            f"{config['output_adapter']}; drop one of them (or use --tuning "
-                            "fully_frozen)")
-        config["output_adapter"] = "linear"
-    config["tuning"] = tuning
-    config["freeze_encoder"], config["freeze_patch_embed"] = TUNING_FLAGS[tuning]
+    overrides = dict(overrides or {})
+    _check_beside_run_dir(run_dir, overrides)
+    path = Path(run_dir) / RUN_CONFIG
+    if not Path(run_dir).is_dir():
+        raise UserError(f"run directory {run_dir} not found; give <output>/<version>/"
+                        "<dataset>/<run name>/ written by run_seg_tuning.py")
+    if not path.is_file():
+        raise UserError(f"{path} not found: no config.yaml there, so {run_dir} is not a run "
+                        "folder; give <output>/<version>/<dataset>/<run name>/ written by "
+                        "run_seg_tuning.py")
+    config = _merge([(f"--run_dir {run_dir}", load_yaml(path, what="--run_dir")),
+                     ("command line", {**overrides, "run_dir": str(run_dir)})])
+    _place_in_run_dir(config, overrides, need_data)
+    return config
 
 
 def resolve_config_file(name):
@@ -511,31 +287,22 @@ def resolve_config_file(name):
                     f"{shipped})")
 
 
-def _run_config(given, demo, config_file):
-    """The config.yaml of ``--run_dir``, after checking what may be given beside it."""
-    run_dir = Path(given["run_dir"])
-    if demo or config_file:
-        raise UserError(f"--run_dir {run_dir}: its config.yaml gives the options; drop "
-                        f"{'--demo' if demo else '-c/--config'}")
+def _check_beside_run_dir(run_dir, given):
+    """Beside ``--run_dir`` only options that do not change what was trained."""
     training = sorted(name for name in given if name not in RUNTIME_OPTIONS)
     if training:
         raise UserError(f"--{training[0]} cannot be given with --run_dir: it changes what "
-                        f"was trained; the run's value is in {run_dir / 'config.yaml'} (train "
-                        "a new run without --run_dir to change it)")
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"--run_dir {run_dir}: no config.yaml there; give a run folder "
-                        "<output>/<version>/<dataset>/<run name>/ written by run_seg_tuning.py")
-    return path
+                        f"was trained; the run's value is in {Path(run_dir) / RUN_CONFIG} "
+                        "(train a new run without --run_dir to change it)")
 
 
-def _place_in_run_dir(config, given):
+def _place_in_run_dir(config, given, need_data=True):
     """Make the run folder the one ``--run_dir`` names (its output root and version), and
-    check that the weights and data it names exist from here."""
+    check that the weights (and, with ``need_data``, the data) it names exist from here."""
     run_dir = Path(config["run_dir"]).resolve()
     config["base_output_dir"] = str(run_dir.parent.parent.parent)
     config["version"] = run_dir.parent.parent.name
-    for name in ("weights", "data_path"):
+    for name in ("weights", "data_path") if need_data else ("weights",):
         if name not in given and config[name] and not Path(config[name]).exists():
             raise UserError(f"--run_dir {config['run_dir']}: its {name} {config[name]} is "
                             f"not found from {Path.cwd()}; give --{name} (the same file or "

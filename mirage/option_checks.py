@@ -9,8 +9,9 @@ import math
 import re
 from pathlib import Path
 
-from mirage.config import (LORA_OPTIONS, OPTION_BY_NAME, POSITIVE_INTS, TUNING_FLAGS,
-                           domains_of, per_domain)
+from mirage.config import domains_of, per_domain
+from mirage.options import LORA_OPTIONS, OPTION_BY_NAME, OPTIONS
+from mirage.protocol import alias_values
 from mirage.models.lora import LORA_EXTRA, LORA_TARGETS
 from mirage.errors import UserError
 
@@ -19,11 +20,10 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
 
 def check_config(config):
     """Validate option values and combinations; raises UserError naming the option."""
-    for name in POSITIVE_INTS:
-        if config[name] < 1:
-            raise UserError(f"--{name} must be at least 1 (got {config[name]})")
-    if config["num_workers"] < 0:
-        raise UserError("--num_workers must be 0 or more")
+    for opt in OPTIONS:
+        if opt.minimum is not None and config[opt.name] < opt.minimum:
+            raise UserError(f"--{opt.name} must be at least {opt.minimum:g} (got "
+                            f"{config[opt.name]})")
     for name in ("weights", "data_path"):
         if not config[name]:
             raise UserError(f"--{name} is required (give it on the command line or as "
@@ -134,7 +134,7 @@ def _check_protocol(config):
     """The protocol (``--tuning``), its options, the feature cache and mixed precision:
     combinations that would change the protocol silently are errors naming both options."""
     cache, tuning = config["feature_cache"], config["tuning"]
-    if (config["freeze_encoder"], config["freeze_patch_embed"]) != TUNING_FLAGS[tuning]:
+    if (config["freeze_encoder"], config["freeze_patch_embed"]) != alias_values(tuning):
         raise UserError(f"--tuning {tuning} and --freeze_encoder {config['freeze_encoder']} "
                         f"/ --freeze_patch_embed {config['freeze_patch_embed']} name "
                         "different protocols; give --tuning alone")

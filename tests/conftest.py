@@ -142,3 +142,50 @@ def process_gone(pid, wait_s=10.0):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
+
+
+def build_from_options(config, num_classes=3, **model_changes):
+    """``mirage.train.build.build_model`` of the options' ModelSpec (its fields changed by
+    ``model_changes``, e.g. ``fm=``, ``input_size=(h, w)``, ``patch_size=(h, w)``) and
+    Protocol: a model built as a run builds it, at a test's own size."""
+    import dataclasses
+
+    from mirage.protocol import Protocol
+    from mirage.run.spec import resolve_model
+    from mirage.train.build import build_model
+    spec = dataclasses.replace(resolve_model(config), **model_changes)
+    return build_model(spec, Protocol.from_options(config), num_classes)
+
+
+def epoch_context(model, loader, optimizer, precision, schedules, **parts):
+    """A TrainingContext for calling ``mirage.train.loop.train_one_epoch`` on a model and a
+    loader a test made itself (CPU, one process). ``schedules``: (per-step LR, per-step
+    weight decay); ``parts``: criterion (default CEGDice), feature_cache, clip_grad, epochs
+    (default 1)."""
+    from types import SimpleNamespace
+
+    from mirage.train import distributed
+    from mirage.train.checkpointing import TrainingState
+    from mirage.train.context import TrainingContext
+    from mirage.train.losses import build_loss
+    from mirage.train.loop import TrainingData
+    from mirage.train.runtime import Runtime
+    # train_one_epoch reads these two values of the spec and nothing else
+    spec = SimpleNamespace(optim=SimpleNamespace(clip_grad=parts.get("clip_grad")),
+                           loop=SimpleNamespace(epochs=parts.get("epochs", 1)))
+    data = TrainingData(train_set=loader.dataset, train_loader=loader, val_loader=None,
+                        steps_per_epoch=len(loader), test_slices=[])
+    return TrainingContext(
+        spec, Runtime(torch.device("cpu"), distributed.DistInfo(), print), model, precision,
+        criterion=parts.get("criterion") or build_loss("CEGDice"), optimizer=optimizer,
+        lr_schedule=schedules[0], wd_schedule=schedules[1], data=data,
+        feature_cache=parts.get("feature_cache"), val_cache=None, ddp_model=model,
+        record=None, state=TrainingState())
+
+
+def optim_spec(**changes):
+    """The OptimSpec of the default options with ``changes`` (option=value, e.g.
+    ``opt="sgd"``, ``lr=1e-3``)."""
+    from mirage.options import default_options
+    from mirage.run.spec import OptimSpec
+    return OptimSpec.from_options(default_options(**changes))

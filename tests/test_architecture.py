@@ -46,7 +46,7 @@ def stage_of(module):
         return "ground"
     if module in ENTRY:
         return "entry"
-    if module in ("mirage.config", "mirage.option_checks"):
+    if module in ("mirage.config", "mirage.option_checks", "mirage.options", "mirage.protocol"):
         return "config"
     part = module.split(".")[1]
     if part in ALLOWED:
@@ -206,3 +206,72 @@ def test_the_checks_catch_a_forbidden_import(tmp_path, module, source, expected)
         assert layers and undeclared
     else:
         assert loops and not layers
+
+
+# ----------------------------------------------------------------------------- typed options
+OPTION_DICT_NAMES = ("config", "options", "c", "cfg")  # what the options dict is called
+# The train stage's only reads of an options dict by string key, each of a stored dict:
+# a first-version checkpoint's own config (its input size and decoder), and the dataset
+# class table of a checkpoint that recorded no classes (the predictor's fallback).
+TRAIN_OPTION_READS = {("mirage/train/checkpointing.py", "_legacy_meta"),
+                      ("mirage/train/predictor.py", "checkpoint_classes")}
+
+
+def option_reads(path, option_names):
+    """[(function, option)] of every ``config["opt"]`` / ``spec.options.get("opt")`` read of
+    an option by its string name in a source file."""
+    def is_options(node):
+        return (isinstance(node, ast.Name) and node.id in OPTION_DICT_NAMES) or \
+            (isinstance(node, ast.Attribute) and node.attr == "options")
+
+    found = []
+    for function in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(function):
+            key = None
+            if isinstance(node, ast.Subscript) and is_options(node.value) and \
+                    isinstance(node.slice, ast.Constant):
+                key = node.slice.value
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr == "get" and is_options(node.func.value) and node.args \
+                    and isinstance(node.args[0], ast.Constant):
+                key = node.args[0].value
+            if key in option_names:
+                found.append((function.name, key))
+    return found
+
+
+def test_the_train_stage_takes_typed_specs_not_the_options_dict():
+    """Options reach training as the typed sub-specs of mirage/run/spec.py; a string-key
+    read there would find a misspelled option only when that line runs."""
+    from mirage.options import OPTION_BY_NAME
+    reads = {(str(path.relative_to(REPO)), function)
+             for path in sorted((REPO / "mirage" / "train").rglob("*.py"))
+             for function, _ in option_reads(path, set(OPTION_BY_NAME))}
+    assert reads <= TRAIN_OPTION_READS, sorted(reads - TRAIN_OPTION_READS)
+
+
+def test_the_checks_find_an_option_read(tmp_path):
+    path = tmp_path / "step.py"
+    path.write_text("def f(spec, config):\n    return config['lr'] + spec.options.get('seed')\n")
+    assert sorted(option_reads(path, {"lr", "seed"})) == [("f", "lr"), ("f", "seed")]
+
+
+def test_train_functions_take_few_parameters_and_modules_stay_short():
+    """The loop's state travels in one context (mirage/train/context.py): no function of
+    the train stage takes more than 5 parameters; no module of the package is over 500
+    lines."""
+    crowded = []
+    for path in sorted((REPO / "mirage" / "train").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+                count = len(names) - (names[:1] in (["self"], ["cls"]))
+                if count > 5:
+                    crowded.append(f"{path.name}:{node.name} ({count})")
+    assert crowded == []
+    long = [f"{path.relative_to(REPO)} ({n})" for path in sources().values()
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > 500]
+    assert long == []

@@ -18,9 +18,9 @@ from fm_seg_config import (Dinov2BaseReg, Dinov2Giant, Dinov2GiantReg, Dinov2Lar
                            Dinov2Small, Dinov2SmallReg, MedSam, MirageBase, RetFound,
                            RetFoundDinov2, SamViTB, VisionFMFundus, VisionFMOCT, build_backbone,
                            find_model)
+from conftest import build_from_options
 from mirage import checkpoint_io as ckpt
 from mirage.config import parse_config
-from mirage.train.build import build_model
 from mirage.errors import UserError
 from mirage.train.optim import param_groups
 
@@ -363,7 +363,7 @@ def test_engine_builds_a_working_segmentation_model(tmp_path, decoder):
     path, fm, _ = write_case(tmp_path, "dinov2_b_reg")  # 5 global tokens to leave out
     config, _, _ = parse_config(["--weights", str(path), "--data_path", str(tmp_path),
                                  "--output_adapter", decoder])  # frozen blocks (default)
-    model, report = build_model(config, fm, 3, (56, 84), (14, 14))
+    model, report = build_from_options(config, fm=fm, input_size=(56, 84), patch_size=(14, 14))
     assert "loaded" in report and model.backbone.grid_size == (4, 6)
     logits = model(torch.randn(2, 3, 56, 84))
     assert logits.shape == (2, 3, 56, 84)

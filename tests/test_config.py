@@ -2,7 +2,8 @@
 import pytest
 import yaml
 
-from mirage.config import OPTIONS, build_parser, load_yaml, parse_config, per_domain, yaml_text
+from mirage.config import build_parser, load_yaml, parse_config, per_domain, yaml_text
+from mirage.options import OPTIONS
 from mirage.option_checks import check_config
 from mirage.errors import UserError
 

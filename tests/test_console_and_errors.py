@@ -40,10 +40,10 @@ def test_console_counts_epochs_from_0_and_of_the_total_and_says_what_a_resume_tr
     common = ("--epochs", 5, "--save_ckpt_freq", 1, "--keep_ckpts", 5)
     real_epoch = loop.train_one_epoch
 
-    def dies_at_epoch_1(*args, **kwargs):
-        if args[6] == 1:
+    def dies_at_epoch_1(ctx, epoch):
+        if epoch == 1:
             raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
+        return real_epoch(ctx, epoch)
 
     monkeypatch.setattr(loop, "train_one_epoch", dies_at_epoch_1)
     with pytest.raises(KeyboardInterrupt):

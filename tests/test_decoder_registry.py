@@ -9,7 +9,7 @@ import pytest
 import run_seg_tuning
 from conftest import REPO
 from mirage.models import decoders
-from mirage.config import OPTION_BY_NAME
+from mirage.options import OPTION_BY_NAME
 
 DOCS = REPO / "docs" / "segmentation_tuning.md"
 

@@ -4,6 +4,7 @@ numbers and ends with the same tensors as the run left alone, bit for bit (on th
 Augmentation (``--aug_name simple``/``flip``) and stochastic depth
 (``--drop_path_encoder``) draw random numbers in every step, so a resume that does not
 restore the random generators, or that draws them at another point, shows at once."""
+import dataclasses
 import gc
 import json
 
@@ -91,10 +92,12 @@ def kill_in_epoch(monkeypatch, epoch, steps):
     """Make the run die after ``steps`` steps of ``epoch`` (0 steps: as it starts)."""
     real = loop.train_one_epoch
 
-    def dying(model, loader, *args, **kwargs):
-        if args[4] == epoch:  # train_one_epoch(model, loader, criterion, opt, prec, dev, epoch
-            loader = Dies(loader, steps)
-        return real(model, loader, *args, **kwargs)
+    def dying(ctx, epoch_now):  # train_one_epoch(TrainingContext, epoch)
+        if epoch_now == epoch:
+            data = dataclasses.replace(ctx.data, train_loader=Dies(ctx.data.train_loader,
+                                                                   steps))
+            ctx = dataclasses.replace(ctx, data=data)
+        return real(ctx, epoch_now)
     monkeypatch.setattr(loop, "train_one_epoch", dying)
 
 

@@ -46,7 +46,7 @@ def identity(**changes):
 
 def open_cache(root, dataset, notes=None, **changes):
     log = notes.append if notes is not None else (lambda *_: None)
-    return fc.FeatureCache("disk", identity(**changes), dataset, 1, root, "cpu", log)
+    return fc.FeatureCache(fc.CacheSpec("disk", identity(**changes), root), dataset, 1, log)
 
 
 def batch(indices):
@@ -237,7 +237,7 @@ def test_entry_gains_the_blocks_another_decoder_needs(tiny_dataset, tmp_path):
 
 def test_ram_cache_that_does_not_fit_is_an_error(tiny_dataset, monkeypatch):
     monkeypatch.setattr(fc, "_memory_available", lambda: 10_000)
-    cache = fc.FeatureCache("ram", identity(), Dataset(tiny_dataset), 2, None, "cpu", print)
+    cache = fc.FeatureCache(fc.CacheSpec("ram", identity()), Dataset(tiny_dataset), 2)
     with pytest.raises(UserError, match="--feature_cache ram: the cache needs about .* for "
                                         "16 views .*use --feature_cache disk"):
         cache.check_memory()

@@ -193,7 +193,7 @@ def test_small_sizes_in_the_space_error_are_not_zero(tiny_dataset, tmp_path, mon
 
 def test_small_sizes_in_the_memory_error_are_not_zero(tiny_dataset, monkeypatch):
     monkeypatch.setattr(fc, "_memory_available", lambda: 10_000)
-    cache = fc.FeatureCache("ram", identity(), Dataset(tiny_dataset), 2, None, "cpu", print)
+    cache = fc.FeatureCache(fc.CacheSpec("ram", identity()), Dataset(tiny_dataset), 2)
     with pytest.raises(UserError) as err:
         cache.check_memory()
     assert "but 10.00 kB are available" in one_line(err)

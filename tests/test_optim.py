@@ -10,7 +10,9 @@ from fm_seg_config import MirageTiny
 from mirage.models.segmentation_model import SegmentationModel
 from mirage.models.decoders import build_decoder, names
 from mirage.errors import UserError
-from mirage.train.optim import apply_schedule, build_optimizer, cosine_schedule, param_groups
+from conftest import optim_spec
+from mirage.train.optim import (apply_schedule, build_optimizer, cosine_schedule, param_groups,
+                                warmup_steps)
 
 
 def tiny_model(freeze=True, decoder="segmenter"):
@@ -84,18 +86,18 @@ def test_no_lr_scale_list():
 def test_cosine_schedule_warmup_from_zero_with_the_endpoint():
     """The original: np.linspace(0, base, W) (both ends), then the cosine from base over
     the T = total - W remaining steps: final + (base - final)/2 (1 + cos(pi t / T))."""
-    values = cosine_schedule(1e-4, 0.0, epochs=3, steps_per_epoch=4, warmup_epochs=1)
+    values = cosine_schedule(1e-4, 0.0, total=3 * 4, warmup=1 * 4)
     assert len(values) == 12
     np.testing.assert_array_equal(values[:4], [0.0, 1e-4 / 3, 2e-4 / 3, 1e-4])
     assert values[4] == 1e-4                                          # base twice
     for t in range(8):
         assert values[4 + t] == 0.5 * 1e-4 * (1 + math.cos(math.pi * t / 8))
-    started = cosine_schedule(1.0, 0.0, 2, 5, warmup_epochs=1, warmup_start=0.2)
+    started = cosine_schedule(1.0, 0.0, 2 * 5, warmup=5, warmup_start=0.2)
     np.testing.assert_allclose(started[:5], [0.2, 0.4, 0.6, 0.8, 1.0], rtol=0, atol=1e-15)
-    steps = cosine_schedule(1.0, 0.0, 2, 5, warmup_epochs=0, warmup_steps=3)
-    np.testing.assert_array_equal(steps[:4], [0.0, 0.5, 1.0, 1.0])  # steps override epochs
-    assert len(cosine_schedule(1.0, 0.0, 1, 4, warmup_epochs=3)) == 4  # warmup capped
-    flat = cosine_schedule(0.05, 0.05, 2, 3)
+    steps = cosine_schedule(1.0, 0.0, 2 * 5, warmup=3)
+    np.testing.assert_array_equal(steps[:4], [0.0, 0.5, 1.0, 1.0])
+    assert len(cosine_schedule(1.0, 0.0, 1 * 4, warmup=3 * 4)) == 4  # warmup capped
+    flat = cosine_schedule(0.05, 0.05, 2 * 3)
     assert np.all(flat == 0.05)
 
 
@@ -103,7 +105,7 @@ def test_cosine_schedule_warmup_from_zero_with_the_endpoint():
                                       ("sgd", torch.optim.SGD), ("momentum", torch.optim.SGD)])
 def test_optimizers_and_schedule_application(opt, cls):
     groups = param_groups(tiny_model(), 0.05, 0.5)
-    optimizer = build_optimizer(groups, opt, 1e-3)
+    optimizer = build_optimizer(groups, optim_spec(opt=opt, lr=1e-3))
     assert isinstance(optimizer, cls)
     if opt in ("sgd", "momentum"):
         assert optimizer.defaults["nesterov"] == (opt == "sgd")
@@ -111,3 +113,9 @@ def test_optimizers_and_schedule_application(opt, cls):
     for group in optimizer.param_groups:
         assert group["lr"] == pytest.approx(2e-3 * group["lr_scale"])
         assert group["weight_decay"] == pytest.approx(0.1 * group["wd_scale"])
+
+
+def test_warmup_steps_override_warmup_epochs():
+    assert warmup_steps(optim_spec(warmup_epochs=2, warmup_steps=-1), 5) == 10
+    assert warmup_steps(optim_spec(warmup_epochs=2, warmup_steps=3), 5) == 3
+    assert warmup_steps(optim_spec(warmup_epochs=0, warmup_steps=0), 5) == 0

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import REPO
 from mirage.models import decoders
-from mirage.config import OPTION_BY_NAME
+from mirage.options import OPTION_BY_NAME
 from mirage.models.decoders import build_decoder, names
 from mirage.models.decoders.dpt import dpt_layer_indices
 

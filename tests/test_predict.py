@@ -227,3 +227,38 @@ def test_wider_class_values_give_16_bit_masks(tmp_path, tiny_weights):
     predictor = load_run(run_dir, "cpu")
     mask = predictor.predict(data / "test" / "bscan" / "testvol0_0.png")
     assert mask.dtype == np.uint16 and set(np.unique(mask)) <= {0, 1000, 60000}
+
+
+def test_the_predictor_and_infer_only_rebuild_the_same_spec(trained, monkeypatch):
+    """One way to rebuild a run: ``--run_dir RUN --infer_only --test`` and ``load_run``
+    read the run folder back through RunSpec.from_run_dir's steps and build the model with
+    the same ``model_for``, from equal model, protocol and precision specs."""
+    import dataclasses
+
+    from mirage.train import build, inference, predictor
+    run_dir, _, _ = trained
+    built = []
+
+    def recording(spec, runtime, num_classes=None):
+        built.append(spec)
+        return build.model_for(spec, runtime, num_classes)
+
+    monkeypatch.setattr(inference, "model_for", recording)
+    monkeypatch.setattr(predictor, "model_for", recording)
+    shutil.rmtree(run_dir / "preds")  # else the inference is skipped as up to date
+    run_seg_tuning.main(["--run_dir", str(run_dir), "--infer_only", "--test", "--device",
+                         "cpu", "--num_workers", "0"])
+    load_run(run_dir, "cpu")
+    assert len(built) == 2
+    infer_only, predicting = built
+    for spec in built:  # the family is an instance: compared by its class
+        assert type(spec.model.fm).__name__ == "MirageTiny"
+    assert dataclasses.replace(infer_only.model, fm=None) == \
+        dataclasses.replace(predicting.model, fm=None)
+    assert infer_only.protocol == predicting.protocol
+    assert infer_only.precision == predicting.precision
+    assert infer_only.folder.path.resolve() == predicting.folder.path.resolve() == \
+        run_dir.resolve()
+    # the options differ only in what says how the job runs, never in what was trained
+    differ = {k for k in infer_only.options if infer_only.options[k] != predicting.options[k]}
+    assert differ <= {"test", "infer_only", "num_workers"}, differ

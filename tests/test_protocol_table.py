@@ -247,12 +247,13 @@ def _run(model, seed, tuning="frozen", dataset="D1", dice=0.8, **options):
     writes them for ``tuning`` (the LoRA options in the identity only for lora)."""
     from mirage.run.catalog import Run
     from mirage.run.results import Evaluation
-    from mirage.config import LORA_OPTIONS, OPTION_BY_NAME, TUNING_FLAGS
+    from mirage.options import LORA_OPTIONS, OPTION_BY_NAME
+    from mirage.protocol import alias_values
     rows = pd.DataFrame([("v1", "Layer", "layers", dice, dice, 1.0)],
                         columns=["ID", "Class", "Group", "Dice", "IoU", "HD95"])
     lora = {name: options.get(name, OPTION_BY_NAME[name].default) for name in LORA_OPTIONS}
     other = {k: v for k, v in options.items() if k not in LORA_OPTIONS}  # e.g. lr
-    freeze_encoder, freeze_patch_embed = TUNING_FLAGS[tuning]
+    freeze_encoder, freeze_patch_embed = alias_values(tuning)
     decoder = "linear" if tuning == "linear_probe" else "convnext"
     config = {"seed": seed, "weights": f"/w/{model}.pth", "output_adapter": decoder,
               "loss": "CE", "tuning": tuning, "freeze_encoder": freeze_encoder,

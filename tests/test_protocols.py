@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import run_seg_tuning
-from conftest import make_dataset
+from conftest import epoch_context, make_dataset, optim_spec
 from mirage import checkpoint_io as ckpt
 from fm_seg_config import MirageTiny, build_backbone
 from mirage.option_checks import check_config
@@ -26,7 +26,8 @@ from mirage.config import parse_config
 from mirage.data.dataset import SegmentationDataset
 from mirage.data.layout import find_split, open_dataset
 from mirage.errors import UserError
-from mirage.train.feature_cache import FeatureCache
+from mirage.run.spec import PrecisionSpec, SpeedSpec
+from mirage.train.feature_cache import CacheSpec, FeatureCache
 from mirage.train.losses import build_loss
 from mirage.models.segmentation_model import SegmentationModel
 from mirage.train.optim import build_optimizer, param_groups
@@ -70,22 +71,22 @@ def train_set(dataset, aug="none"):
     info = open_dataset(dataset)
     data = SegmentationDataset(find_split(dataset / "train", True), info.class_table,
                                SegmentationTransform(SIZE, train=True, aug_name=aug))
-    return protocols.training_views(data, {"aug_name": aug})
+    return protocols.training_views(data, aug)
 
 
 def run_epochs(model, data, epochs=2, cache=None, opt="adamw", seed=1):
     """engine.train_one_epoch ``epochs`` times (constant LR, batch 4, fixed order)."""
     torch.manual_seed(seed)
     loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=False)
-    optimizer = build_optimizer(param_groups(model, 0.05, 0.75), opt, LR)
-    precision = Precision(CPU, False, False, quiet)
+    optimizer = build_optimizer(param_groups(model, 0.05, 0.75), optim_spec(opt=opt, lr=LR))
+    precision = Precision(CPU, PrecisionSpec(), quiet)
     steps = len(loader)
+    ctx = epoch_context(model, loader, optimizer, precision,
+                        (np.full(epochs * steps, LR), np.full(epochs * steps, 0.05)),
+                        feature_cache=cache, epochs=epochs)
     losses = []
     for epoch in range(epochs):
-        stats = engine.train_one_epoch(
-            model, loader, build_loss("CEGDice"), optimizer, precision, CPU, epoch,
-            np.full(epochs * steps, LR), np.full(epochs * steps, 0.05), epoch * steps, None,
-            distributed.DistInfo(), epochs, feature_cache=cache)
+        stats = engine.train_one_epoch(ctx, epoch)
         losses.append(stats["loss"])
     return losses
 
@@ -94,7 +95,7 @@ def cache_for(model, data, mode, folder=None, views=1):
     identity = {"format": 1, "model": "MIRAGE-Tiny", "weights_sha256": "ab" * 32,
                 "input_size": list(SIZE), "patch_size": [PATCH, PATCH], "num_global_tokens": 1,
                 "embed_dim": model.backbone.embed_dim, "norm": "minmax", "compute": "fp32"}
-    return FeatureCache(mode, identity, data, views, folder, CPU, quiet)
+    return FeatureCache(CacheSpec(mode, identity, folder, CPU), data, views, quiet)
 
 
 def backbone_state(model):
@@ -112,7 +113,7 @@ def test_fast_loop_loss_curve_equals_a_textbook_loop(tiny_dataset, weights16):
 
     plain = tiny_model(weights16, drop_path=0.1)
     torch.manual_seed(1)
-    optimizer = build_optimizer(param_groups(plain, 0.05, 0.75), "adamw", LR)
+    optimizer = build_optimizer(param_groups(plain, 0.05, 0.75), optim_spec(lr=LR))
     for group in optimizer.param_groups:  # layer-wise LR decay, constant schedule
         group["lr"] = LR * group["lr_scale"]
     criterion = build_loss("CEGDice")
@@ -339,8 +340,8 @@ def test_compiled_parts_give_the_same_outputs_and_gradients(weights16):
     images = torch.rand(2, 1, *SIZE, generator=torch.Generator().manual_seed(0))
     eager = outputs_and_grads(model, images)
     notes = []
-    config = {"grad_checkpointing": False, "compile": True}
-    protocols.apply_speed_options(model, config, CPU, notes.append, compile_backend="aot_eager")
+    protocols.apply_speed_options(model, SpeedSpec(compile=True), CPU, notes.append,
+                                  compile_backend="aot_eager")
     compiled = outputs_and_grads(model, images)
     assert not any("could not be compiled" in n for n in notes)
     assert set(model.state_dict()) == set(tiny_model(weights16).state_dict())
@@ -399,15 +400,14 @@ def test_amp_dtype_selects_the_autocast_dtype(monkeypatch):
 
     def dtype(**options):
         config = {"fp16": True, "bf16": False, "amp_dtype": "fp16", **options}
-        precision = Precision.from_config(cuda, config, quiet)
+        precision = Precision(cuda, PrecisionSpec.from_options(config), quiet)
         return precision.dtype, precision.scaler
 
     assert dtype() == (torch.float16, True)                    # the default: scaler on
     assert dtype(amp_dtype="bf16") == (torch.bfloat16, False)  # no scaler needed
     assert dtype(bf16=True) == (torch.bfloat16, False)         # the old switch still works
     assert dtype(fp16=False) == (None, False)                  # --no_fp16: float32
-    assert Precision.from_config(CPU, {"fp16": True, "bf16": False,
-                                              "amp_dtype": "bf16"}, quiet).dtype is None
+    assert Precision(CPU, PrecisionSpec(mixed=True, dtype="bf16"), quiet).dtype is None
     monkeypatch.setattr(precision_module, "_bf16_supported", lambda device: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla V100")
     with pytest.raises(UserError, match="Tesla V100 has no bfloat16 support; use "
@@ -510,7 +510,7 @@ def test_flip_views_flip_image_and_mask_together(tiny_dataset):
 def test_grad_checkpointing_with_a_fully_frozen_backbone_is_a_note(weights16):
     notes = []
     model = tiny_model(weights16, protocol="fully_frozen")
-    protocols.apply_speed_options(model, {"grad_checkpointing": True, "compile": False}, CPU,
+    protocols.apply_speed_options(model, SpeedSpec(grad_checkpointing=True), CPU,
                                   notes.append)
     assert notes[0].startswith(">> note: --grad_checkpointing has no effect with a fully "
                                "frozen backbone (--tuning fully_frozen or linear_probe")

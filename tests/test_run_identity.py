@@ -322,11 +322,10 @@ def test_a_full_checkpoint_of_the_first_version_still_resumes(tiny_dataset, tiny
     run_dir = run(*argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 2))
     slim = ckpt.load_file(run_dir / "checkpoint-1.pth")
     # The first version's layout: the whole model (backbone included), config, class table.
-    from mirage.train.build import build_model
     config, _, _ = parse_config(argv(tiny_dataset, tiny_weights, tmp_path, "--epochs", 2))
     dataset = open_dataset(tiny_dataset)
-    from fm_seg_config import find_model
-    model, _ = build_model(config, find_model(tiny_weights), 3, (32, 48), (16, 16))
+    from conftest import build_from_options
+    model, _ = build_from_options(config, input_size=(32, 48), patch_size=(16, 16))
     model.load_state_dict(slim["model"], strict=False)  # a slim file: the trained tensors only
     legacy = tmp_path / "legacy" / "checkpoint-0.pth"
     ckpt.save(legacy, {"model": model.state_dict(), "epoch": 0, "optimizer":

@@ -27,7 +27,7 @@ TEST_VOLUMES = 6
 
 
 def _config(model, seed, data_path):
-    from mirage.config import OPTIONS
+    from mirage.options import OPTIONS
     config = {opt.name: opt.default for opt in OPTIONS}
     config.update(weights=f"/weights/{model}.pth", seed=seed, data_path=str(data_path),
                   output_adapter="convnext", loss="CEGDice", epochs=3,

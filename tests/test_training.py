@@ -10,12 +10,13 @@ import pytest
 import torch
 
 import run_seg_tuning
-from conftest import REPO, make_dataset
+from conftest import REPO, epoch_context, make_dataset, optim_spec
 from fm_seg_config import build_backbone
 from mirage import checkpoint_io as ckpt
 from mirage.run.folder import RunFolder
 from mirage.train import distributed, inference
 from mirage.train import loop as engine
+from mirage.run.spec import PrecisionSpec
 from mirage.train.precision import Precision
 from mirage.config import parse_config
 from mirage.data.dataset import SegmentationDataset
@@ -57,11 +58,12 @@ def test_frozen_blocks_bit_identical_after_a_step(tiny_dataset, tiny_weights):
     data = SegmentationDataset(find_split(tiny_dataset / "train", True), info.class_table,
                                SegmentationTransform((32, 48), train=True))
     loader = torch.utils.data.DataLoader(data, batch_size=4)
-    optimizer = build_optimizer(param_groups(model, 0.05, 0.75), "adamw", 1e-3)
-    precision = Precision(torch.device("cpu"), False, False, print)
-    engine.train_one_epoch(model, loader, build_loss("CEGDice"), optimizer, precision,
-                           torch.device("cpu"), 0, np.full(2, 1e-3), np.full(2, 0.05), 0,
-                           1.0, distributed.DistInfo(), 1)
+    optimizer = build_optimizer(param_groups(model, 0.05, 0.75),
+                                optim_spec(opt="adamw", lr=1e-3))
+    precision = Precision(torch.device("cpu"), PrecisionSpec(), print)
+    engine.train_one_epoch(epoch_context(model, loader, optimizer, precision,
+                                         (np.full(2, 1e-3), np.full(2, 0.05)), clip_grad=1.0),
+                           0)
     after = model.state_dict()
     for name, tensor in before.items():
         if name.startswith("backbone.blocks.") or name == "backbone.input_adapter.pos_emb":
@@ -116,10 +118,10 @@ def test_resume_after_interruption_continues_from_the_right_epoch(
     interrupted = tmp_path / "interrupted"
     real_epoch = engine.train_one_epoch
 
-    def dies_at_epoch_2(*args, **kwargs):
-        if args[6] == 2:
+    def dies_at_epoch_2(ctx, epoch):
+        if epoch == 2:
             raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
+        return real_epoch(ctx, epoch)
 
     monkeypatch.setattr(engine, "train_one_epoch", dies_at_epoch_2)
     with pytest.raises(KeyboardInterrupt):

@@ -5,13 +5,12 @@ import json
 import pytest
 import torch
 
-from conftest import make_dataset, write_mirage_checkpoint
+from conftest import build_from_options, make_dataset, write_mirage_checkpoint
 from fm_seg_config import MirageTiny, build_backbone
 from mirage import checkpoint_io as ckpt
 from mirage.config import parse_config
 from mirage.errors import UserError
 from mirage.models import lora
-from mirage.train.build import build_model
 from mirage.train.optim import param_groups
 from mirage.train.predictor import load_run
 from test_backbones_timm import CASES, tiny, write_case
@@ -37,8 +36,8 @@ def family_model(tmp_path, case, *options):
     config, _, _ = parse_config(["--weights", str(path), "--data_path", str(tmp_path),
                                  "--drop_path_encoder", "0", *options])
     torch.manual_seed(0)
-    model, _ = build_model(config, fm, 3, size, (patch, patch) if case not in
-                           ("sam", "medsam") else (16, 16))
+    model, _ = build_from_options(config, fm=fm, input_size=size, patch_size=(
+        patch, patch) if case not in ("sam", "medsam") else (16, 16))
     return model, size, fm
 
 
@@ -241,12 +240,14 @@ def test_a_lora_checkpoint_does_not_load_into_another_protocol(data, tmp_path):
     best = only_run_dir(tmp_path) / "checkpoint-best.pth"
     config, _, _ = parse_config(argv(dataset, weights, tmp_path))
     backbone, fm, _ = build_backbone(weights, (32, 48), 16)
-    model, _ = build_model(config, fm, 3, (32, 48), (16, 16))
+    model, _ = build_from_options(config, fm=fm, input_size=(32, 48), patch_size=(16, 16))
     from mirage.data.classes import ClassTable
+    from mirage.run.spec import resolve_spec
     from mirage.train.checkpointing import checkpoint_meta, load_model_weights
     classes = ClassTable.from_entries(ckpt.load_file(best)["meta"]["classes"], "INFO.json")
     with pytest.raises(UserError, match="trained with --tuning lora, this run has frozen"):
-        load_model_weights(model, best, checkpoint_meta(config, classes, model))
+        load_model_weights(model, best, checkpoint_meta(resolve_spec(config), classes,
+                                                        model))
 
 
 # ----------------------------------------------------------------------------- identity

@@ -165,7 +165,7 @@ def test_the_training_ram_cache_counts_against_the_limit(data, monkeypatch):
     train = SegmentationDataset(find_split(dataset / "train", True), classes, None)
     loader = type("Loader", (), {"dataset": val, "sampler": range(VAL)})
     seg, notes = model(), []
-    training = fc.FeatureCache("ram", identity(), train, 2, None, "cpu", notes.append)
+    training = fc.FeatureCache(fc.CacheSpec("ram", identity()), train, 2, notes.append)
     # validation, float16: 5 x (6 x 128 x 2 + 2048) = 17920 B; training: 8 x 3584 = 28672 B
     monkeypatch.setattr(fc, "_memory_available", lambda: 4 * 17920 + 28672)
     assert fc.open_split_cache(seg, loader, training, notes.append).mode == "ram"

@@ -21,7 +21,7 @@ every protocol's label of that row).
 import json
 from pathlib import PurePath
 
-from mirage.config import LORA_OPTIONS, OPTION_BY_NAME
+from mirage.options import LORA_OPTIONS, OPTION_BY_NAME
 from mirage.errors import UserError
 from mirage.run.catalog import TUNING_ENTRIES
 

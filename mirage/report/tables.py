@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mirage.config import TUNINGS
+from mirage.protocol import TUNINGS
 from mirage.report import TABLE_COLUMNS
 from mirage.report.study import LOWER_IS_BETTER, PERCENT_METRICS, column_label
 

@@ -3,7 +3,6 @@
     find_runs([root or run dir, ...])   -> [Run, ...] (every directory with a config.yaml)
     find_run_dirs(root)                 -> [Path, ...] the same directories, not read
     read_run(run_dir)                   -> Run
-    tuning_of(config)                   -> the --tuning protocol of a config.yaml
 
 A Run never raises for a damaged or unfinished run directory: what cannot be read becomes
 a note (``run.notes``) or a status ("not evaluated: ..."), so a summary lists the run
@@ -17,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from mirage.config import LORA_OPTIONS, OPTION_BY_NAME, TUNINGS, tuning_of_flags
+from mirage.options import LORA_OPTIONS, OPTION_BY_NAME, RUNTIME_OPTIONS
+from mirage.protocol import tuning_of
 from mirage.errors import UserError
 from mirage.run.folder import CONFIG, PREDS, RunFolder
-from mirage.run.identity import RUNTIME_OPTIONS
 from mirage.run.results import read_evaluations
 
 DEFAULT_SEED = 42  # run_seg_tuning.py's default, for configs written without a seed
@@ -114,19 +113,6 @@ class Run:
         return tuple((name, json.dumps(value, sort_keys=True))
                      for name, value in sorted(self.identity.items())
                      if name not in KEY_ENTRIES)
-
-
-def tuning_of(config):
-    """The --tuning protocol a run's options name: ``tuning`` of config.yaml when it holds
-    one, else what the older options say (mirage.config.tuning_of_flags)."""
-    tuning = config.get("tuning")
-    if tuning not in TUNINGS:
-        return tuning_of_flags(config.get("freeze_encoder") is not False,
-                               config.get("freeze_patch_embed") is True,
-                               config.get("output_adapter"))
-    if tuning == "fully_frozen" and config.get("output_adapter") == "linear":
-        return "linear_probe"
-    return tuning
 
 
 def _identity(folder, config):

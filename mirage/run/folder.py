@@ -24,10 +24,11 @@ import json
 import re
 from pathlib import Path
 
+from mirage.config import RUN_CONFIG
 from mirage.errors import UserError
 from mirage.fileio import write_text
 
-CONFIG = "config.yaml"
+CONFIG = RUN_CONFIG  # spelled in mirage/config.py, which reads it for --run_dir
 IDENTITY = "identity.json"
 LOCK = ".lock"
 LOG = "log.txt"

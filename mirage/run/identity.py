@@ -7,8 +7,9 @@ epochs, sizes, decoder, loss, protocol, ...), with three replaced by what they s
   replacing its content does),
 - ``data_path`` -> the dataset's folder name, ``mapping_fn`` -> the class table itself.
 
-Options that only change how or where a run executes (``RUNTIME_OPTIONS`` in mirage/config.py: device,
-workers, logging, checkpoint frequency, --test/--infer_only, ...) are not part of it.
+Options that only change how or where a run executes (``names_run=False`` in the options
+table, mirage/options.py: device, workers, logging, checkpoint frequency,
+--test/--infer_only, ...) are not part of it.
 
 The run directory is ``<base_output_dir>/<version>/<dataset>/<name>`` where the name is
 readable and ends in the seed and a short hash of the identity::
@@ -25,8 +26,8 @@ import json
 import os
 from pathlib import Path
 
-from mirage.config import (LORA_OPTIONS, OPTIONS, RUNTIME_OPTIONS, demo_paths, parse_config,
-                           per_domain)
+from mirage.config import demo_paths, parse_config, per_domain
+from mirage.options import OPTIONS
 from mirage.data.layout import open_dataset
 from mirage.errors import UserError
 from mirage.fileio import file_sha256
@@ -50,7 +51,7 @@ def run_identity(config, dataset):
     """
     identity = {}
     for opt in OPTIONS:
-        if opt.name in RUNTIME_OPTIONS or not _names_the_run(opt.name, config):
+        if not opt.names_run or not _names_the_run(opt, config):
             continue
         value = config.get(opt.name, opt.default)
         if opt.kind == "size" and value is not None:
@@ -68,14 +69,15 @@ def run_identity(config, dataset):
     return identity
 
 
-def _names_the_run(option, config):
-    """False for ``tuning`` and the LoRA options except under ``--tuning lora``: the other
-    protocols are what ``freeze_encoder`` / ``freeze_patch_embed`` (and the decoder, for
-    ``linear_probe``) already say, so their runs keep the identity, and the folder, that
-    runs trained before ``--tuning`` existed have."""
-    if option == "tuning" or option in LORA_OPTIONS:
+def _names_the_run(opt, config):
+    """False for ``tuning`` and a protocol's own options (``only_with``, the LoRA ones)
+    except under that protocol: the other protocols are what ``freeze_encoder`` /
+    ``freeze_patch_embed`` (and the decoder, for ``linear_probe``) already say, so their
+    runs keep the identity, and the folder, that runs trained before ``--tuning`` existed
+    have."""
+    if opt.name == "tuning":
         return config.get("tuning") == "lora"
-    return True
+    return not opt.only_with or config.get("tuning") == opt.only_with
 
 
 def identity_hash(identity):

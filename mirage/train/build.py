@@ -12,50 +12,53 @@ from mirage.models.decoders import build_decoder
 from mirage.models.lora import add_lora
 from mirage.models.segmentation_model import SegmentationModel
 from mirage.train import distributed
+from mirage.train.protocols import apply_speed_options
 
 PREFETCH_BATCHES = 4  # batches each DataLoader worker keeps ready
 
 
-def build_model(config, fm, num_classes, input_size, patch_size):
-    """Backbone (pretrained, blocks frozen if asked) + decoder; returns (model, report)."""
+def build_model(model, protocol, num_classes):
+    """Backbone (pretrained) + decoder, with what ``protocol`` (a mirage.protocol.Protocol)
+    keeps fixed frozen; ``model``: the run's ModelSpec. Returns (SegmentationModel, the
+    loading report line)."""
     backbone, fm, report = build_backbone(
-        config["weights"], input_size, patch_size, config["num_global_tokens"],
-        config["drop_path_encoder"], config["learnable_pos_emb"], fm=fm)
-    decoder = build_decoder(config["output_adapter"], embed_dim=backbone.embed_dim,
+        model.weights, model.input_size, model.patch_size, model.num_global_tokens,
+        model.drop_path, model.learnable_pos_emb, fm=model.fm)
+    decoder = build_decoder(model.decoder, embed_dim=backbone.embed_dim,
                             num_classes=num_classes, grid_size=backbone.grid_size,
-                            patch_size=backbone.patch_size, image_size=input_size,
+                            patch_size=backbone.patch_size, image_size=model.input_size,
                             encoder_depth=backbone.depth,
-                            interpolate_mode=config["decoder_interpolate_mode"])
+                            interpolate_mode=model.interpolate_mode)
     bad = next((name for name, tensor in backbone.state_dict().items()
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
     if bad is not None:
-        raise UserError(f"--weights {config['weights']}: tensor {bad} holds NaN or Inf "
+        raise UserError(f"--weights {model.weights}: tensor {bad} holds NaN or Inf "
                         "values; the file is damaged, download it again")
-    model = SegmentationModel(backbone, decoder)
-    model.family = fm.name
-    report += apply_protocol(model, config)
-    return model, report
+    segmentation_model = SegmentationModel(backbone, decoder)
+    segmentation_model.family = fm.name
+    report += apply_protocol(segmentation_model, protocol)
+    return segmentation_model, report
 
 
-def apply_protocol(model, config):
-    """Freeze what ``--tuning`` keeps fixed and add LoRA adapters; returns a note for the
+def apply_protocol(model, protocol):
+    """Freeze what the protocol keeps fixed and add LoRA adapters; returns a note for the
     model's report line ('' if none)."""
-    if config["freeze_encoder"]:  # frozen, fully_frozen, linear_probe, lora
+    if not protocol.trains_blocks:  # frozen, fully_frozen, linear_probe, lora
         model.freeze_blocks()
-    if config["freeze_patch_embed"]:  # fully_frozen, linear_probe: no graph either
+    if protocol.backbone_fixed:  # fully_frozen, linear_probe: no graph either
         model.freeze_backbone()
-    if config["tuning"] == "lora":
-        targets = [t for t in config["lora_targets"].split("-") if t]
-        count = add_lora(model.backbone, config["lora_rank"], config["lora_alpha"],
-                         config["lora_dropout"], targets)
-        return (f"; LoRA rank {config['lora_rank']}, alpha {config['lora_alpha']:g} on "
-                f"{count} layers ({config['lora_targets']})")
+    lora = protocol.lora
+    if lora is not None:
+        count = add_lora(model.backbone, lora.rank, lora.alpha, lora.dropout,
+                         list(lora.targets))
+        return (f"; LoRA rank {lora.rank}, alpha {lora.alpha:g} on {count} layers "
+                f"({'-'.join(lora.targets)})")
     return ""
 
 
-
-def make_loader(dataset, config, dist_info, train):
-    """Training: shuffled (seeded per epoch), drop_last. Evaluation: each process a shard.
+def make_loader(dataset, loader, dist_info, train):
+    """A DataLoader of ``dataset`` as the LoaderSpec ``loader`` says. Training: shuffled
+    (seeded per epoch), drop_last. Evaluation: each process a shard.
 
     With workers, a training item's random draws depend only on (--seed, epoch, item)
     (``SeededItems``), and the loaders draw their workers' base seed from their own
@@ -64,14 +67,14 @@ def make_loader(dataset, config, dist_info, train):
     resumed run starts them later). Without workers the items draw from the main process's
     generators, which checkpoints save and a resume restores.
     """
-    workers = config["num_workers"]
+    workers = loader.num_workers
     if train:
         sampler_class = EpochItemSampler if workers > 0 else DistributedSampler
         sampler = sampler_class(dataset, num_replicas=dist_info.world_size,
-                                rank=dist_info.rank, shuffle=True, seed=config["seed"],
+                                rank=dist_info.rank, shuffle=True, seed=loader.seed,
                                 drop_last=True)
         if workers > 0:
-            dataset = SeededItems(dataset, config["seed"])
+            dataset = SeededItems(dataset, loader.seed)
     else:
         sampler = distributed.ShardSampler(len(dataset), dist_info)
     # Workers stay alive between epochs (no restart and re-import per epoch) and keep
@@ -79,9 +82,9 @@ def make_loader(dataset, config, dist_info, train):
     # non_blocking=True) copies asynchronous.
     extra = {"prefetch_factor": PREFETCH_BATCHES, "persistent_workers": True,
              "generator": torch.Generator().manual_seed(0)} if workers > 0 else {}
-    return DataLoader(dataset, batch_size=config["batch_size"], sampler=sampler,
+    return DataLoader(dataset, batch_size=loader.batch_size, sampler=sampler,
                       num_workers=workers, drop_last=train,
-                      pin_memory=config["pin_mem"] and torch.cuda.is_available(), **extra)
+                      pin_memory=loader.pin_mem and torch.cuda.is_available(), **extra)
 
 
 class EpochItemSampler(DistributedSampler):
@@ -120,13 +123,16 @@ class SeededItems(Dataset):
             np.random.set_state(numpy_state)
 
 
-def model_for(spec, runtime):
-    """The RunSpec's model (pretrained backbone + decoder) on the run's device."""
-    model, report = build_model(spec.options, spec.model.fm, spec.classes.num_classes,
-                                spec.model.input_size, spec.model.patch_size)
+def model_for(spec, runtime, num_classes=None):
+    """The RunSpec's model (pretrained backbone + decoder, its protocol applied) on the
+    run's device with the speed options on: the one way training, testing, inference and
+    the predictor build a run's model. ``num_classes``: default the spec's class table
+    (the predictor gives the checkpoint's)."""
+    num_classes = spec.classes.num_classes if num_classes is None else num_classes
+    model, report = build_model(spec.model, spec.protocol, num_classes)
     runtime.log(f">> {spec.model.fm.name}: {report}")
     model.to(runtime.device)
-    return model
+    return apply_speed_options(model, spec.speed, runtime.device, runtime.log)
 
 
 def test_transform(model_spec):

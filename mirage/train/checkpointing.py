@@ -9,16 +9,22 @@ current run and refuses a mismatch naming both values. Checkpoints of the first 
 """
 import contextlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, NamedTuple, Optional
+
+import torch
 
 from mirage import checkpoint_io
-from mirage.config import LORA_OPTIONS, per_domain
+from mirage.config import per_domain
+from mirage.data.classes import ClassTable
 from mirage.errors import UserError
 from mirage.fileio import file_sha256
 from mirage.models.lora import merge_lora
 from mirage.train.validation_metrics import selection_key
 
 
+@dataclass
 class TrainingState:
     """Where training stands: the next epoch and the best value so far of the selecting
     validation metric (``metric``, a fraction). A resumed state also holds what its
@@ -26,14 +32,12 @@ class TrainingState:
     generators, mirage.train.runtime.random_state) and ``log_entry`` (its epoch's line of
     log.txt); both None for checkpoints that predate them."""
 
-    def __init__(self, start_epoch=0, best_miou=None, best_epoch=None, metric="mIoU_all",
-                 random_state=None, log_entry=None):
-        self.start_epoch = start_epoch
-        self.best_miou = best_miou
-        self.best_epoch = best_epoch
-        self.metric = metric
-        self.random_state = random_state
-        self.log_entry = log_entry
+    start_epoch: int = 0
+    best_miou: Optional[float] = None
+    best_epoch: Optional[int] = None
+    metric: str = "mIoU_all"
+    random_state: Optional[list] = None
+    log_entry: Optional[dict] = None
 
     def improves(self, miou):
         """True if ``miou`` beats the best so far as the original compares: both x100
@@ -47,6 +51,38 @@ class TrainingState:
         return math.isnan(self.best_miou) or selection_key(miou) > selection_key(self.best_miou)
 
 
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What every checkpoint of a run holds besides its epoch: the model (its trained
+    tensors are saved), the options (the run's config.yaml, a copy for the record), the
+    class table, and ``meta`` (:func:`checkpoint_meta`: what every load compares)."""
+
+    model: torch.nn.Module
+    options: Mapping
+    classes: ClassTable
+    meta: dict
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """What an epoch checkpoint adds for resuming: the optimiser and gradient scaler, and
+    for an exact resume every process's random generators and the epoch's log line."""
+
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    random_state: Optional[list] = None
+    log_entry: Optional[dict] = None
+
+
+class FoundCheckpoint(NamedTuple):
+    """A checkpoint to resume from: its path, its payload (already read) and how it was
+    named ('--resume' or 'checkpoint', for messages)."""
+
+    path: Path
+    payload: dict
+    what: str
+
+
 def trained_state_dict(model):
     """The tensors training changes: trainable parameters and the decoder's buffers.
 
@@ -58,17 +94,17 @@ def trained_state_dict(model):
             if name in trainable or name.startswith("decoder.")}
 
 
-def checkpoint_meta(config, classes, model):
-    """What a checkpoint was trained with; every load compares it with the current run."""
-    weights = Path(config["weights"])
+def checkpoint_meta(spec, classes, model):
+    """What a checkpoint was trained with (``spec``: the RunSpec; ``classes``: the class
+    table it trains); every load compares it with the current run."""
+    weights, lora = spec.model.weights, spec.protocol.lora
     return {
         "classes": classes.entries(),
         "input_size": list(model.decoder.image_size),
         "patch_size": list(model.backbone.patch_size),
-        "decoder": config["output_adapter"],
-        "tuning": config["tuning"],
-        "lora": ({name: config[name] for name in LORA_OPTIONS}
-                 if config["tuning"] == "lora" else None),
+        "decoder": spec.model.decoder,
+        "tuning": spec.protocol.name,
+        "lora": lora.options() if lora is not None else None,
         "family": getattr(model, "family", None),
         "weights": {"path": str(weights), "size": weights.stat().st_size,
                     "sha256": file_sha256(weights)},
@@ -104,29 +140,29 @@ def _legacy_meta(payload):
     return meta
 
 
-def save_checkpoint(path, model, optimizer, scaler, epoch, state, config, classes,
-                    random_state=None, log_entry=None):
-    """What training changed (slim), plus what is needed to resume (optimizer and scaler;
-    for an exact resume the random generators' states and the epoch's log line) and to
-    check a later load; written atomically."""
+def save_checkpoint(path, record, epoch, state, resume_point=None):
+    """What training changed (slim), the run's record (``record``: a CheckpointRecord) and
+    where training stands; an epoch checkpoint adds its ``resume_point`` (a ResumePoint).
+    Written atomically."""
+    classes = record.classes
     payload = {
         "format": "slim-v2",
-        "model": trained_state_dict(model),
-        "meta": checkpoint_meta(config, classes, model),
+        "model": trained_state_dict(record.model),
+        "meta": record.meta,
         "epoch": epoch,
         "best_miou": state.best_miou,
         "best_epoch": state.best_epoch,
-        "config": dict(config),
+        "config": dict(record.options),
         "class_values": list(classes.values),
         "class_labels": list(classes.labels),
     }
-    if optimizer is not None:
-        payload["optimizer"] = optimizer.state_dict()
-        payload["scaler"] = scaler.state_dict()
-    if random_state is not None:
-        payload["random_state"] = random_state
-    if log_entry is not None:
-        payload["log_entry"] = dict(log_entry)
+    if resume_point is not None:
+        payload["optimizer"] = resume_point.optimizer.state_dict()
+        payload["scaler"] = resume_point.scaler.state_dict()
+        if resume_point.random_state is not None:
+            payload["random_state"] = resume_point.random_state
+        if resume_point.log_entry is not None:
+            payload["log_entry"] = dict(resume_point.log_entry)
     checkpoint_io.save(path, payload)
 
 
@@ -171,12 +207,11 @@ def load_for_inference(model, path, expected, payload=None):
     return epoch
 
 
-def resume(path, model, optimizer, scaler, expected, payload=None, what="--resume"):
-    """Restore model, optimiser, scaler and position from a checkpoint of this tool (or
-    its already-read ``payload``); the TrainingState carries its saved random state and
+def resume(found, model, optimizer, scaler, expected):
+    """Restore model, optimiser, scaler and position from a checkpoint of this tool
+    (``found``: a FoundCheckpoint); the TrainingState carries its saved random state and
     log line (restored by the caller, mirage.train.loop)."""
-    if payload is None:
-        payload = checkpoint_io.load_file(path, what=what)
+    path, payload, what = found
     epoch = load_model_weights(model, path, expected, payload)
     if "optimizer" not in payload or epoch is None:
         raise UserError(f"{what} {path}: not a training checkpoint (no optimizer state); "
@@ -192,19 +227,20 @@ def resume(path, model, optimizer, scaler, expected, payload=None, what="--resum
                          log_entry=payload.get("log_entry"))
 
 
-def find_resume_checkpoint(config, folder, log):
-    """``(path, payload, what)`` of the checkpoint to resume from, or None; ``folder``: the
-    run's RunFolder.
+def find_resume_checkpoint(loop, folder, log):
+    """The FoundCheckpoint to resume from, or None; ``loop``: the run's LoopSpec,
+    ``folder``: its RunFolder.
 
     ``--resume PATH`` is read as given. Auto-resume reads the run's newest
     ``checkpoint-<epoch>.pth``; if that file is damaged (a truncated copy, a disk that
     failed), it falls back to the newest intact one with a notice, and raises a UserError
     naming the damaged file when there is none.
     """
-    if config["resume"]:
-        path = Path(config["resume"])
-        return path, checkpoint_io.load_file(path, what="--resume"), "--resume"
-    if not config["auto_resume"]:
+    if loop.resume:
+        path = Path(loop.resume)
+        return FoundCheckpoint(path, checkpoint_io.load_file(path, what="--resume"),
+                               "--resume")
+    if not loop.auto_resume:
         return None
     found = folder.epoch_checkpoints()
     damaged = []
@@ -218,7 +254,7 @@ def find_resume_checkpoint(config, folder, log):
             log(f">> note: {_names(damaged)} {'is' if len(damaged) == 1 else 'are'} "
                 "damaged (truncated or unreadable); resuming from the previous intact "
                 f"{found[epoch].name} instead (the epochs after it are trained again)")
-        return found[epoch], payload, "checkpoint"
+        return FoundCheckpoint(found[epoch], payload, "checkpoint")
     if not damaged:
         return None
     newest, reason = damaged[0]

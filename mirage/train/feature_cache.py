@@ -46,7 +46,9 @@ import shutil
 import tempfile
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -68,14 +70,39 @@ def describe_precision(precision):
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(precision.dtype, "fp32")
 
 
-def cache_identity(fm_name, weights_sha256, input_size, model, norm, compute):
-    """What the cached tokens depend on besides the B-scan (the key of a cache folder)."""
+def cache_identity(model_spec, model, compute, weights_sha256=None):
+    """What the cached tokens depend on besides the B-scan (the key of a cache folder):
+    the RunSpec's ``model_spec`` (family, input size, normalisation), the built
+    ``model``'s backbone geometry and the ``compute`` precision; ``weights_sha256``:
+    default the SHA-256 of the spec's weights file."""
     backbone = model.backbone
-    return {"format": CACHE_FORMAT, "model": fm_name, "weights_sha256": weights_sha256,
-            "input_size": [int(v) for v in input_size],
+    if weights_sha256 is None:
+        weights_sha256 = file_sha256(model_spec.weights)
+    return {"format": CACHE_FORMAT, "model": model_spec.fm.name,
+            "weights_sha256": weights_sha256,
+            "input_size": [int(v) for v in model_spec.input_size],
             "patch_size": [int(v) for v in backbone.patch_size],
             "num_global_tokens": int(backbone.num_global_tokens),
-            "embed_dim": int(backbone.embed_dim), "norm": norm, "compute": compute}
+            "embed_dim": int(backbone.embed_dim), "norm": model_spec.norm,
+            "compute": compute}
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Where and how a FeatureCache keeps tokens.
+
+    mode: 'ram' or 'disk'; identity: :func:`cache_identity` (None only with ``exact``);
+    directory: 'disk': the ``--feature_cache_dir`` root; device: where the decoder reads
+    the tokens; exact ('ram' only): keep the tokens as the backbone gives them (no
+    float16 rounding), then ``token_shape`` (N, D) must be given.
+    """
+
+    mode: str
+    identity: Optional[dict]
+    directory: Optional[Path] = None
+    device: object = "cpu"
+    exact: bool = False
+    token_shape: Optional[tuple] = None
 
 
 def folder_name(identity):
@@ -106,27 +133,27 @@ def _memory_available():
 
 
 class FeatureCache:
-    """Float16 decoder inputs per training view (``mode`` 'ram' or 'disk').
+    """Float16 decoder inputs per training view, kept as the CacheSpec ``spec`` says.
 
     ``dataset``: the training dataset (``slices[i]`` gives slice id and B-scan path of
     item i); ``views``: how many views each item has (1, or 2 with ``--aug_name flip``).
     ``role``: what the items are ('training', or 'validation' for a split's B-scans: only
-    the log lines differ). ``exact`` ('ram' only): keep the tokens as the backbone gives
-    them (no float16 rounding); ``identity`` may then be None, with ``token_shape`` (N, D).
+    the log lines differ).
     """
 
-    def __init__(self, mode, identity, dataset, views=1, directory=None, device=None,
-                 log=print, role="training", exact=False, token_shape=None):
+    def __init__(self, spec, dataset, views=1, log=print, role="training"):
+        mode, exact = spec.mode, spec.exact
         if mode not in ("ram", "disk"):
             raise ValueError(f"feature cache mode {mode!r}")
         if exact and mode != "ram":
             raise ValueError("unrounded tokens are kept in memory only")
-        self.mode, self.identity, self.log = mode, identity, log
+        self.mode, self.identity, self.log = mode, spec.identity, log
         self.role, self.exact = role, exact
         self.stored_dtype = None if exact else torch.float16
-        self.device = torch.device(device or "cpu")
+        self.device = torch.device(spec.device or "cpu")
         self.slices = list(dataset.slices)
         self.views = views
+        token_shape = spec.token_shape
         if token_shape is None:
             grid = self.identity["input_size"][0] // self.identity["patch_size"][0] * \
                 (self.identity["input_size"][1] // self.identity["patch_size"][1])
@@ -140,7 +167,7 @@ class FeatureCache:
         self.shard_of = None  # torchrun: how many items the whole split has
         self.folder = None
         if mode == "disk":
-            self.folder = self._open_folder(Path(directory))
+            self.folder = self._open_folder(Path(spec.directory))
 
     # ------------------------------------------------------------------ opening
     def entry_bytes(self, num_layers=1):
@@ -390,17 +417,16 @@ class FeatureCache:
                 f"{shard}){found}{extra}")
 
 
-def open_feature_cache(config, fm, model, train_set, input_size, norm, precision, device,
-                       log):
-    """The run's FeatureCache, or None with ``--feature_cache off``."""
-    mode = config["feature_cache"]
+def open_feature_cache(spec, model, train_set, precision, runtime):
+    """The run's FeatureCache (``spec``: the RunSpec), or None with ``--feature_cache
+    off``."""
+    mode, log = spec.speed.feature_cache, runtime.log
     if mode == "off":
         return None
-    identity = cache_identity(fm.name, file_sha256(config["weights"]), input_size, model,
-                              norm, describe_precision(precision))
-    views = 2 if config["aug_name"] == "flip" else 1
-    cache = FeatureCache(mode, identity, train_set, views, config["feature_cache_dir"],
-                         device, log)
+    identity = cache_identity(spec.model, model, describe_precision(precision))
+    views = 2 if spec.loop.aug_name == "flip" else 1
+    cache = FeatureCache(CacheSpec(mode, identity, spec.speed.feature_cache_dir,
+                                   runtime.device), train_set, views, log)
     if mode == "ram":
         cache.check_memory()
     where = cache.folder if mode == "disk" else "memory"
@@ -427,12 +453,14 @@ def open_split_cache(model, loader, train_cache, log, role="validation"):
     layers = len(set(model.decoder.layer_indices))
     if train_cache is None:
         grid = model.backbone.grid_size
-        cache = FeatureCache("ram", None, dataset, 1, log=log, role=role, exact=True,
-                             token_shape=(grid[0] * grid[1], model.backbone.embed_dim))
+        cache = FeatureCache(CacheSpec("ram", None, exact=True,
+                                       token_shape=(grid[0] * grid[1],
+                                                    model.backbone.embed_dim)),
+                             dataset, 1, log, role)
     else:
         directory = train_cache.folder.parent if train_cache.mode == "disk" else None
-        cache = FeatureCache(train_cache.mode, train_cache.identity, dataset, 1, directory,
-                             train_cache.device, log, role=role)
+        cache = FeatureCache(CacheSpec(train_cache.mode, train_cache.identity, directory,
+                                       train_cache.device), dataset, 1, log, role)
     if items < len(dataset):
         cache.shard_of = len(dataset)
     if cache.mode == "disk":

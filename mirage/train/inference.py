@@ -19,25 +19,27 @@ from mirage.run import predictions
 from mirage.train import distributed
 from mirage.train.build import make_loader, model_for, test_transform
 from mirage.train.checkpointing import checkpoint_meta, load_for_inference
+from mirage.train.context import RunContext
 from mirage.train.losses import build_loss
 from mirage.train.precision import Precision
-from mirage.train.protocols import apply_speed_options
-from mirage.train.validation import validate
+from mirage.train.validation import SplitScoring, validate
 
 
 @torch.no_grad()
-def predict(model, loader, out_dir, classes, precision, device):
-    """Write ``<out_dir>/<slice_id>.png`` for every B-scan of the loader's dataset.
+def predict(run, loader, out_dir):
+    """Write ``<out_dir>/<slice_id>.png`` for every B-scan of the loader's dataset with the
+    RunContext's model.
 
     Logits are resized bilinearly to the B-scan's original size before the argmax; the
     PNG holds INFO.json values (uint8, or uint16 if a value exceeds 255).
     """
+    model, device, classes = run.model, run.runtime.device, run.spec.classes
     model.eval()
     dataset = loader.dataset
     values = torch.from_numpy(classes.index_to_value().astype(np.int32)).to(device)
     dtype = classes.index_to_value().dtype
     for batch in tqdm(loader, desc=f"predicting -> {out_dir.name}/", dynamic_ncols=True):
-        with precision.autocast():
+        with run.precision.autocast():
             logits = model(batch["image"].to(device, non_blocking=True))
         for logit, index in zip(logits.float(), batch["index"].tolist()):
             files = dataset.slices[index]
@@ -63,20 +65,20 @@ def labels_of(logit, values, dtype):
 def test_or_infer(spec, runtime):
     """``--test``: metrics of the best checkpoint on the test split; with ``--infer_only``:
     write its predictions. ``--test_data_path`` points both at another dataset."""
-    config, folder, log = spec.options, spec.folder, runtime.log
+    task, folder, log = spec.task, spec.folder, runtime.log
     best = folder.best_checkpoint
     if not best.is_file():
         raise UserError(f"no trained checkpoint: {best} not found; train this run first "
                         "(the same command without --test/--infer_only)")
     classes, dataset = spec.classes, spec.data.dataset
-    target = open_dataset(config["test_data_path"]) if config["test_data_path"] else dataset
+    target = open_dataset(task.test_data_path) if task.test_data_path else dataset
     split_dir = target.split_dir("test")
     external = target.root.resolve() != dataset.root.resolve()
     # Masks of another dataset are scored only if they use the training classes.
     same_classes = (target.class_table.values == classes.values
                     and target.class_table.labels == classes.labels)
-    score = not config["infer_only"] and (not external or same_classes)
-    if not config["infer_only"] and not score:
+    score = not task.infer_only and (not external or same_classes)
+    if not task.infer_only and not score:
         raise UserError(f"--test_data_path {target.root}: its INFO.json classes differ from "
                         f"{dataset.name}'s; use --infer_only --test and score the "
                         f"predictions with run_seg_eval.py --external {target.name}")
@@ -84,62 +86,65 @@ def test_or_infer(spec, runtime):
     if not score:  # predictions only: never read (or require) masks
         slices = [dataclasses.replace(s, mask=None) for s in slices]
     sizes = check_split(slices, classes if score else target.class_table,
-                        workers=max(config["num_workers"], 2))
+                        workers=max(spec.loader.num_workers, 2))
     out_dir = folder.preds_dir(target.name if external else "")
     data = predictions.data_record(split_dir, {s.slice_id: s.bscan for s in slices},
                                    target.class_table.source)
-    if config["infer_only"] and predictions.up_to_date(
+    if task.infer_only and predictions.up_to_date(
             out_dir, best, [s.slice_id for s in slices], classes, data):
         log(f">> {out_dir} already holds the predictions of {best.name}: skipping")
         return folder.path
 
     model = model_for(spec, runtime)
-    apply_speed_options(model, config, runtime.device, log)
-    precision = Precision.from_config(runtime.device, config, log)
+    run = RunContext(spec, runtime, model, Precision(runtime.device, spec.precision, log))
     test_set = SegmentationDataset(slices, classes, test_transform(spec.model),
                                    original_sizes=sizes)
-    if config["infer_only"]:
+    if task.infer_only:
         if runtime.dist.is_main:
-            write_predictions(model, test_set, out_dir, spec, precision, runtime, data)
+            write_predictions(run, test_set, out_dir, data)
     else:
-        score_best_checkpoint(model, test_set, target.root, spec, precision, runtime)
+        score_best_checkpoint(run, test_set, target.root)
         if runtime.dist.is_main:
-            write_text(folder.test_record(target.name), yaml_text(config))
+            write_text(folder.test_record(target.name), yaml_text(spec.options))
     distributed.barrier(runtime.dist)
     distributed.shutdown()
     return folder.path
 
 
-def write_predictions(model, test_set, out_dir, spec, precision, runtime, data):
+def write_predictions(run, test_set, out_dir, data):
     """The best checkpoint's predictions of ``test_set`` into ``out_dir``, with the options
     and a manifest sealing them to the checkpoint and ``data`` (the B-scans predicted);
-    written aside and swapped in whole, so a killed inference never leaves a mix."""
-    best, classes, log = spec.folder.best_checkpoint, spec.classes, runtime.log
-    epoch = load_for_inference(model, best, checkpoint_meta(spec.options, classes, model))
+    written aside and swapped in whole, so a killed inference never leaves a mix.
+    ``run``: the RunContext."""
+    spec, log = run.spec, run.runtime.log
+    best, classes = spec.folder.best_checkpoint, spec.classes
+    epoch = load_for_inference(run.model, best, checkpoint_meta(spec, classes, run.model))
     log(f">> {best.name} (epoch {epoch}) on {len(test_set)} B-scans of {data['split']}")
     earlier = (predictions.read_manifest(out_dir) or {}).get("data") or {}
     if earlier.get("split") and earlier["split"] != data["split"]:
         log(f">> note: {out_dir.name}/ held predictions of {earlier['split']}; replacing "
             f"them with predictions of {data['split']}")
-    loader = make_loader(test_set, spec.options, distributed.DistInfo(), train=False)
+    loader = make_loader(test_set, spec.loader, distributed.DistInfo(), train=False)
     with atomic_folder(out_dir) as staging:
-        predict(model, loader, staging, classes, precision, runtime.device)
+        predict(run, loader, staging)
         write_text(staging / predictions.INFERENCE_RECORD, yaml_text(spec.options))
         predictions.write_manifest(staging, best, epoch, classes,
                                    [s.slice_id for s in test_set.slices], data)
     log(f">> wrote {len(test_set)} predictions to {out_dir}")
 
 
-def score_best_checkpoint(model, test_set, data_root, spec, precision, runtime):
-    """Load ``checkpoint-best.pth`` from disk, score ``test_set`` and log the test line
-    (replacing an earlier line of the same checkpoint and data)."""
+def score_best_checkpoint(run, test_set, data_root):
+    """Load ``checkpoint-best.pth`` from disk into the RunContext's model, score
+    ``test_set`` and log the test line (replacing an earlier line of the same checkpoint
+    and data)."""
+    spec, runtime = run.spec, run.runtime
     folder, classes = spec.folder, test_set.class_table
-    epoch = load_for_inference(model, folder.best_checkpoint,
-                               checkpoint_meta(spec.options, classes, model))
-    criterion = build_loss(spec.options["loss"], spec.data.ignore_index)
-    loader = make_loader(test_set, spec.options, runtime.dist, train=False)
-    stats = validate(model, loader, criterion, precision, runtime.device, classes.num_classes,
-                     spec.data.ignore_index, runtime.dist, desc="test")
+    epoch = load_for_inference(run.model, folder.best_checkpoint,
+                               checkpoint_meta(spec, classes, run.model))
+    loader = make_loader(test_set, spec.loader, runtime.dist, train=False)
+    step = run.batch_step(build_loss(spec.loop.loss, spec.data.ignore_index))
+    stats = validate(step, loader, SplitScoring(classes, spec.data.ignore_index, desc="test"),
+                     runtime.dist)
     if runtime.dist.is_main:
         entry = {"test_epoch": epoch, "test_data": str(data_root),
                  **{f"test/{k}": v for k, v in stats.items()}}

@@ -3,8 +3,8 @@
 
     main(config, on_epoch_end=None) -> the run directory
 
-The options are checked, the runtime started and the options resolved into a RunSpec
-once; then the run folder is locked, its identity checked, and the job runs.
+The options are checked and resolved into a RunSpec once, the runtime started; then the
+run folder is locked, its identity checked, and the job runs.
 """
 from mirage.errors import UserError
 from mirage.option_checks import check_config
@@ -21,14 +21,14 @@ def main(config, on_epoch_end=None):
     ``on_epoch_end(folder)``: see mirage.train.loop.train.
     """
     check_config(config)
-    runtime = start_runtime(config)
     spec = resolve_spec(config)
+    runtime = start_runtime(spec.runtime, spec.loop.seed)
     folder, classes, log = spec.folder, spec.classes, runtime.log
     log(f">> run directory: {folder.path}")
     log(f">> classes: {dict(zip(classes.labels, classes.values))}; ignore index: "
         f"{spec.data.ignore_index}")
 
-    if config["test"]:
+    if spec.task.test:
         if not folder.best_checkpoint.is_file():
             raise UserError(f"no trained checkpoint: {folder.best_checkpoint} not found; "
                             "train this run first (the same command without "

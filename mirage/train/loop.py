@@ -22,17 +22,19 @@ from mirage.data.transforms import SegmentationTransform
 from mirage.errors import UserError
 from mirage.train import distributed
 from mirage.train.build import make_loader, model_for, test_transform
-from mirage.train.checkpointing import (TrainingState, checkpoint_meta,
-                                        find_resume_checkpoint, resume, save_checkpoint)
+from mirage.train.checkpointing import (CheckpointRecord, ResumePoint, TrainingState,
+                                        checkpoint_meta, find_resume_checkpoint, resume,
+                                        save_checkpoint)
+from mirage.train.context import TrainingContext
 from mirage.train.feature_cache import open_feature_cache, open_split_cache
 from mirage.train.inference import score_best_checkpoint
 from mirage.train.losses import build_loss
-from mirage.train.optim import apply_schedule, cosine_schedule, param_groups
+from mirage.train.optim import apply_schedule, cosine_schedule, param_groups, warmup_steps
 from mirage.train.precision import Precision
-from mirage.train.protocols import apply_speed_options, make_optimizer, training_views
+from mirage.train.protocols import make_optimizer, training_views
 from mirage.train.runtime import random_state, restore_random_state
+from mirage.train.validation import Panels, SplitScoring, iou_line, validate
 from mirage.units import format_duration
-from mirage.train.validation import iou_line, validate
 
 
 # ============================================================================ train
@@ -43,56 +45,55 @@ def train(spec, runtime, on_epoch_end=None):
     ``on_epoch_end(folder)``, if given, is called on the main process after each epoch's
     log line is written (the command line writes TensorBoard curves there).
     """
-    config, folder, log = spec.options, spec.folder, runtime.log
-    if folder.training_finished(config["epochs"]) and config["auto_resume"] \
-            and not config["resume"]:
-        log(f">> {folder.path} already finished {config['epochs']} epochs: skipping training "
+    loop, folder, log = spec.loop, spec.folder, runtime.log
+    if folder.training_finished(loop.epochs) and loop.auto_resume and not loop.resume:
+        log(f">> {folder.path} already finished {loop.epochs} epochs: skipping training "
             "(delete the folder or change --version to train again)")
         return folder.path
 
     data = load_data(spec, runtime)
     model = model_for(spec, runtime)
-    log(f">> {trainable_line(model, config)}")
-    apply_speed_options(model, config, runtime.device, log)
-    criterion = build_loss(config["loss"], spec.data.ignore_index)
-    precision = Precision.from_config(runtime.device, config, log)
-    feature_cache = open_feature_cache(config, spec.model.fm, model, data.train_set,
-                                       spec.model.input_size, spec.model.norm, precision,
-                                       runtime.device, log)
+    log(f">> {trainable_line(model, spec)}")
+    criterion = build_loss(loop.loss, spec.data.ignore_index)
+    precision = Precision(runtime.device, spec.precision, log)
+    feature_cache = open_feature_cache(spec, model, data.train_set, precision, runtime)
     val_cache = open_split_cache(model, data.val_loader, feature_cache, log)  # frozen only
-    optimizer, lr_schedule, wd_schedule = optimisation(model, config, data.steps_per_epoch,
+    optimizer, lr_schedule, wd_schedule = optimisation(model, spec, data.steps_per_epoch,
                                                        runtime.device)
-    state, resumed = resume_or_start(spec, runtime, model, optimizer, precision)
-    ddp_model = DistributedDataParallel(model) if runtime.dist.enabled else model
+    record = CheckpointRecord(model, spec.options, spec.classes,
+                              checkpoint_meta(spec, spec.classes, model))
+    state, resumed = resume_or_start(spec, runtime, record, ResumePoint(optimizer,
+                                                                        precision.scaler))
+    ctx = TrainingContext(
+        spec, runtime, model, precision, criterion=criterion, optimizer=optimizer,
+        lr_schedule=lr_schedule, wd_schedule=wd_schedule, data=data,
+        feature_cache=feature_cache, val_cache=val_cache,
+        ddp_model=DistributedDataParallel(model) if runtime.dist.enabled else model,
+        record=record, state=state)
     # Last before the first epoch: everything above (model, cache) drew from the seeded
     # generators; a resumed run continues them where its checkpoint left them.
     restore_generators(state, runtime)
 
-    log(f">> {plan_line(state.start_epoch, config['epochs'], resumed, runtime.device)}")
+    log(f">> {plan_line(state.start_epoch, loop.epochs, resumed, runtime.device)}")
     clock = EpochClock()
-    for epoch in range(state.start_epoch, config["epochs"]):
+    for epoch in range(state.start_epoch, loop.epochs):
         started = time.time()
         if isinstance(data.train_loader.sampler, DistributedSampler):
             data.train_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(
-            ddp_model, data.train_loader, criterion, optimizer, precision, runtime.device,
-            epoch, lr_schedule, wd_schedule, epoch * data.steps_per_epoch,
-            config["clip_grad"], runtime.dist, config["epochs"], feature_cache=feature_cache)
+        train_stats = train_one_epoch(ctx, epoch)
         stats = {"epoch": epoch, **{f"train/{k}": v for k, v in train_stats.items()}}
-        stats.update(validate_epoch(spec, runtime, model, precision, criterion,
-                                    data.val_loader, epoch, state, val_cache))
+        stats.update(validate_epoch(ctx, epoch))
         stats["time"] = round(time.time() - started, 2)
         clock.add(stats["time"])
         # The checkpoint holds a copy of the log line: a kill between the two writes leaves
         # a checkpoint whose line the resumed run puts back (never a finished-looking log
         # without the checkpoint it needs).
-        save_epoch_checkpoint(spec, runtime, model, optimizer, precision, epoch, state, stats)
+        save_epoch_checkpoint(ctx, epoch, stats)
         if runtime.dist.is_main:
             folder.append_log(stats)
             if on_epoch_end is not None:
                 on_epoch_end(folder)
-        log(epoch_line(stats, state, config["epochs"],
-                       clock.time_left(config["epochs"] - 1 - epoch)))
+        log(epoch_line(stats, state, loop.epochs, clock.time_left(loop.epochs - 1 - epoch)))
         if "val/IoU" in stats:
             log(iou_line(stats["val/IoU"]))
     distributed.barrier(runtime.dist)
@@ -100,8 +101,7 @@ def train(spec, runtime, on_epoch_end=None):
     if data.test_slices and folder.best_checkpoint.is_file():
         test_set = SegmentationDataset(data.test_slices, spec.classes,
                                        test_transform(spec.model))
-        score_best_checkpoint(model, test_set, spec.data.dataset.root, spec, precision,
-                              runtime)
+        score_best_checkpoint(ctx, test_set, spec.data.dataset.root)
     distributed.shutdown()
     return folder.path
 
@@ -116,7 +116,7 @@ TUNING_WORDS = {
 }
 
 
-def trainable_line(model, config):
+def trainable_line(model, spec):
     """'tuning lora (...): 1.23 M trainable of 88.10 M parameters (backbone 0.91 M,
     decoder convnext 0.32 M)'; counts under 10,000 are written out."""
     def count(params):
@@ -126,10 +126,10 @@ def trainable_line(model, config):
     trained = [p for p in model.parameters() if p.requires_grad]
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
     decoder = [p for p in model.decoder.parameters() if p.requires_grad]
-    return (f"tuning {config['tuning']} ({TUNING_WORDS[config['tuning']]}): "
+    tuning = spec.protocol.name
+    return (f"tuning {tuning} ({TUNING_WORDS[tuning]}): "
             f"{count(trained)} trainable of {count(model.parameters())} parameters "
-            f"(backbone {count(backbone)}, decoder {config['output_adapter']} "
-            f"{count(decoder)})")
+            f"(backbone {count(backbone)}, decoder {spec.model.decoder} {count(decoder)})")
 
 
 @dataclass
@@ -146,60 +146,59 @@ class TrainingData:
 def load_data(spec, runtime):
     """Find and check every split before anything trains; the training and validation
     loaders."""
-    config, dataset, classes = spec.options, spec.data.dataset, spec.classes
+    loader, dataset, classes = spec.loader, spec.data.dataset, spec.classes
     train_slices = find_split(dataset.split_dir("train"), need_masks=True)
     val_slices = find_split(dataset.split_dir("val"), need_masks=True)
     test_split = dataset.split_dir("test")  # tested after training if it has masks
     test_slices = (find_split(test_split, need_masks=True)
                    if (test_split / "semseg").is_dir() else [])
     check_split(train_slices + val_slices + test_slices, classes,
-                workers=max(config["num_workers"], 2))
+                workers=max(loader.num_workers, 2))
     model = spec.model
     train_set = SegmentationDataset(train_slices, classes, SegmentationTransform(
-        model.input_size, train=True, aug_name=config["aug_name"], norm=model.norm,
+        model.input_size, train=True, aug_name=spec.loop.aug_name, norm=model.norm,
         in_chans=model.in_chans))
-    train_set = training_views(train_set, config)  # --aug_name flip
+    train_set = training_views(train_set, spec.loop.aug_name)  # --aug_name flip
     val_set = SegmentationDataset(val_slices, classes, test_transform(model))
-    global_batch = config["batch_size"] * runtime.dist.world_size
+    global_batch = loader.batch_size * runtime.dist.world_size
     steps_per_epoch = len(train_set) // global_batch
     if steps_per_epoch == 0:
-        raise UserError(f"--batch_size {config['batch_size']}: the training split has only "
+        raise UserError(f"--batch_size {loader.batch_size}: the training split has only "
                         f"{len(train_set)} B-scans; use a smaller batch size")
     runtime.log(f">> {len(train_set)} training / {len(val_set)} validation B-scans, "
                 f"{steps_per_epoch} steps per epoch of {global_batch}")
     return TrainingData(train_set=train_set,
-                        train_loader=make_loader(train_set, config, runtime.dist, train=True),
-                        val_loader=make_loader(val_set, config, runtime.dist, train=False),
+                        train_loader=make_loader(train_set, loader, runtime.dist, train=True),
+                        val_loader=make_loader(val_set, loader, runtime.dist, train=False),
                         steps_per_epoch=steps_per_epoch, test_slices=test_slices)
 
 
-def optimisation(model, config, steps_per_epoch, device):
-    """(optimizer, per-step LR schedule, per-step weight-decay schedule)."""
-    groups = param_groups(model, config["weight_decay"], config["layer_decay"],
-                          config["decoder_decay"],
-                          [s for s in config["no_lr_scale_list"].split("-") if s])
-    optimizer = make_optimizer(groups, config, device)  # fused Adam(W) on CUDA
-    lr_schedule = cosine_schedule(config["lr"], config["min_lr"], config["epochs"],
-                                  steps_per_epoch, config["warmup_epochs"],
-                                  config["warmup_steps"], config["warmup_lr"])
-    wd_end = config["weight_decay_end"]
-    wd_schedule = cosine_schedule(config["weight_decay"],
-                                  config["weight_decay"] if wd_end is None else wd_end,
-                                  config["epochs"], steps_per_epoch)
+def optimisation(model, spec, steps_per_epoch, device):
+    """(optimizer, per-step LR schedule, per-step weight-decay schedule) of the RunSpec's
+    OptimSpec over its epochs."""
+    optim, total = spec.optim, spec.loop.epochs * steps_per_epoch
+    groups = param_groups(model, optim.weight_decay, optim.layer_decay, optim.decoder_decay,
+                          optim.no_lr_scale)
+    optimizer = make_optimizer(groups, optim, device)  # fused Adam(W) on CUDA
+    lr_schedule = cosine_schedule(optim.lr, optim.min_lr, total,
+                                  warmup_steps(optim, steps_per_epoch), optim.warmup_lr)
+    wd_end = optim.weight_decay if optim.weight_decay_end is None else optim.weight_decay_end
+    wd_schedule = cosine_schedule(optim.weight_decay, wd_end, total)
     return optimizer, lr_schedule, wd_schedule
 
 
-def resume_or_start(spec, runtime, model, optimizer, precision):
-    """Resume an interrupted run (or the file given by --resume), or start a new one; the
-    run's identity.json and config.yaml are written either way. Returns (the TrainingState,
-    whether it was resumed from a checkpoint)."""
-    config, folder, is_main = spec.options, spec.folder, runtime.dist.is_main
-    state = TrainingState(start_epoch=config["start_epoch"])
-    found = find_resume_checkpoint(config, folder, runtime.log)
+def resume_or_start(spec, runtime, record, resume_point):
+    """Resume an interrupted run (or the file given by --resume) into ``record.model`` and
+    the ResumePoint's optimiser and scaler, or start a new one; the run's identity.json
+    and config.yaml are written either way. Returns (the TrainingState, whether it was
+    resumed from a checkpoint)."""
+    loop, folder, is_main = spec.loop, spec.folder, runtime.dist.is_main
+    state = TrainingState(start_epoch=loop.start_epoch)
+    found = find_resume_checkpoint(loop, folder, runtime.log)
     if found is not None:
-        path, payload, what = found
-        state = resume(path, model, optimizer, precision.scaler,
-                       checkpoint_meta(config, spec.classes, model), payload, what)
+        path = found.path
+        state = resume(found, record.model, resume_point.optimizer, resume_point.scaler,
+                       record.meta)
         runtime.log(f">> resumed from {path}: continuing at epoch {state.start_epoch}")
         if state.random_state is None:
             runtime.log(f">> note: {path.name} holds no random state (an older version "
@@ -220,7 +219,7 @@ def resume_or_start(spec, runtime, model, optimizer, precision):
         folder.trim_log(state.start_epoch)  # lines of an earlier start that had no checkpoint
     if is_main:
         folder.write_identity(spec.identity)
-        folder.write_config(yaml_text(config))
+        folder.write_config(yaml_text(spec.options))
     return state, found is not None
 
 
@@ -237,102 +236,94 @@ def restore_generators(state, runtime):
                     "run would")
 
 
-def validate_epoch(spec, runtime, model, precision, criterion, val_loader, epoch, state,
-                   val_cache=None):
+def validate_epoch(ctx, epoch):
     """Validate when due (every --eval_freq epochs and at the end) and save
     checkpoint-best.pth when the selecting metric improves; returns the validation stats
-    (``val/...``), or {} when not validated this epoch. ``val_cache``: the validation
-    tokens' store (fully-fixed backbone), or None."""
-    config, folder, classes = spec.options, spec.folder, spec.classes
-    is_main = runtime.dist.is_main
-    if epoch % config["eval_freq"] != 0 and epoch != config["epochs"] - 1:
+    (``val/...``), or {} when not validated this epoch. ``ctx``: the TrainingContext (its
+    ``val_cache``: the validation tokens' store when the backbone is fully fixed)."""
+    loop, folder, state = ctx.spec.loop, ctx.spec.folder, ctx.state
+    is_main = ctx.runtime.dist.is_main
+    if epoch % loop.eval_freq != 0 and epoch != loop.epochs - 1:
         return {}
-    image_dir = (folder.images_dir if config["log_images"] and is_main
-                 and epoch % config["log_images_freq"] == 0 else None)
-    val_stats = validate(model, val_loader, criterion, precision, runtime.device,
-                         classes.num_classes, spec.data.ignore_index, runtime.dist,
-                         desc="val", image_dir=image_dir, epoch=epoch, classes=classes,
-                         select_metric=config["select_metric"], feature_cache=val_cache)
-    state.metric = config["select_metric"]  # val/mIoU is its value; it picks the best
+    panels = (Panels(folder.images_dir, f"val_e{epoch}") if loop.log_images and is_main
+              and epoch % loop.log_images_freq == 0 else None)
+    scoring = SplitScoring(ctx.spec.classes, ctx.spec.data.ignore_index, loop.select_metric)
+    val_stats = validate(ctx.batch_step(ctx.criterion, ctx.val_cache), ctx.data.val_loader,
+                         scoring, ctx.runtime.dist, panels)
+    state.metric = loop.select_metric  # val/mIoU is its value; it picks the best
     if state.improves(val_stats["mIoU"]):
         state.best_miou, state.best_epoch = val_stats["mIoU"], epoch
-        if config["save_ckpt"] and is_main:
-            save_checkpoint(folder.best_checkpoint, model, None, None, epoch, state,
-                            config, classes)
+        if loop.save_ckpt and is_main:
+            save_checkpoint(folder.best_checkpoint, ctx.record, epoch, state)
     return {f"val/{k}": v for k, v in val_stats.items()}
 
 
-def save_epoch_checkpoint(spec, runtime, model, optimizer, precision, epoch, state,
-                          log_entry):
+def save_epoch_checkpoint(ctx, epoch, log_entry):
     """checkpoint-<epoch>.pth when due (every --save_ckpt_freq epochs and the last), then
     prune the older ones. It holds every process's random generators (saved at the end of
     the epoch, after validation) and the epoch's log line, so that a resume continues
     exactly where this run is now."""
-    config, folder = spec.options, spec.folder
-    due = (epoch + 1) % config["save_ckpt_freq"] == 0 or epoch == config["epochs"] - 1
-    if not (config["save_ckpt"] and due):
+    loop, folder = ctx.spec.loop, ctx.spec.folder
+    due = (epoch + 1) % loop.save_ckpt_freq == 0 or epoch == loop.epochs - 1
+    if not (loop.save_ckpt and due):
         return
-    generators = random_state(runtime.dist)  # collective: every process takes part
-    if runtime.dist.is_main:
-        save_checkpoint(folder.epoch_checkpoint(epoch), model, optimizer, precision.scaler,
-                        epoch, state, config, spec.classes, generators, log_entry)
-        folder.prune_epoch_checkpoints(keep=config["keep_ckpts"])
+    generators = random_state(ctx.runtime.dist)  # collective: every process takes part
+    if ctx.runtime.dist.is_main:
+        save_checkpoint(folder.epoch_checkpoint(epoch), ctx.record, epoch, ctx.state,
+                        ResumePoint(ctx.optimizer, ctx.precision.scaler, generators,
+                                    log_entry))
+        folder.prune_epoch_checkpoints(keep=loop.keep_ckpts)
 
 
 # ============================================================================ one epoch
 FINITE_CHECK_STEPS = 50  # steps between the (host-syncing) loss checks and progress updates
 
 
-def train_one_epoch(model, loader, criterion, optimizer, precision, device, epoch,
-                    lr_schedule, wd_schedule, first_step, clip_grad, dist_info, epochs,
-                    feature_cache=None):
-    """One pass over the training loader with per-step LR/WD schedules.
+def train_one_epoch(ctx, epoch):
+    """One pass over the training loader with per-step LR/WD schedules (``ctx``: the
+    TrainingContext).
 
     No step waits for the device: the loss is summed on it, and checked for NaN/Inf (a
     RuntimeError naming the first bad step) every ``FINITE_CHECK_STEPS`` steps and at the
-    end. With ``feature_cache`` (fully-frozen protocol) the decoder reads cached tokens.
+    end. With a feature cache (fully-frozen protocol) the decoder reads cached tokens.
     Returns ``{"loss": mean over steps and processes, "lr": last peak LR}``.
     """
+    model, optimizer, device = ctx.ddp_model, ctx.optimizer, ctx.runtime.device
+    dist_info, first_step = ctx.runtime.dist, epoch * ctx.data.steps_per_epoch
+    step_batch = ctx.batch_step(ctx.criterion, ctx.feature_cache, model)
+    clip_grad = ctx.spec.optim.clip_grad
     model.train()
-    inner = model.module if isinstance(model, DistributedDataParallel) else model
     params = [p for p in model.parameters() if p.requires_grad]
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum, count)
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step
     shown = torch.zeros(2, dtype=torch.float64, device=device)  # loss_sum at the last check
-    bar = tqdm(loader, desc=epoch_label(epoch, epochs), leave=False,
-               disable=not dist_info.is_main, dynamic_ncols=True)
+    bar = tqdm(ctx.data.train_loader, desc=epoch_label(epoch, ctx.spec.loop.epochs),
+               leave=False, disable=not dist_info.is_main, dynamic_ncols=True)
     for step, batch in enumerate(bar):
-        apply_schedule(optimizer, lr_schedule[first_step + step],
-                       wd_schedule[first_step + step])
-        images = batch["image"].to(device, non_blocking=True)
-        masks = batch["mask"].to(device, non_blocking=True).long()
-        with precision.autocast():
-            if feature_cache is None:
-                logits = model(images)
-            else:
-                logits = model(features=feature_cache.features(inner, images, batch))
-        loss = criterion(logits.float(), masks)
+        apply_schedule(optimizer, ctx.lr_schedule[first_step + step],
+                       ctx.wd_schedule[first_step + step])
+        _, _, loss = step_batch(batch)
         optimizer.zero_grad(set_to_none=True)
-        precision.backward(loss, optimizer, clip_grad, params)
+        ctx.precision.backward(loss, optimizer, clip_grad, params)
         loss = loss.detach()
         first_bad.masked_fill_((first_bad < 0) & ~torch.isfinite(loss), step)
         loss_sum[0] += loss
         loss_sum[1] += 1.0
         if (step + 1) % FINITE_CHECK_STEPS == 0:
-            _check_finite(first_bad, loss_sum, epoch, dist_info, precision)
+            _check_finite(first_bad, epoch, dist_info, ctx.precision)
             recent = loss_sum - shown
             shown = loss_sum.clone()
             bar.set_postfix(loss=f"{float(recent[0] / recent[1]):.4f}",
-                            lr=f"{lr_schedule[first_step + step]:.2e}")
-    _check_finite(first_bad, loss_sum, epoch, dist_info, precision)
-    if feature_cache is not None and dist_info.is_main:
-        feature_cache.end_epoch()
+                            lr=f"{ctx.lr_schedule[first_step + step]:.2e}")
+    _check_finite(first_bad, epoch, dist_info, ctx.precision)
+    if ctx.feature_cache is not None and dist_info.is_main:
+        ctx.feature_cache.end_epoch()
     distributed.all_reduce_sum(loss_sum, dist_info)
     max_lr = max(group["lr"] for group in optimizer.param_groups)
     return {"loss": float(loss_sum[0] / loss_sum[1]), "lr": max_lr}
 
 
-def _check_finite(first_bad, loss_sum, epoch, dist_info, precision):
+def _check_finite(first_bad, epoch, dist_info, precision):
     """RuntimeError (on every process alike) if a step of this epoch had a NaN/Inf loss."""
     bad = (first_bad >= 0).to(torch.float64).reshape(1)
     distributed.all_reduce_sum(bad, dist_info)

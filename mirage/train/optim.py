@@ -52,30 +52,35 @@ def param_groups(model, weight_decay, layer_decay=1.0, decoder_decay=None,
     return list(groups.values())
 
 
-def build_optimizer(groups, opt, lr, eps=1e-8, betas=(0.9, 0.999), momentum=0.9):
-    """``--opt``: adamw | adam | sgd (Nesterov momentum) | momentum (plain momentum)."""
-    if opt == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, eps=eps, betas=tuple(betas))
-    if opt == "adam":
-        return torch.optim.Adam(groups, lr=lr, eps=eps, betas=tuple(betas))
-    if opt in ("sgd", "momentum"):
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=opt == "sgd")
-    raise ValueError(f"unknown optimiser {opt!r}")
+def build_optimizer(groups, optim):
+    """The OptimSpec's ``--opt``: adamw | adam | sgd (Nesterov momentum) | momentum (plain
+    momentum)."""
+    if optim.name == "adamw":
+        return torch.optim.AdamW(groups, lr=optim.lr, eps=optim.eps, betas=tuple(optim.betas))
+    if optim.name == "adam":
+        return torch.optim.Adam(groups, lr=optim.lr, eps=optim.eps, betas=tuple(optim.betas))
+    if optim.name in ("sgd", "momentum"):
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum,
+                               nesterov=optim.name == "sgd")
+    raise ValueError(f"unknown optimiser {optim.name!r}")
 
 
-def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0,
-                    warmup_steps=-1, warmup_start=0.0):
+def warmup_steps(optim, steps_per_epoch):
+    """The warmup's length in steps: ``--warmup_steps`` if > 0, else ``--warmup_epochs``
+    epochs."""
+    return optim.warmup_steps if optim.warmup_steps > 0 else \
+        optim.warmup_epochs * steps_per_epoch
+
+
+def cosine_schedule(base, final, total, warmup=0, warmup_start=0.0):
     """Per-step values as the original (MAE/BEiT/MultiMAE ``cosine_scheduler``) computes
-    them; a float64 array of length ``epochs * steps_per_epoch``.
+    them; a float64 array of ``total`` steps.
 
-    Warmup: W = ``warmup_steps`` if > 0, else ``warmup_epochs * steps_per_epoch`` (at most
-    the total), W values ``np.linspace(warmup_start, base, W)``, both ends included: step 0
-    is ``warmup_start`` (the original: always 0), step W - 1 is ``base``. Then the T
-    remaining steps t = 0..T-1 follow ``final + 0.5 (base - final) (1 + cos(pi t / T))``,
-    so step W is ``base`` again.
+    Warmup: W = ``warmup`` steps (at most the total), W values ``np.linspace(warmup_start,
+    base, W)``, both ends included: step 0 is ``warmup_start`` (the original: always 0),
+    step W - 1 is ``base``. Then the T remaining steps t = 0..T-1 follow
+    ``final + 0.5 (base - final) (1 + cos(pi t / T))``, so step W is ``base`` again.
     """
-    total = epochs * steps_per_epoch
-    warmup = warmup_steps if warmup_steps > 0 else warmup_epochs * steps_per_epoch
     warmup = min(warmup, total)
     ramp = np.linspace(warmup_start, base, warmup) if warmup else np.empty(0)
     decay_steps = total - warmup

@@ -8,27 +8,21 @@ from mirage.errors import UserError
 
 class Precision:
     """Autocast + gradient scaling on CUDA: float16 with a gradient scaler, or bfloat16
-    (float32's range, so no scaler); float32 on the CPU and with ``--no_fp16``.
-
-    ``fp16``: mixed precision on; ``amp_dtype``: 'fp16' or 'bf16'; ``bf16``: the old
-    switch for bfloat16 (wins, as it always did).
+    (float32's range, so no scaler); float32 on the CPU and when the PrecisionSpec
+    (mirage.run.spec) has ``mixed`` off.
     """
 
-    def __init__(self, device, fp16, bf16, log, amp_dtype="fp16"):
+    def __init__(self, device, spec, log):
         cuda = device.type == "cuda"
-        wanted = torch.bfloat16 if bf16 or amp_dtype == "bf16" else torch.float16
-        self.dtype = wanted if cuda and (fp16 or bf16) else None
+        wanted = torch.bfloat16 if spec.dtype == "bf16" else torch.float16
+        self.dtype = wanted if cuda and spec.mixed else None
         if self.dtype == torch.bfloat16 and not _bf16_supported(device):
             raise UserError(f"--amp_dtype bf16: {torch.cuda.get_device_name(device)} has no "
                             "bfloat16 support; use --amp_dtype fp16")
         self.device_type = device.type
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
-        if not cuda and (fp16 or bf16):
+        if not cuda and spec.mixed:
             log(">> note: mixed precision is CUDA-only; running in float32 on the CPU")
-
-    @classmethod
-    def from_config(cls, device, config, log):
-        return cls(device, config["fp16"], config["bf16"], log, config["amp_dtype"])
 
     def autocast(self):
         if self.dtype is None:
@@ -42,7 +36,6 @@ class Precision:
             torch.nn.utils.clip_grad_norm_(params, clip_grad)
         self.scaler.step(optimizer)
         self.scaler.update()
-
 
 
 def _bf16_supported(device):

@@ -14,6 +14,7 @@ B-scan is predicted as it predicts one: resized to the input size and normalised
 (``test_transform``), the logits resized bilinearly to the B-scan's original size, then
 the argmax as INFO.json values. The training dataset need not be present.
 """
+import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,19 +24,17 @@ import numpy as np
 import torch
 
 from mirage import checkpoint_io
-from mirage.config import OPTIONS, load_yaml, resolve_tuning
 from mirage.data.classes import ClassTable, read_class_table
 from mirage.errors import UserError
 from mirage.fileio import read_gray
-from mirage.run.folder import RunFolder
-from mirage.run.spec import resolve_model
-from mirage.train.build import build_model, test_transform
+from mirage.run.spec import RunSpec, SpeedSpec
+from mirage.train.build import model_for, test_transform
 from mirage.train.checkpointing import checkpoint_meta, load_for_inference
+from mirage.train.context import RunContext
 from mirage.train.distributed import DistInfo
 from mirage.train.inference import labels_of, logits_at_size
 from mirage.train.precision import Precision
-from mirage.train.protocols import apply_speed_options
-from mirage.train.runtime import resolve_device
+from mirage.train.runtime import Runtime, resolve_device
 
 # Training reads an image file with OpenCV as 2-D gray, 8 or 16 bits as stored
 # (mirage.fileio.read_gray); in-memory RGB arrays go through the same decoder.
@@ -47,29 +46,15 @@ def _quiet(_message):
     """A log function that prints nothing (the predictor is a library call)."""
 
 
-def read_run_config(folder):
-    """Every option of the run: built-in defaults updated by its ``config.yaml``."""
-    if not folder.path.is_dir():
-        raise UserError(f"run directory {folder.path} not found; give <output>/<version>/"
-                        "<dataset>/<run name>/")
-    if not folder.config_file.is_file():
-        raise UserError(f"{folder.config_file} not found; {folder.path} is not a run "
-                        "directory of run_seg_tuning.py (or its config.yaml was removed)")
-    config = {opt.name: opt.default for opt in OPTIONS}
-    values = load_yaml(folder.config_file)
-    config.update(values)
-    resolve_tuning(config, [(str(folder.config_file), values)])  # older runs: no 'tuning:'
-    return config
-
-
-def checkpoint_classes(payload, checkpoint, config):
+def checkpoint_classes(payload, checkpoint, options):
     """The ClassTable a checkpoint was trained with: its ``meta`` (or the first version's
-    class lists); only checkpoints recording neither fall back to the dataset's INFO.json."""
+    class lists); only checkpoints recording neither fall back to the dataset's INFO.json
+    (``options``: the run's)."""
     entries = (payload.get("meta") or {}).get("classes")
     if entries is None and "class_values" in payload and "class_labels" in payload:
         entries = list(zip(payload["class_values"], payload["class_labels"]))
     if entries is None:
-        info = config["mapping_fn"] or Path(str(config["data_path"])) / "INFO.json"
+        info = options["mapping_fn"] or Path(str(options["data_path"])) / "INFO.json"
         return read_class_table(info)
     return ClassTable.from_entries(entries, f"{checkpoint} (the classes it was trained with)")
 
@@ -83,35 +68,34 @@ def load_run(run_dir, device="auto", weights=None, batch_size=None):
     records. batch_size: B-scans per forward pass (default: the run's --batch_size).
     Mixed precision is the run's (--fp16/--amp_dtype, CUDA only); on CUDA, cuDNN
     autotuning is switched on for the process, as inference does.
+
+    The run is read back as ``--run_dir RUN --infer_only --test`` reads it
+    (``RunSpec.from_run_dir``, the same checks) and its model built by the same code
+    (``model_for``), without the dataset: the classes come from the checkpoint.
     """
-    folder = RunFolder(Path(run_dir).expanduser())
-    config = read_run_config(folder)
-    spec = resolve_model(config)  # the family from the file name it was trained with
+    overrides = {"device": str(device)}
     if weights is not None:
-        config["weights"] = str(weights)
-    if not Path(config["weights"]).is_file():
-        named = "given" if weights is not None else f"of {folder.config_file}"
-        raise UserError(f"weights file {config['weights']} ({named}) not found; pass the "
-                        "file the run was trained on (weights=... in Python, --weights "
-                        "with run_seg_predict.py)")
-    best = folder.best_checkpoint
+        if not Path(weights).is_file():
+            raise UserError(f"weights file {weights} (given) not found; pass the file the "
+                            "run was trained on (weights=... in Python, --weights with "
+                            "run_seg_predict.py)")
+        overrides["weights"] = str(weights)
+    spec = RunSpec.from_run_dir(Path(run_dir).expanduser(), overrides, need_data=False)
+    best = spec.folder.best_checkpoint
     if not best.is_file():
         raise UserError(f"no trained checkpoint: {best} not found; train this run first")
     payload = checkpoint_io.load_file(best, what="checkpoint")
-    classes = checkpoint_classes(payload, best, config)
-    torch_device = resolve_device(str(device), DistInfo())
-    model, _ = build_model(config, spec.fm, classes.num_classes, spec.input_size,
-                           spec.patch_size)
-    model.to(torch_device)
-    # The speed options inference applies (channels-last decoder, ...) change the
-    # arithmetic's order, so they are applied here too; compiling is left out (minutes).
-    apply_speed_options(model, {**config, "compile": False, "grad_checkpointing": False},
-                        torch_device, _quiet)
-    epoch = load_for_inference(model, best, checkpoint_meta(config, classes, model), payload)
+    classes = checkpoint_classes(payload, best, spec.options)
+    runtime = Runtime(resolve_device(spec.runtime.device, DistInfo()), DistInfo(), _quiet)
+    # Compiling is left out (minutes); the other speed options change the arithmetic's
+    # order, so they are applied as inference applies them.
+    model = model_for(dataclasses.replace(spec, speed=SpeedSpec()), runtime,
+                      classes.num_classes)
+    epoch = load_for_inference(model, best, checkpoint_meta(spec, classes, model), payload)
     model.eval()
-    return Predictor(model, classes, test_transform(spec), torch_device,
-                     Precision.from_config(torch_device, config, _quiet),
-                     batch_size or config["batch_size"], folder.path, epoch)
+    precision = Precision(runtime.device, spec.precision, _quiet)
+    return Predictor(RunContext(spec, runtime, model, precision), classes,
+                     batch_size or spec.loader.batch_size, epoch)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -166,14 +150,18 @@ class Predictor:
 
     classes: the ClassTable (``values``: the INFO.json pixel values, ``labels``).
     run_dir, epoch: where it comes from and the epoch of its checkpoint-best.pth.
+    spec: the RunSpec it was rebuilt from.
     """
 
-    def __init__(self, model, classes, transform, device, precision, batch_size, run_dir,
-                 epoch):
-        self.model, self.classes, self.transform = model, classes, transform
-        self.device, self.precision, self.batch_size = device, precision, max(1, batch_size)
-        self.run_dir, self.epoch = Path(run_dir), epoch
-        self._values = torch.from_numpy(classes.index_to_value().astype(np.int32)).to(device)
+    def __init__(self, run, classes, batch_size, epoch):
+        """``run``: the RunContext of the loaded model; ``classes``: its checkpoint's."""
+        self.spec, self.model, self.classes = run.spec, run.model, classes
+        self.transform = test_transform(run.spec.model)
+        self.device, self.precision = run.runtime.device, run.precision
+        self.batch_size = max(1, batch_size)
+        self.run_dir, self.epoch = run.spec.folder.path, epoch
+        self._values = torch.from_numpy(classes.index_to_value().astype(np.int32)).to(
+            self.device)
         self._dtype = classes.index_to_value().dtype
 
     def __repr__(self):

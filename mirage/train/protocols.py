@@ -57,16 +57,17 @@ class RandomFlipViews(Dataset):
         return item
 
 
-def training_views(dataset, config):
+def training_views(dataset, aug_name):
     """The training dataset as ``--aug_name`` asks; 'flip' wraps it in
     :class:`RandomFlipViews` (its transform only resizes)."""
-    return RandomFlipViews(dataset) if config["aug_name"] == "flip" else dataset
+    return RandomFlipViews(dataset) if aug_name == "flip" else dataset
 
 
 # ----------------------------------------------------------------------------- model
-def apply_speed_options(model, config, device, log, compile_backend="inductor"):
-    """Channels-last decoder (CUDA), ``--grad_checkpointing``, ``--compile``; logs one line
-    saying what is on. ``model`` is a SegmentationModel already on ``device``."""
+def apply_speed_options(model, speed, device, log, compile_backend="inductor"):
+    """Channels-last decoder, and the SpeedSpec's ``--grad_checkpointing`` and
+    ``--compile``; logs one line saying what is on. ``model`` is a SegmentationModel
+    already on ``device``."""
     fused, total = fused_attention_layers(model.backbone)
     notes = [f"fused attention in {fused}/{total} attention layers"
              + ("" if fused == total else " (is TIMM_FUSED_ATTN=0 set?)")]
@@ -78,7 +79,7 @@ def apply_speed_options(model, config, device, log, compile_backend="inductor"):
         # The input size is fixed: autotune each convolution once, keep the fastest.
         torch.backends.cudnn.benchmark = True
         notes.append("cuDNN autotuning")
-    if config["grad_checkpointing"]:
+    if speed.grad_checkpointing:
         if model.backbone_frozen:
             log(">> note: --grad_checkpointing has no effect with a fully frozen backbone "
                 "(--tuning fully_frozen or linear_probe: no graph runs through it)")
@@ -87,7 +88,7 @@ def apply_speed_options(model, config, device, log, compile_backend="inductor"):
         else:
             log(f">> note: --grad_checkpointing: {type(model.backbone).__name__} has no "
                 "checkpointing switch; its activations are stored as usual")
-    if config["compile"]:
+    if speed.compile:
         model.compile_parts(lambda fn, name: CompileOrEager(fn, name, log, compile_backend))
         notes.append("torch.compile of encoder and decoder (the first steps compile"
                      + (", minutes on a CPU)" if device.type == "cpu" else ")"))
@@ -95,16 +96,14 @@ def apply_speed_options(model, config, device, log, compile_backend="inductor"):
     return model
 
 
-def make_optimizer(groups, config, device):
-    """``--opt`` as mirage.train.optim.build_optimizer builds it; on CUDA, Adam/AdamW are the
-    fused implementations (one kernel for all parameters, and no host sync in the
-    gradient scaler's step)."""
-    if device.type == "cuda" and config["opt"] in ("adamw", "adam"):
-        cls = torch.optim.AdamW if config["opt"] == "adamw" else torch.optim.Adam
-        return cls(groups, lr=config["lr"], eps=config["opt_eps"],
-                   betas=tuple(config["opt_betas"]), fused=True)
-    return build_optimizer(groups, config["opt"], config["lr"], config["opt_eps"],
-                           config["opt_betas"], config["momentum"])
+def make_optimizer(groups, optim, device):
+    """The OptimSpec's optimiser as mirage.train.optim.build_optimizer builds it; on CUDA,
+    Adam/AdamW are the fused implementations (one kernel for all parameters, and no host
+    sync in the gradient scaler's step)."""
+    if device.type == "cuda" and optim.name in ("adamw", "adam"):
+        cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
+        return cls(groups, lr=optim.lr, eps=optim.eps, betas=tuple(optim.betas), fused=True)
+    return build_optimizer(groups, optim)
 
 
 class CompileOrEager:

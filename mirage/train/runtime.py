@@ -28,14 +28,15 @@ class Runtime:
         return run_lock(run_dir) if self.dist.is_main else contextlib.nullcontext()
 
 
-def start_runtime(config):
-    """Join the torchrun processes (if any), pick the device, seed every generator and set
-    the warning filter; returns the Runtime."""
-    dist_info = distributed.init_from_env(distributed.device_type(config["device"]))
-    device = resolve_device(config["device"], dist_info)
-    if not config["show_user_warnings"]:
+def start_runtime(spec, seed):
+    """Join the torchrun processes (if any), pick the device, seed every generator with
+    ``seed`` (plus the process's rank) and set the warning filter; ``spec``: the RunSpec's
+    RuntimeSpec. Returns the Runtime."""
+    dist_info = distributed.init_from_env(distributed.device_type(spec.device))
+    device = resolve_device(spec.device, dist_info)
+    if not spec.show_user_warnings:
         warnings.filterwarnings("ignore", category=UserWarning)
-    seed_everything(config["seed"] + dist_info.rank)
+    seed_everything(seed + dist_info.rank)
     return Runtime(device=device, dist=dist_info, log=_logger(dist_info))
 
 

@@ -1,55 +1,71 @@
 """Validation (and testing) of a model on a split: loss and confusion-matrix metrics, plus
 optional input | truth | prediction panels."""
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from mirage.data.classes import ClassTable
 from mirage.fileio import write_png
 from mirage.train import distributed
 from mirage.train.validation_metrics import confusion_matrix, validation_scores
 
 
-@torch.no_grad()
-def validate(model, loader, criterion, precision, device, num_classes, ignore_index,
-             dist_info, desc="val", image_dir=None, epoch=0, classes=None,
-             select_metric="mIoU_all", feature_cache=None):
-    """Loss and the metrics of mirage.train.validation_metrics.validation_scores over every
-    pixel of a split (summed over processes): mIoU (= ``select_metric``), mIoU_all, mIoU_fg, aAcc,
-    mAcc as fractions, IoU as {class label: IoU}.
+@dataclass(frozen=True)
+class SplitScoring:
+    """How a split is scored: its class table, the class left out of mIoU_fg (or None),
+    the metric reported as ``mIoU`` (the one that selects the best checkpoint) and the
+    progress bar's name."""
 
-    With ``image_dir``, saves input | truth | prediction panels of the first batch. With
+    classes: ClassTable
+    ignore_index: Optional[int]
+    select_metric: str = "mIoU_all"
+    desc: str = "val"
+
+
+@dataclass(frozen=True)
+class Panels:
+    """Validation panels to draw: input | truth | prediction of the first batch's first
+    ``limit`` B-scans, as ``<folder>/<tag>_<slice id>.png``."""
+
+    folder: Path
+    tag: str
+    limit: int = 4
+
+
+@torch.no_grad()
+def validate(step, loader, scoring, dist_info, panels=None):
+    """Loss and the metrics of mirage.train.validation_metrics.validation_scores over every
+    pixel of a split (summed over processes): mIoU (= ``scoring.select_metric``),
+    mIoU_all, mIoU_fg, aAcc, mAcc as fractions, IoU as {class label: IoU}.
+
+    ``step``: the BatchStep (mirage/train/forward.py) of the model in eval mode; with its
     ``feature_cache`` (the split's store, ``feature_cache.open_split_cache``: the backbone
     is fully fixed) the decoder reads the split's tokens from it, computed at the first
-    validation only.
+    validation only. ``panels``: draw the first batch (:class:`Panels`), or None.
     """
-    model.eval()
+    step.model.eval()
+    num_classes, device = scoring.classes.num_classes, step.device
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
-    for i, batch in enumerate(tqdm(loader, desc=desc, leave=False,
+    for i, batch in enumerate(tqdm(loader, desc=scoring.desc, leave=False,
                                    disable=not dist_info.is_main, dynamic_ncols=True)):
-        images = batch["image"].to(device, non_blocking=True)
-        masks = batch["mask"].to(device, non_blocking=True).long()
-        with precision.autocast():
-            if feature_cache is None:
-                logits = model(images)
-            else:
-                logits = model(features=feature_cache.features(model, images, batch))
-        loss = criterion(logits.float(), masks)
-        loss_sum += torch.tensor([loss.item() * len(images), len(images)],
+        logits, masks, loss = step(batch)
+        loss_sum += torch.tensor([loss.item() * len(masks), len(masks)],
                                  dtype=torch.float64, device=device)
         pred = logits.argmax(dim=1)
         confusion += confusion_matrix(pred, masks, num_classes)
-        if image_dir is not None and i == 0:
-            save_panels(image_dir, batch, pred, loader.dataset, classes, f"{desc}_e{epoch}")
-    if feature_cache is not None and dist_info.is_main:
-        feature_cache.end_epoch()
+        if panels is not None and i == 0:
+            save_panels(panels, batch, pred, loader.dataset, scoring.classes)
+    if step.feature_cache is not None and dist_info.is_main:
+        step.feature_cache.end_epoch()
     distributed.all_reduce_sum(confusion, dist_info)
     distributed.all_reduce_sum(loss_sum, dist_info)
-    table = classes if classes is not None else getattr(loader.dataset, "class_table", None)
-    scores = validation_scores(confusion, ignore_index,
-                               table.labels if table is not None else None, select_metric)
+    scores = validation_scores(confusion, scoring.ignore_index, scoring.classes.labels,
+                               scoring.select_metric)
     return {"loss": float(loss_sum[0] / max(loss_sum[1], 1)), **scores}
 
 
@@ -69,11 +85,11 @@ def iou_line(ious):
     return "  val IoU %: " + " | ".join(cells)
 
 
-def save_panels(image_dir, batch, pred, dataset, classes, tag, limit=4):
+def save_panels(panels, batch, pred, dataset, classes):
     """input | truth | prediction as one grey PNG per B-scan (masks shown by value)."""
     values = classes.index_to_value().astype(np.float32)
     scale = 255.0 / max(float(values.max()), 1.0)
-    for k in range(min(limit, len(pred))):
+    for k in range(min(panels.limit, len(pred))):
         image = batch["image"][k, 0].numpy()
         span = float(image.max() - image.min()) or 1.0
         image = (image - image.min()) / span * 255.0
@@ -81,5 +97,4 @@ def save_panels(image_dir, batch, pred, dataset, classes, tag, limit=4):
         guess = values[pred[k].cpu().numpy()] * scale
         panel = np.concatenate([image, truth, guess], axis=1).round().astype(np.uint8)
         slice_id = dataset.slices[int(batch["index"][k])].slice_id
-        write_png(Path(image_dir) / f"{tag}_{slice_id}.png", panel)
-
+        write_png(Path(panels.folder) / f"{panels.tag}_{slice_id}.png", panel)
