@@ -1,6 +1,7 @@
 """run_seg_check_data.py (mirage/data/check.py): every check training runs, with training's
-words, and a summary of each clean dataset."""
+words (every problem at once), and a summary of each clean dataset."""
 import json
+import re
 import shutil
 
 import cv2
@@ -22,6 +23,12 @@ def train_argv(dataset, weights, out, *extra):
 
 def run(main, args, capsys):
     """(exit status, stdout, the ``error:`` lines of stderr)."""
+    code, out, err = run_full(main, args, capsys)
+    return code, out, [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+def run_full(main, args, capsys):
+    """(exit status, stdout, stderr)."""
     capsys.readouterr()
     try:
         main([str(a) for a in args])
@@ -30,7 +37,20 @@ def run(main, args, capsys):
         code = stop.code
     out, err = capsys.readouterr()
     assert "Traceback" not in err
-    return code, out, [line for line in err.splitlines() if line.startswith("error: ")]
+    return code, out, err
+
+
+def problem_lines(err):
+    """The problems an ``error:`` on stderr lists: its one line, or the lines under
+    "N problems in ...:"."""
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("error: "), lines
+    if len(lines) == 1:
+        return [lines[0][len("error: "):]]
+    assert re.fullmatch(rf"error: {len(lines) - 1} problems in .*; fix them all, then run "
+                        "again:", lines[0]), lines[0]
+    assert all(line.startswith("  - ") for line in lines[1:]), lines
+    return [line[len("  - "):] for line in lines[1:]]
 
 
 def _rename(root, split, old, new, subs=("bscan", "semseg")):
@@ -48,6 +68,12 @@ def _mask_values(root):
 def _empty_split(root):
     for path in (root / "val/bscan").iterdir():
         path.unlink()
+
+
+def _images_in_every_split(root):
+    _mask_values(root)
+    (root / "val/bscan/valvol0_0.png").write_bytes(b"")
+    cv2.imwrite(str(root / "test/semseg/testvol0_1.png"), np.zeros((8, 8), np.uint8))
 
 
 # The damages tests/test_data.py shows training refusing: each damages the dataset in
@@ -78,6 +104,7 @@ BROKEN = {
     "bad test mask": lambda root: cv2.imwrite(str(root / "test/semseg/testvol0_2.png"),
                                               np.full((64, 96), 9, np.uint8)),
     "missing --mapping_fn": lambda root: ["--mapping_fn", root / "nowhere.json"],
+    "images broken in every split": _images_in_every_split,
 }
 
 
@@ -86,14 +113,14 @@ def test_each_broken_dataset_gets_trainings_error(tiny_dataset, tiny_weights, tm
                                                  capsys, damage):
     damaged = BROKEN[damage](tiny_dataset)
     extra = damaged if isinstance(damaged, list) else []
-    code, _, trained = run(run_seg_tuning.main,
-                           train_argv(tiny_dataset, tiny_weights, tmp_path / "out", *extra),
-                           capsys)
-    assert code == 2 and len(trained) == 1, damage
-    code, _, checked = run(run_seg_check_data.main, ["--data_path", tiny_dataset, *extra],
-                           capsys)
+    code, _, trained = run_full(run_seg_tuning.main,
+                                train_argv(tiny_dataset, tiny_weights, tmp_path / "out",
+                                           *extra), capsys)
+    assert code == 2, damage
+    code, _, checked = run_full(run_seg_check_data.main,
+                                ["--data_path", tiny_dataset, *extra], capsys)
     assert code == 2
-    assert checked == trained  # one line, the same words
+    assert problem_lines(checked) == problem_lines(trained)  # the same words
 
 
 def test_a_clean_dataset_is_summarised(tmp_path, capsys):

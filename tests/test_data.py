@@ -10,6 +10,7 @@ from conftest import make_dataset
 from mirage.data.classes import read_class_table
 from mirage.data.dataset import SegmentationDataset
 from mirage.data.layout import check_split, find_split, open_dataset, parse_slice_name
+from mirage.data.problems import DatasetProblems
 from mirage.errors import UserError
 from mirage.data.transforms import SegmentationTransform
 
@@ -156,11 +157,14 @@ def _rename(dataset, split, old, new, subs=("bscan", "semseg")):
                                   "7.png", "trainvol0_\u0661.png"])  # '١': not an ASCII digit
 def test_file_name_without_slice_number_is_named(tiny_dataset, name):
     _rename(tiny_dataset, "train", "trainvol0_1.png", name)
-    with pytest.raises(UserError) as err:
+    with pytest.raises(DatasetProblems) as err:
         find_split(tiny_dataset / "train", need_masks=True)
-    assert str(err.value) == (f"1 file(s) in {tiny_dataset / 'train' / 'bscan'} are not named "
-                              f"<scan_id>_<slice number> (e.g. patient01_5.png): {name}; "
-                              "rename them")
+    # The B-scan and its mask are both misnamed: each folder's problem is listed.
+    assert err.value.problems == [
+        f"1 file(s) in {tiny_dataset / 'train' / sub} are not named <scan_id>_<slice "
+        f"number> (e.g. patient01_5.png): {name}; rename them" for sub in ("bscan", "semseg")]
+    assert str(err.value).splitlines()[0] == (f"2 problems in {tiny_dataset / 'train'}; fix "
+                                              "them all, then run again:")
 
 
 def test_misnamed_files_are_found_without_masks_too(tiny_dataset):
@@ -184,18 +188,18 @@ def test_two_files_with_one_stem_are_named(tiny_dataset):
 
 def test_two_names_for_one_slice_are_named(tiny_dataset):
     _rename(tiny_dataset, "val", "valvol0_1.png", "valvol0_00.png")
-    with pytest.raises(UserError) as err:
+    with pytest.raises(DatasetProblems) as err:
         find_split(tiny_dataset / "val", need_masks=True)
-    assert str(err.value) == (f"{tiny_dataset / 'val' / 'bscan'}: valvol0_0.png and "
-                              "valvol0_00.png are both slice 0 of volume valvol0; rename or "
-                              "remove one of them")
+    assert err.value.problems == [
+        f"{tiny_dataset / 'val' / sub}: valvol0_0.png and valvol0_00.png are both slice 0 of "
+        "volume valvol0; rename or remove one of them" for sub in ("bscan", "semseg")]
 
 
 @pytest.mark.parametrize("damage, expected", [
     ("no_slice", "file(s) in {root}/val/bscan are not named <scan_id>_<slice number>"),
     ("two_stems", "{root}/val/bscan: valvol0_0.bmp and valvol0_0.png are two files"),
 ])
-def test_training_stops_with_one_line_naming_the_file(tiny_dataset, tiny_weights, tmp_path,
+def test_training_stops_naming_the_file(tiny_dataset, tiny_weights, tmp_path,
                                                       capsys, damage, expected):
     import run_seg_tuning
     if damage == "no_slice":
@@ -209,5 +213,5 @@ def test_training_stops_with_one_line_naming_the_file(tiny_dataset, tiny_weights
                              "--num_workers", "0", "--base_output_dir", str(tmp_path / "out")])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ")
-    assert expected.format(root=tiny_dataset) in err[0]
+    assert err[0].startswith("error: ")
+    assert expected.format(root=tiny_dataset) in "\n".join(err)

@@ -2,41 +2,41 @@
 
     check_dataset(data_path, mapping_fn=None, workers=4) -> DatasetSummary
     format_summary(summary) -> text
+    check_training_data(dataset, classes, workers=2) -> {split name: [SliceFiles]}
 
-The checks are training's own, in training's order (mirage/train/job.py and
-``load_data`` in mirage/train/loop.py): the folder and its class table (INFO.json or
---mapping_fn), at least two classes, then ``find_split`` of train, val and test (when it
-has masks) and every B-scan and mask decoded and checked (``check_slice``: readable,
-sizes match, mask values in the class table). A test split without masks is checked as
-``--infer_only --test`` reads it (B-scans only). The first problem raises the UserError
-training would raise, with the same text. Evaluation-only datasets (``bscan/`` and
-``semseg/`` at the top level, e.g. Duke iAMD) have their test split checked only.
+The checks are training's own (mirage/train/job.py and ``load_data`` in
+mirage/train/loop.py): the folder and its class table (INFO.json or --mapping_fn), at
+least two classes, then the folders of train, val and test (when it has masks:
+``scan_split``) and every B-scan and mask decoded once and checked (``inspect_slice``:
+readable, sizes match, mask values in the class table). A test split without masks is
+checked as ``--infer_only --test`` reads it (B-scans only). Evaluation-only
+datasets (``bscan/`` and ``semseg/`` at the top level, e.g. Duke iAMD) have their test
+split checked only.
+
+Every problem is found, not only the first: they are raised together as one
+:class:`~mirage.data.problems.DatasetProblems`, each in the words training uses for it.
+Only a missing dataset folder stops the check at once. A class table that cannot be used
+(broken, or fewer than two classes) is reported and the masks' values are then not
+checked: every mask would be reported for that one cause.
 
 What a clean dataset gets is a summary per split: volumes, B-scans, the share of pixels
-of each class, the B-scans' sizes and bit depths.
+of each class, the B-scans' sizes and bit depths. ``check_training_data`` is the same
+check of the splits training reads, for training itself: one list of every problem of
+train, val and test, where ``find_split`` of each then ``check_split`` stop at the first
+split whose folders fail.
 """
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
-from tqdm import tqdm
 
-from mirage.data.classes import ClassTable
-from mirage.data.layout import check_slice, find_split, open_dataset, parse_slice_name
+from mirage.data.classes import ClassTable, read_class_table
+from mirage.data.layout import (DatasetInfo, class_table_file, dataset_folder, inspect_slices,
+                                parse_slice_name, scan_split)
+from mirage.data.problems import DatasetProblems, problems_of
 from mirage.errors import UserError
-from mirage.fileio import read_gray
-
-@dataclass
-class SliceStats:
-    """One checked B-scan: (height, width), bit depth (8 or 16), and the pixel count of
-    each class (K,) in its mask (None without a mask)."""
-
-    size: Tuple[int, int]
-    bits: int
-    class_pixels: Optional[np.ndarray]
 
 
 @dataclass
@@ -83,44 +83,30 @@ def too_few_classes(classes):
 def find_splits(dataset):
     """The splits as training finds them, in its order, then those only inference reads:
     ``([(split name, [SliceFiles])] of training, [...] of a test split without masks,
-    notes)``; the notes say what is left out."""
+    notes, [problem, ...])``; the notes say what is left out, the problems are those of
+    the split folders (:func:`~mirage.data.layout.scan_split`)."""
     root, test_dir = dataset.root, dataset.split_dir("test")
+    problems = []
+
+    def scan(name, need_masks):
+        slices, found = scan_split(dataset.split_dir(name), need_masks)
+        problems.extend(found)
+        return name, slices
+
     if not (root / "train").exists() and not (root / "val").exists() \
             and (root / "bscan").is_dir():
-        masks = (test_dir / "semseg").is_dir()
-        return [], [("test", find_split(test_dir, need_masks=masks))], [
+        return [], [scan("test", (test_dir / "semseg").is_dir())], [
             "evaluation-only layout (bscan/ at the top level): test split only; training "
-            "needs train/ and val/"]
-    training = [(name, find_split(dataset.split_dir(name), need_masks=True))
-                for name in ("train", "val")]
+            "needs train/ and val/"], problems
+    training = [scan("train", True), scan("val", True)]
     if (test_dir / "semseg").is_dir():
-        return training + [("test", find_split(test_dir, need_masks=True))], [], []
+        return training + [scan("test", True)], [], [], problems
     if (test_dir / "bscan").is_dir():
-        return training, [("test", find_split(test_dir, need_masks=False))], [
+        return training, [scan("test", False)], [
             "test split without masks: its B-scans are checked as --infer_only --test reads "
-            "them; training tests nothing"]
+            "them; training tests nothing"], problems
     return training, [], [f"no test split ({test_dir / 'bscan'} not found): training tests "
-                          "nothing and --infer_only --test has nothing to predict"]
-
-
-def inspect_slice(files, classes, lut):
-    """Decode one B-scan (and its mask) once and check it as training does; SliceStats.
-
-    A mismatch is reported by training's own ``check_slice``, so that the message is the
-    one training gives (it decodes the pair again, only then)."""
-    image = read_gray(files.bscan)
-    bits = 16 if image.dtype == np.uint16 else 8
-    if files.mask is None:
-        return SliceStats(image.shape, bits, None)
-    mask = read_gray(files.mask)
-    counts = np.bincount(mask.ravel(), minlength=1)
-    present = np.flatnonzero(counts)
-    if mask.shape != image.shape or (lut[present] >= classes.num_classes).any():
-        check_slice(files, classes)  # raises training's UserError naming the file
-        raise UserError(f"{files.mask} does not fit its B-scan {files.bscan.name}")
-    per_class = np.bincount(lut[present], weights=counts[present],
-                            minlength=classes.num_classes).astype(np.int64)
-    return SliceStats(image.shape, bits, per_class)
+                          "nothing and --infer_only --test has nothing to predict"], problems
 
 
 def split_summary(name, slices, stats):
@@ -136,35 +122,59 @@ def split_summary(name, slices, stats):
                         bit_depths=dict(sorted(Counter(s.bits for s in stats).items())))
 
 
-def inspect_slices(slices, classes, workers, desc):
-    """SliceStats of each slice, in order; the first bad one (in that order, as
-    check_split reports it) raises. Threads: OpenCV releases the GIL while decoding."""
-    lut = classes.value_to_index()
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        jobs = pool.map(lambda files: inspect_slice(files, classes, lut), slices)
-        return list(tqdm(jobs, total=len(slices), desc=desc, leave=False,
-                         disable=len(slices) < 50))
+def _inspect(groups, classes, workers, desc):
+    """Decode every slice of ``groups`` ([(split name, [SliceFiles])]) once: its
+    (SliceStats or None) in order, and the problems of the slices. The decode gives both
+    the checks and the summary."""
+    slices = [files for _, split in groups for files in split]
+    results = inspect_slices(slices, classes, workers, desc)
+    problems = [problem for _, slice_problems in results for problem in slice_problems]
+    stats = [slice_stats for slice_stats, _ in results]
+    return stats, problems
+
+
+def check_training_data(dataset, classes, workers=2):
+    """The splits training reads, checked all at once before anything trains:
+    ``{"train": [SliceFiles], "val": [...], "test": [...]}`` (test: ``[]`` when the
+    split has no masks, as training then tests nothing). Raises one DatasetProblems
+    listing every problem of the three splits' folders and images."""
+    test_dir = dataset.split_dir("test")
+    names = ("train", "val", "test") if (test_dir / "semseg").is_dir() else ("train", "val")
+    splits, problems = {}, []
+    for name in names:
+        splits[name], found = scan_split(dataset.split_dir(name), need_masks=True)
+        problems += found
+    _, found = _inspect(list(splits.items()), classes, workers, f"checking {dataset.name}")
+    if problems + found:
+        raise DatasetProblems(problems + found, dataset.root)
+    splits.setdefault("test", [])
+    return splits
 
 
 def check_dataset(data_path, mapping_fn=None, workers=4):
     """Run every check training runs on ``data_path`` (``--mapping_fn``: its class table
-    elsewhere); the DatasetSummary, or the first problem as training's UserError."""
-    dataset = open_dataset(data_path, mapping_fn)
-    classes = dataset.class_table
-    error = too_few_classes(classes)
-    if error is not None:
-        raise error
-    training, inference_only, notes = find_splits(dataset)
-    splits = []
-    # Training's checks first, all of them, then what only inference reads: a dataset
-    # training would refuse is refused with training's (first) error.
-    for group in (training, inference_only):
-        slices = [files for _, split in group for files in split]
-        stats = inspect_slices(slices, classes, workers, f"checking {dataset.name}")
-        start = 0
-        for name, split in group:
-            splits.append(split_summary(name, split, stats[start:start + len(split)]))
-            start += len(split)
+    elsewhere); the DatasetSummary, or every problem found as one DatasetProblems."""
+    root = dataset_folder(data_path)
+    problems = []
+    try:
+        classes = read_class_table(class_table_file(root, mapping_fn))
+    except UserError as err:
+        problems += problems_of(err)
+        classes = None
+    if classes is not None and too_few_classes(classes) is not None:
+        problems.append(str(too_few_classes(classes)))
+    usable = classes if not problems else None  # see the module's docstring
+    dataset = DatasetInfo(root=root, name=root.resolve().name, class_table=classes)
+    training, inference_only, notes, found = find_splits(dataset)
+    groups = training + inference_only
+    stats, found_in_images = _inspect(groups, usable, workers, f"checking {dataset.name}")
+    problems += found + found_in_images
+    if problems:
+        raise DatasetProblems(problems, root)
+    splits, start = [], 0
+    for name, split in groups:
+        splits.append(split_summary(name, split, stats[start:start + len(split)]))
+        start += len(split)
     return DatasetSummary(root=dataset.root, name=dataset.name, classes=classes,
                           splits=splits, notes=notes)
 

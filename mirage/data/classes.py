@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mirage.data.problems import DatasetProblems
 from mirage.errors import UserError
 
 BACKGROUND_LABELS = ("background", "bg")  # the default --ignore_index class
@@ -72,7 +73,12 @@ class ClassTable:
 
 
 def read_class_table(path):
-    """Read an INFO.json file into a :class:`ClassTable` (raises UserError if malformed)."""
+    """Read an INFO.json file into a :class:`ClassTable`.
+
+    Raises UserError naming the file when it is missing or not a JSON object, else
+    :class:`~mirage.data.problems.DatasetProblems` listing every faulty entry at once
+    (missing or malformed value or label, index gaps, shared values or labels).
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"class table {path} not found; every dataset needs an INFO.json "
@@ -84,35 +90,40 @@ def read_class_table(path):
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"{path} must be a JSON object "
                         '{"0": {"value": 0, "label": "Background"}, ...}')
-    entries = {}
+    problems, indices, entries = [], [], {}
     for key, entry in raw.items():
         if not (isinstance(key, str) and key.strip().lstrip("-").isdigit()):
-            raise UserError(f"{path}: key {key!r} is not a class index (0..N-1)")
+            problems.append(f"{path}: key {key!r} is not a class index (0..N-1)")
+            continue
+        indices.append(int(key))
         if not isinstance(entry, dict) or "value" not in entry or "label" not in entry:
-            raise UserError(f'{path}: class {key} needs both "value" and "label"')
+            problems.append(f'{path}: class {key} needs both "value" and "label"')
+            continue
         value, label = entry["value"], entry["label"]
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 16:
-            raise UserError(f"{path}: class {key} has value {value!r}; "
+            problems.append(f"{path}: class {key} has value {value!r}; "
                             "expected an integer pixel value in 0..65535")
-        if not isinstance(label, str):
-            raise UserError(f"{path}: class {key} has label {label!r}; expected a string")
-        entries[int(key)] = (value, label)
-    if sorted(entries) != list(range(len(entries))):
-        raise UserError(f"{path}: class indices must be 0..{len(entries) - 1}, "
-                        f"got {sorted(entries)}")
-    values = tuple(entries[i][0] for i in range(len(entries)))
+        elif not isinstance(label, str):
+            problems.append(f"{path}: class {key} has label {label!r}; expected a string")
+        else:
+            entries[int(key)] = (value, label)
+    if sorted(indices) != list(range(len(indices))):
+        problems.append(f"{path}: class indices must be 0..{len(indices) - 1}, "
+                        f"got {sorted(indices)}")
+    values = tuple(entries[i][0] for i in sorted(entries))
     if len(set(values)) != len(values):
-        raise UserError(f"{path}: two classes share one pixel value {values}")
-    if len(values) > UNKNOWN_CLASS:
-        raise UserError(f"{path}: {len(values)} classes; at most {UNKNOWN_CLASS} supported")
-    labels = tuple(entries[i][1] for i in range(len(entries)))
+        problems.append(f"{path}: two classes share one pixel value {values}")
+    if len(raw) > UNKNOWN_CLASS:
+        problems.append(f"{path}: {len(raw)} classes; at most {UNKNOWN_CLASS} supported")
     seen = {}
-    for index, label in enumerate(labels):
+    for index in sorted(entries):
+        label = entries[index][1]
         key = label.strip().lower()  # labels are compared this way everywhere
         if key in seen:
-            raise UserError(f"{path}: classes {seen[key]} and {index} are both labelled "
+            problems.append(f"{path}: classes {seen[key]} and {index} are both labelled "
                             f"{label!r}; every class needs its own label")
         seen[key] = index
+    if problems:
+        raise DatasetProblems(problems, path)
+    labels = tuple(entries[i][1] for i in sorted(entries))
     return ClassTable(values=values, labels=labels, source=str(path))
-
-

@@ -8,14 +8,17 @@ Layout (see docs/segmentation_benchmark.md)::
 
 Evaluation-only datasets (Duke iAMD) have ``bscan/`` and ``semseg/`` at the top level.
 """
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
-from mirage.data.classes import ClassTable, read_class_table
+from mirage.data.classes import UNKNOWN_CLASS, ClassTable, read_class_table
+from mirage.data.problems import DatasetProblems
 from mirage.errors import UserError
 from mirage.fileio import list_images, read_gray
 
@@ -45,6 +48,11 @@ class SliceFiles:
     bscan: Path
     mask: Path = None
 
+    @property
+    def split_dir(self):
+        """The split folder the slice is in (``<dataset>/train``, ...): ``bscan/``'s parent."""
+        return self.bscan.parent.parent
+
 
 def _first(names, n=5):
     names = sorted(names)
@@ -53,98 +61,160 @@ def _first(names, n=5):
 
 
 def _images_by_stem(folder):
-    """``{stem: path}`` of a folder's images, each named ``<scan_id>_<slice>``.
+    """``({stem: path}, [problem, ...])`` of a folder whose images are each named
+    ``<scan_id>_<slice>``.
 
-    Raises UserError naming the files when a name has no ``_<slice>``, when two files
-    share a stem (``a_1.png`` and ``a_1.bmp``: one would silently replace the other) or
-    when two stems are one slice (``a_1.png`` and ``a_01.png``).
+    The problems name the files: names without ``_<slice>``, two files sharing a stem
+    (``a_1.png`` and ``a_1.bmp``: one would silently replace the other) or two stems for
+    one slice (``a_1.png`` and ``a_01.png``); the first of two such files is kept.
     """
-    by_stem, by_slice, bad_names = {}, {}, []
+    by_stem, by_slice, bad_names, problems = {}, {}, [], []
     for path in list_images(folder):
         if path.stem in by_stem:
-            raise UserError(f"{folder}: {by_stem[path.stem].name} and {path.name} are two "
+            problems.append(f"{folder}: {by_stem[path.stem].name} and {path.name} are two "
                             "files for one slice; keep one of them")
-        by_stem[path.stem] = path
+            continue
         try:
             key = parse_slice_name(path.stem)
         except UserError:
             bad_names.append(path.name)
             continue
         if key in by_slice:
-            raise UserError(f"{folder}: {by_slice[key].name} and {path.name} are both slice "
+            problems.append(f"{folder}: {by_slice[key].name} and {path.name} are both slice "
                             f"{key[1]} of volume {key[0]}; rename or remove one of them")
+            continue
         by_slice[key] = path
+        by_stem[path.stem] = path
     if bad_names:
-        raise UserError(f"{len(bad_names)} file(s) in {folder} are not named "
-                        f"<scan_id>_<slice number> (e.g. patient01_5.png): "
-                        f"{_first(bad_names)}; rename them")
-    return by_stem
+        problems.insert(0, f"{len(bad_names)} file(s) in {folder} are not named "
+                           f"<scan_id>_<slice number> (e.g. patient01_5.png): "
+                           f"{_first(bad_names)}; rename them")
+    return by_stem, problems
 
 
-def find_split(split_dir, need_masks):
-    """Pair ``<split_dir>/bscan/*`` with ``<split_dir>/semseg/*`` by file stem.
+def scan_split(split_dir, need_masks):
+    """Pair ``<split_dir>/bscan/*`` with ``<split_dir>/semseg/*`` by file stem, finding
+    every problem of the folders: ``([SliceFiles] that pair up, [problem, ...])``.
 
     With ``need_masks=False`` a missing ``semseg/`` folder is allowed (e.g. RETOUCH's test
-    split); the returned slices then carry ``mask=None``. Raises UserError for a missing
-    folder, an empty split, misnamed or duplicate files (:func:`_images_by_stem`), or
-    B-scans and masks that do not pair up.
+    split); the slices then carry ``mask=None``. The problems: a missing folder, an empty
+    split, misnamed or duplicate files (:func:`_images_by_stem`), B-scans and masks that
+    do not pair up.
     """
     split_dir = Path(split_dir)
     bscan_dir, mask_dir = split_dir / "bscan", split_dir / "semseg"
     if not bscan_dir.is_dir():
-        raise UserError(f"{bscan_dir} not found; a split needs bscan/ and semseg/ folders "
-                        "(see docs/segmentation_benchmark.md)")
-    bscans = _images_by_stem(bscan_dir)
-    if not bscans:
-        raise UserError(f"{bscan_dir} holds no images: the split is empty")
+        return [], [f"{bscan_dir} not found; a split needs bscan/ and semseg/ folders "
+                    "(see docs/segmentation_benchmark.md)"]
+    bscans, problems = _images_by_stem(bscan_dir)
+    if not bscans and not problems:
+        return [], [f"{bscan_dir} holds no images: the split is empty"]
     if not mask_dir.is_dir():
         if need_masks:
-            raise UserError(f"{mask_dir} not found; this split needs masks in semseg/")
-        return [SliceFiles(stem, path) for stem, path in sorted(bscans.items())]
-    masks = _images_by_stem(mask_dir)
+            problems.append(f"{mask_dir} not found; this split needs masks in semseg/")
+        return [SliceFiles(stem, path) for stem, path in sorted(bscans.items())], problems
+    masks, mask_problems = _images_by_stem(mask_dir)
+    problems += mask_problems
     no_mask = bscans.keys() - masks.keys()
     no_bscan = masks.keys() - bscans.keys()
     if no_mask:
-        raise UserError(f"{len(no_mask)} B-scan(s) in {bscan_dir} have no mask in "
+        problems.append(f"{len(no_mask)} B-scan(s) in {bscan_dir} have no mask in "
                         f"{mask_dir}: {_first(no_mask)}")
     if no_bscan:
-        raise UserError(f"{len(no_bscan)} mask(s) in {mask_dir} have no B-scan in "
+        problems.append(f"{len(no_bscan)} mask(s) in {mask_dir} have no B-scan in "
                         f"{bscan_dir}: {_first(no_bscan)}")
-    return [SliceFiles(stem, bscans[stem], masks[stem]) for stem in sorted(bscans)]
+    return [SliceFiles(stem, bscans[stem], masks[stem])
+            for stem in sorted(bscans.keys() & masks.keys())], problems
 
 
-def check_slice(files, class_table):
-    """Decode one pair and check it; returns the B-scan's (height, width).
+def find_split(split_dir, need_masks):
+    """The slices of a split (:func:`scan_split`); raises
+    :class:`~mirage.data.problems.DatasetProblems` listing every problem of its folders."""
+    slices, problems = scan_split(split_dir, need_masks)
+    if problems:
+        raise DatasetProblems(problems, split_dir)
+    return slices
 
-    Raises UserError for unreadable images, size mismatches or mask values that are
-    not in the class table.
+
+# ----------------------------------------------------------------------------- slices
+@dataclass
+class SliceStats:
+    """One decoded B-scan: (height, width), bit depth (8 or 16), the pixel count of each
+    class (K,) in its mask (None without a mask or a class table)."""
+
+    size: Tuple[int, int]
+    bits: int
+    class_pixels: Optional[np.ndarray]
+
+
+def _decode(path, problems):
+    """The image at ``path``, or None with its problem appended to ``problems``."""
+    try:
+        return read_gray(path)
+    except UserError as err:
+        problems.append(str(err))
+        return None
+
+
+def inspect_slice(files, class_table=None, lut=None):
+    """Decode one B-scan and its mask once and check them: ``(SliceStats or None,
+    [problem, ...])``.
+
+    The problems name the files: unreadable images, a mask of another size than its
+    B-scan, mask values not in ``class_table`` (not checked when it is None). ``lut``:
+    ``class_table.value_to_index()``, built once per split by the caller.
     """
-    image = read_gray(files.bscan)
-    if files.mask is not None:
-        mask = read_gray(files.mask)
-        if mask.shape != image.shape:
-            raise UserError(f"{files.mask} is {mask.shape[1]}x{mask.shape[0]} but its "
-                            f"B-scan {files.bscan.name} is {image.shape[1]}x"
-                            f"{image.shape[0]}; masks must match their B-scans")
-        counts = np.bincount(mask.ravel(), minlength=1)
-        present = np.flatnonzero(counts)
-        unknown = sorted(set(present.tolist()) - set(class_table.values))
-        if unknown:
-            raise UserError(f"{files.mask} holds value(s) {unknown} not in "
-                            f"{class_table.source} (known: {list(class_table.values)})")
-    return image.shape
+    problems = []
+    image = _decode(files.bscan, problems)
+    mask = None if files.mask is None else _decode(files.mask, problems)
+    if image is None or (files.mask is not None and mask is None):
+        return None, problems
+    stats = SliceStats(image.shape, 16 if image.dtype == np.uint16 else 8, None)
+    if mask is None:
+        return stats, problems
+    if mask.shape != image.shape:
+        problems.append(f"{files.mask} is {mask.shape[1]}x{mask.shape[0]} but its "
+                        f"B-scan {files.bscan.name} is {image.shape[1]}x"
+                        f"{image.shape[0]}; masks must match their B-scans")
+        return None, problems
+    if class_table is None:
+        return stats, problems
+    lut = class_table.value_to_index() if lut is None else lut
+    counts = np.bincount(mask.ravel(), minlength=1)
+    present = np.flatnonzero(counts)
+    unknown = present[lut[present] == UNKNOWN_CLASS]
+    if unknown.size:
+        problems.append(f"{files.mask} holds value(s) {unknown.tolist()} not in "
+                        f"{class_table.source} (known: {list(class_table.values)})")
+        return None, problems
+    stats.class_pixels = np.bincount(lut[present], weights=counts[present],
+                                     minlength=class_table.num_classes).astype(np.int64)
+    return stats, problems
+
+
+def inspect_slices(slices, class_table=None, workers=4, desc="checking dataset"):
+    """:func:`inspect_slice` of each slice, in order: ``[(SliceStats or None, [problem,
+    ...])]``. Threads: OpenCV releases the GIL while decoding."""
+    lut = None if class_table is None else class_table.value_to_index()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        jobs = pool.map(lambda files: inspect_slice(files, class_table, lut), slices)
+        return list(tqdm(jobs, total=len(slices), desc=desc, leave=False,
+                         disable=len(slices) < 50))
 
 
 def check_split(slices, class_table, workers=4):
-    """Decode and check every slice of a split before training starts.
+    """Decode and check every slice before training starts (``slices`` may hold several
+    splits).
 
-    Returns the (height, width) of each B-scan, in the order of ``slices``.
+    Returns the (height, width) of each B-scan, in the order of ``slices``; raises
+    :class:`~mirage.data.problems.DatasetProblems` listing every problem.
     """
-    # OpenCV releases the GIL while decoding, so threads give a real speed-up here.
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        jobs = pool.map(lambda f: check_slice(f, class_table), slices)
-        return list(tqdm(jobs, total=len(slices), desc="checking dataset", leave=False,
-                         disable=len(slices) < 50))
+    results = inspect_slices(slices, class_table, workers)
+    problems = [problem for _, found in results for problem in found]
+    if problems:
+        where = os.path.commonpath([str(files.split_dir) for files in slices])
+        raise DatasetProblems(problems, where)
+    return [stats.size for stats, _ in results]
 
 
 @dataclass
@@ -163,13 +233,21 @@ class DatasetInfo:
         return self.root / split
 
 
-def open_dataset(data_path, mapping_fn=None):
-    """Resolve ``--data_path`` (and ``--mapping_fn``) to a :class:`DatasetInfo`."""
+def dataset_folder(data_path):
+    """``--data_path`` as a Path; UserError when it is not a folder."""
     root = Path(data_path)
     if not root.is_dir():
         raise UserError(f"--data_path {root}: folder not found")
-    info = Path(mapping_fn) if mapping_fn else root / "INFO.json"
+    return root
+
+
+def class_table_file(root, mapping_fn=None):
+    """The class table of the dataset at ``root``: ``--mapping_fn``, else its INFO.json."""
+    return Path(mapping_fn) if mapping_fn else Path(root) / "INFO.json"
+
+
+def open_dataset(data_path, mapping_fn=None):
+    """Resolve ``--data_path`` (and ``--mapping_fn``) to a :class:`DatasetInfo`."""
+    root = dataset_folder(data_path)
     return DatasetInfo(root=root, name=root.resolve().name,
-                       class_table=read_class_table(info))
-
-
+                       class_table=read_class_table(class_table_file(root, mapping_fn)))
