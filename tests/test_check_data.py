@@ -1,5 +1,6 @@
 """run_seg_check_data.py (mirage/data/check.py): every check training runs, with training's
-words (every problem at once), and a summary of each clean dataset."""
+words (every problem at once, leaks between splits included), and a summary of each clean
+dataset."""
 import json
 import re
 import shutil
@@ -70,6 +71,10 @@ def _empty_split(root):
         path.unlink()
 
 
+def _volume_in_two_splits(root):
+    _rename(root, "val", "valvol0_1.png", "trainvol1_9.png")
+
+
 def _images_in_every_split(root):
     _mask_values(root)
     (root / "val/bscan/valvol0_0.png").write_bytes(b"")
@@ -104,6 +109,9 @@ BROKEN = {
     "bad test mask": lambda root: cv2.imwrite(str(root / "test/semseg/testvol0_2.png"),
                                               np.full((64, 96), 9, np.uint8)),
     "missing --mapping_fn": lambda root: ["--mapping_fn", root / "nowhere.json"],
+    "volume in two splits": _volume_in_two_splits,
+    "same B-scan in two splits": lambda root: shutil.copy(
+        root / "train/bscan/trainvol1_1.png", root / "test/bscan/testvol0_2.png"),
     "images broken in every split": _images_in_every_split,
 }
 

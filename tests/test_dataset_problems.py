@@ -1,5 +1,6 @@
-"""Every problem of a dataset at once: what run_seg_check_data.py and training refuse, and
-the words they use (docs/segmentation_benchmark.md, "Checks before training")."""
+"""Every problem of a dataset at once and leaks between splits: what run_seg_check_data.py
+and training refuse, and the words they use (docs/segmentation_benchmark.md, "Checks
+before training")."""
 import json
 import shutil
 
@@ -121,6 +122,67 @@ def test_a_broken_class_table_does_not_hide_the_layout_problems(tiny_dataset):
     assert len(err.value.problems) == 2
     assert "both labelled 'layer'" in err.value.problems[0]
     assert "have no mask" in err.value.problems[1]
+
+
+# ----------------------------------------------------------------------------- leaks
+def test_a_volume_in_two_splits_is_refused(tiny_dataset, tiny_weights, tmp_path, capsys):
+    root = tiny_dataset
+    for sub in ("bscan", "semseg"):  # slice 1 of valvol0 becomes slice 9 of trainvol1
+        (root / "val" / sub / "valvol0_1.png").rename(root / "val" / sub / "trainvol1_9.png")
+    problem = (f"volume trainvol1 is in 2 splits: train (trainvol1_0.png, trainvol1_1.png, "
+               f"trainvol1_2.png and 1 more) and val (trainvol1_9.png) of {root}; keep each "
+               "volume in one split (move its B-scans and masks together)")
+    with pytest.raises(DatasetProblems) as err:
+        check_dataset(root)
+    assert err.value.problems == [problem]
+    code, err = train(root, tiny_weights, tmp_path / "out", capsys)
+    assert code == 2 and err.strip() == f"error: {problem}"
+
+
+def test_a_volume_in_a_test_split_without_masks_is_refused(tiny_dataset):
+    shutil.rmtree(tiny_dataset / "test/semseg")  # RETOUCH: inference reads it
+    (tiny_dataset / "test/bscan/testvol0_0.png").rename(
+        tiny_dataset / "test/bscan/trainvol0_7.png")
+    with pytest.raises(DatasetProblems, match=r"^volume trainvol0 is in 2 splits: train "
+                                              r"\(.*\) and test \(trainvol0_7.png\)"):
+        check_dataset(tiny_dataset)
+
+
+def test_the_same_b_scan_in_two_splits_is_refused(tiny_dataset, tiny_weights, tmp_path,
+                                                 capsys):
+    root = tiny_dataset
+    train_bscan = root / "train/bscan/trainvol1_2.png"
+    copy = root / "test/bscan/testvol0_1.png"
+    # Re-encoded (another PNG compression) under another name: the pixels are compared.
+    cv2.imwrite(str(copy), cv2.imread(str(train_bscan), cv2.IMREAD_UNCHANGED),
+                [cv2.IMWRITE_PNG_COMPRESSION, 0])
+    assert copy.read_bytes() != train_bscan.read_bytes()
+    problem = (f"identical B-scans (same pixels) in train and test: {train_bscan}, {copy}; "
+               "keep the B-scan in one split only")
+    with pytest.raises(DatasetProblems) as err:
+        check_dataset(root)
+    assert err.value.problems == [problem]
+    code, err = train(root, tiny_weights, tmp_path / "out", capsys)
+    assert code == 2 and err.strip() == f"error: {problem}"
+
+
+def test_a_copied_volume_is_one_problem_not_one_per_b_scan(tiny_dataset):
+    for name in ("trainvol0_0.png", "trainvol0_1.png"):
+        for sub in ("bscan", "semseg"):
+            shutil.copy(tiny_dataset / "train" / sub / name, tiny_dataset / "val" / sub / name)
+    with pytest.raises(DatasetProblems) as err:
+        check_dataset(tiny_dataset)
+    assert len(err.value.problems) == 1
+    assert err.value.problems[0].startswith("volume trainvol0 is in 2 splits")
+
+
+def test_blank_b_scans_and_copies_within_a_split_are_no_leak(tiny_dataset):
+    for path in ("train/bscan/trainvol0_0.png", "val/bscan/valvol0_0.png"):
+        cv2.imwrite(str(tiny_dataset / path), np.zeros((64, 96), np.uint8))
+    shutil.copy(tiny_dataset / "train/bscan/trainvol0_1.png",
+                tiny_dataset / "train/bscan/trainvol1_1.png")
+    summary = check_dataset(tiny_dataset)
+    assert [split.bscans for split in summary.splits] == [8, 2, 3]
 
 
 # ----------------------------------------------------------------------------- INFO.json

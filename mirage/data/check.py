@@ -7,9 +7,10 @@
 The checks are training's own (mirage/train/job.py and ``load_data`` in
 mirage/train/loop.py): the folder and its class table (INFO.json or --mapping_fn), at
 least two classes, then the folders of train, val and test (when it has masks:
-``scan_split``) and every B-scan and mask decoded once and checked (``inspect_slice``:
-readable, sizes match, mask values in the class table). A test split without masks is
-checked as ``--infer_only --test`` reads it (B-scans only). Evaluation-only
+``scan_split``), every B-scan and mask decoded once and checked (``inspect_slice``:
+readable, sizes match, mask values in the class table) and what leaks between the splits
+(``leak_problems``: a volume or a B-scan in two splits). A test split without masks is
+checked as ``--infer_only --test`` reads it (B-scans only), and for leaks. Evaluation-only
 datasets (``bscan/`` and ``semseg/`` at the top level, e.g. Duke iAMD) have their test
 split checked only.
 
@@ -34,7 +35,7 @@ import numpy as np
 
 from mirage.data.classes import ClassTable, read_class_table
 from mirage.data.layout import (DatasetInfo, class_table_file, dataset_folder, inspect_slices,
-                                parse_slice_name, scan_split)
+                                leak_problems, parse_slice_name, scan_split)
 from mirage.data.problems import DatasetProblems, problems_of
 from mirage.errors import UserError
 
@@ -124,20 +125,21 @@ def split_summary(name, slices, stats):
 
 def _inspect(groups, classes, workers, desc):
     """Decode every slice of ``groups`` ([(split name, [SliceFiles])]) once: its
-    (SliceStats or None) in order, and the problems of the slices. The decode gives both
-    the checks and the summary."""
+    (SliceStats or None) in order, and the problems of the slices and of what leaks
+    between the splits. The decode gives the checks, the summary and the digest the leak
+    check compares."""
     slices = [files for _, split in groups for files in split]
     results = inspect_slices(slices, classes, workers, desc)
     problems = [problem for _, slice_problems in results for problem in slice_problems]
     stats = [slice_stats for slice_stats, _ in results]
-    return stats, problems
+    return stats, problems + leak_problems(slices, stats)
 
 
 def check_training_data(dataset, classes, workers=2):
     """The splits training reads, checked all at once before anything trains:
     ``{"train": [SliceFiles], "val": [...], "test": [...]}`` (test: ``[]`` when the
     split has no masks, as training then tests nothing). Raises one DatasetProblems
-    listing every problem of the three splits' folders and images."""
+    listing every problem of the three splits' folders, images and leaks."""
     test_dir = dataset.split_dir("test")
     names = ("train", "val", "test") if (test_dir / "semseg").is_dir() else ("train", "val")
     splits, problems = {}, []

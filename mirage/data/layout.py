@@ -8,6 +8,7 @@ Layout (see docs/segmentation_benchmark.md)::
 
 Evaluation-only datasets (Duke iAMD) have ``bscan/`` and ``semseg/`` at the top level.
 """
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -140,11 +141,14 @@ def find_split(split_dir, need_masks):
 @dataclass
 class SliceStats:
     """One decoded B-scan: (height, width), bit depth (8 or 16), the pixel count of each
-    class (K,) in its mask (None without a mask or a class table)."""
+    class (K,) in its mask (None without a mask or a class table), and ``digest``: a
+    digest of its pixels, None when they all hold one value or were not hashed (see
+    :func:`leak_problems`)."""
 
     size: Tuple[int, int]
     bits: int
     class_pixels: Optional[np.ndarray]
+    digest: Optional[bytes]
 
 
 def _decode(path, problems):
@@ -156,20 +160,40 @@ def _decode(path, problems):
         return None
 
 
-def inspect_slice(files, class_table=None, lut=None):
+def _pixel_digest(image):
+    """SHA-256 of the B-scan's pixels, or None for a blank one (a single value: blank
+    frames carry nothing that could leak, and two of them are not one B-scan).
+
+    Pixels, not file bytes: a B-scan copied to another split re-encoded (another PNG
+    compression level, 8-bit PNG to BMP) is still the same B-scan. The image is decoded
+    for the checks anyway; hashing it adds about a tenth to that (SHA-256 runs on the
+    CPU's SHA instructions, faster here than BLAKE2), and hashlib releases the GIL.
+    """
+    if np.ptp(image) == 0:
+        return None
+    # Shape and depth are part of the content: the same bytes can be another image.
+    digest = hashlib.sha256(f"{image.shape} {image.dtype}".encode())
+    digest.update(np.ascontiguousarray(image).data)
+    return digest.digest()
+
+
+def inspect_slice(files, class_table=None, lut=None, digest=True):
     """Decode one B-scan and its mask once and check them: ``(SliceStats or None,
     [problem, ...])``.
 
     The problems name the files: unreadable images, a mask of another size than its
     B-scan, mask values not in ``class_table`` (not checked when it is None). ``lut``:
-    ``class_table.value_to_index()``, built once per split by the caller.
+    ``class_table.value_to_index()``, built once per split by the caller. ``digest``:
+    whether to hash the pixels (``SliceStats.digest``; only a comparison between splits
+    needs it).
     """
     problems = []
     image = _decode(files.bscan, problems)
     mask = None if files.mask is None else _decode(files.mask, problems)
     if image is None or (files.mask is not None and mask is None):
         return None, problems
-    stats = SliceStats(image.shape, 16 if image.dtype == np.uint16 else 8, None)
+    stats = SliceStats(image.shape, 16 if image.dtype == np.uint16 else 8, None,
+                       _pixel_digest(image) if digest else None)
     if mask is None:
         return stats, problems
     if mask.shape != image.shape:
@@ -194,23 +218,74 @@ def inspect_slice(files, class_table=None, lut=None):
 
 def inspect_slices(slices, class_table=None, workers=4, desc="checking dataset"):
     """:func:`inspect_slice` of each slice, in order: ``[(SliceStats or None, [problem,
-    ...])]``. Threads: OpenCV releases the GIL while decoding."""
+    ...])]``; the pixels are hashed when the slices come from more than one split.
+    Threads: OpenCV releases the GIL while decoding, hashlib while hashing."""
     lut = None if class_table is None else class_table.value_to_index()
+    digest = len({files.split_dir for files in slices}) > 1
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        jobs = pool.map(lambda files: inspect_slice(files, class_table, lut), slices)
+        jobs = pool.map(lambda files: inspect_slice(files, class_table, lut, digest), slices)
         return list(tqdm(jobs, total=len(slices), desc=desc, leave=False,
                          disable=len(slices) < 50))
 
 
+# ----------------------------------------------------------------------------- leaks
+def _split_name(split_dir):
+    return split_dir.name or str(split_dir)
+
+
+def leak_problems(slices, stats):
+    """What leaks between the splits of ``slices`` (split: :attr:`SliceFiles.split_dir`),
+    one problem each:
+
+    - a volume (``<scan_id>``) with B-scans in two splits;
+    - B-scans with identical pixels (``SliceStats.digest``; ``stats[i]`` is None for a
+      slice that could not be decoded) in two splits, under other names: a copy under the
+      same scan id is the volume's problem already. Blank B-scans are not compared.
+
+    A model tested on what it was trained or tuned on scores too well, silently.
+    """
+    volumes = {}
+    for files in slices:
+        scan_id = parse_slice_name(files.slice_id)[0]
+        volumes.setdefault(scan_id, {}).setdefault(files.split_dir, []).append(files)
+    problems = []
+    for scan_id, by_split in volumes.items():
+        if len(by_split) > 1:
+            where = " and ".join(
+                f"{_split_name(split)} ({_first([f.bscan.name for f in files], 3)})"
+                for split, files in by_split.items())
+            problems.append(f"volume {scan_id} is in {len(by_split)} splits: {where} of "
+                            f"{_common_folder(by_split)}; keep each volume in one split "
+                            "(move its B-scans and masks together)")
+    copies = {}
+    for files, stat in zip(slices, stats):
+        if stat is not None and stat.digest is not None:
+            copies.setdefault(stat.digest, []).append(files)
+    for group in copies.values():
+        splits = list(dict.fromkeys(files.split_dir for files in group))
+        scan_ids = {parse_slice_name(files.slice_id)[0] for files in group}
+        if len(splits) > 1 and len(scan_ids) > 1:
+            names = ", ".join(str(files.bscan) for files in group)
+            problems.append(f"identical B-scans (same pixels) in "
+                            f"{' and '.join(_split_name(s) for s in splits)}: {names}; keep "
+                            "the B-scan in one split only")
+    return problems
+
+
+def _common_folder(by_split):
+    return Path(os.path.commonpath([str(split) for split in by_split]))
+
+
 def check_split(slices, class_table, workers=4):
-    """Decode and check every slice before training starts (``slices`` may hold several
-    splits).
+    """Decode and check every slice before training starts, and what leaks between the
+    splits they come from (:func:`leak_problems`; ``slices`` may hold several splits).
 
     Returns the (height, width) of each B-scan, in the order of ``slices``; raises
     :class:`~mirage.data.problems.DatasetProblems` listing every problem.
     """
     results = inspect_slices(slices, class_table, workers)
     problems = [problem for _, found in results for problem in found]
+    problems += leak_problems(slices, [stats for stats, _ in results])
     if problems:
         where = os.path.commonpath([str(files.split_dir) for files in slices])
         raise DatasetProblems(problems, where)
