@@ -109,6 +109,7 @@ BROKEN = {
     "bad test mask": lambda root: cv2.imwrite(str(root / "test/semseg/testvol0_2.png"),
                                               np.full((64, 96), 9, np.uint8)),
     "missing --mapping_fn": lambda root: ["--mapping_fn", root / "nowhere.json"],
+    "blank label": lambda root: write_info(root, labels=("Background", " ", "Fluid")),
     "volume in two splits": _volume_in_two_splits,
     "same B-scan in two splits": lambda root: shutil.copy(
         root / "train/bscan/trainvol1_1.png", root / "test/bscan/testvol0_2.png"),

@@ -1,6 +1,6 @@
-"""Every problem of a dataset at once and leaks between splits: what run_seg_check_data.py
-and training refuse, and the words they use (docs/segmentation_benchmark.md, "Checks
-before training")."""
+"""Every problem of a dataset at once, leaks between splits and blank class labels: what
+run_seg_check_data.py and training refuse, and the words they use
+(docs/segmentation_benchmark.md, "Checks before training")."""
 import json
 import shutil
 
@@ -186,6 +186,21 @@ def test_blank_b_scans_and_copies_within_a_split_are_no_leak(tiny_dataset):
 
 
 # ----------------------------------------------------------------------------- INFO.json
+@pytest.mark.parametrize("label", ["", "   "])
+def test_a_blank_class_label_is_refused(tiny_dataset, tiny_weights, tmp_path, capsys, label):
+    info = tiny_dataset / "INFO.json"
+    write_info(tiny_dataset, labels=("Background", label, "Fluid"))
+    problem = (f'{info}: class 1 (value 100) has a blank label; give it a name, e.g. '
+               '"Background" or "RNFL"')
+    with pytest.raises(DatasetProblems) as err:
+        read_class_table(info)
+    assert err.value.problems == [problem]
+    code, out, stderr = check(tiny_dataset, capsys)
+    assert code == 2 and stderr.strip() == f"error: {problem}"
+    code, err = train(tiny_dataset, tiny_weights, tmp_path / "out", capsys)
+    assert code == 2 and err.strip() == f"error: {problem}"
+
+
 def test_every_faulty_class_entry_is_listed(tmp_path):
     info = tmp_path / "INFO.json"
     info.write_text(json.dumps({"0": {"value": 0}, "1": {"value": "x", "label": "a"},

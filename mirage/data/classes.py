@@ -77,7 +77,8 @@ def read_class_table(path):
 
     Raises UserError naming the file when it is missing or not a JSON object, else
     :class:`~mirage.data.problems.DatasetProblems` listing every faulty entry at once
-    (missing or malformed value or label, index gaps, shared values or labels).
+    (missing or malformed value or label, a blank label, index gaps, shared values or
+    labels).
     """
     path = Path(path)
     if not path.is_file():
@@ -105,6 +106,11 @@ def read_class_table(path):
                             "expected an integer pixel value in 0..65535")
         elif not isinstance(label, str):
             problems.append(f"{path}: class {key} has label {label!r}; expected a string")
+        elif not label.strip():
+            # A blank name would head an unnamed column in every table and report, and
+            # could not be told apart from another blank one.
+            problems.append(f"{path}: class {key} (value {value}) has a blank label; give "
+                            'it a name, e.g. "Background" or "RNFL"')
         else:
             entries[int(key)] = (value, label)
     if sorted(indices) != list(range(len(indices))):
