@@ -2,6 +2,7 @@
 words (every problem at once, leaks between splits included), and a summary of each clean
 dataset."""
 import json
+import os
 import re
 import shutil
 
@@ -71,6 +72,11 @@ def _empty_split(root):
         path.unlink()
 
 
+def _link(path, target):
+    path.unlink()
+    os.symlink(target, path)
+
+
 def _volume_in_two_splits(root):
     _rename(root, "val", "valvol0_1.png", "trainvol1_9.png")
 
@@ -110,6 +116,8 @@ BROKEN = {
                                               np.full((64, 96), 9, np.uint8)),
     "missing --mapping_fn": lambda root: ["--mapping_fn", root / "nowhere.json"],
     "blank label": lambda root: write_info(root, labels=("Background", " ", "Fluid")),
+    "symlink loop": lambda root: _link(root / "train/bscan/trainvol0_2.png", "trainvol0_2.png"),
+    "dangling symlink": lambda root: _link(root / "val/semseg/valvol0_0.png", "/nowhere.png"),
     "volume in two splits": _volume_in_two_splits,
     "same B-scan in two splits": lambda root: shutil.copy(
         root / "train/bscan/trainvol1_1.png", root / "test/bscan/testvol0_2.png"),

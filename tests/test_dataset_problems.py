@@ -1,7 +1,8 @@
-"""Every problem of a dataset at once, leaks between splits and blank class labels: what
-run_seg_check_data.py and training refuse, and the words they use
-(docs/segmentation_benchmark.md, "Checks before training")."""
+"""Every problem of a dataset at once, leaks between splits, blank class labels and
+symbolic links that lead nowhere: what run_seg_check_data.py and training refuse, and
+the words they use (docs/segmentation_benchmark.md, "Checks before training")."""
 import json
+import os
 import shutil
 
 import cv2
@@ -11,6 +12,7 @@ import pytest
 import run_seg_check_data
 import run_seg_tuning
 from conftest import make_dataset, write_info
+from test_check_data import problem_lines
 from mirage.data.check import check_dataset, check_training_data
 from mirage.data.classes import read_class_table
 from mirage.data.layout import check_split, find_split, open_dataset
@@ -213,6 +215,39 @@ def test_every_faulty_class_entry_is_listed(tmp_path):
         "class 1 has value 'x'; expected an integer pixel value in 0..65535",
         "class 2 has label 3; expected a string",
         "class indices must be 0..3, got [0, 1, 2, 4]"]
+
+
+# ----------------------------------------------------------------------------- symlinks
+def test_a_symlink_loop_and_a_dangling_link_are_named(tiny_dataset, tiny_weights, tmp_path,
+                                                      capsys):
+    loop = tiny_dataset / "train/bscan/trainvol1_3.png"
+    loop.unlink()
+    os.symlink(loop.name, loop)  # it points at itself
+    dangling = tiny_dataset / "val/semseg/valvol0_1.png"
+    dangling.unlink()
+    os.symlink("/nowhere/valvol0_1.png", dangling)
+    loop_problem = (f"{loop} is a symbolic link loop (it leads back to itself); replace it "
+                    "with the image file or remove it")
+    dangling_problem = (f"{dangling} is a symbolic link to /nowhere/valvol0_1.png, which "
+                        "does not exist; replace it with the image file or remove it")
+    # The link is the problem; its pair is not also reported as lacking a B-scan or mask.
+    assert find_split(tiny_dataset / "test", True)
+    with pytest.raises(DatasetProblems) as err:
+        find_split(tiny_dataset / "train", True)
+    assert err.value.problems == [loop_problem]
+    with pytest.raises(DatasetProblems) as err:
+        check_dataset(tiny_dataset)
+    assert err.value.problems == [loop_problem, dangling_problem]
+    code, err = train(tiny_dataset, tiny_weights, tmp_path / "out", capsys)
+    assert code == 2 and loop_problem in problem_lines(err)  # and the other, from val on
+
+
+def test_a_link_to_an_image_is_read(tiny_dataset):
+    image = tiny_dataset / "train/bscan/trainvol0_0.png"
+    kept = tiny_dataset.parent / "kept.png"
+    image.rename(kept)
+    os.symlink(kept, image)
+    assert len(find_split(tiny_dataset / "train", True)) == 8
 
 
 # ----------------------------------------------------------------------------- for training

@@ -82,6 +82,9 @@ def read_class_table(path):
     """
     path = Path(path)
     if not path.is_file():
+        if path.is_symlink():
+            raise UserError(f"class table {path} is a symbolic link that leads nowhere (a "
+                            "loop or a missing target); replace it with the file")
         raise UserError(f"class table {path} not found; every dataset needs an INFO.json "
                         "(see docs/segmentation_benchmark.md)")
     try:

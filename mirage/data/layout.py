@@ -8,6 +8,7 @@ Layout (see docs/segmentation_benchmark.md)::
 
 Evaluation-only datasets (Duke iAMD) have ``bscan/`` and ``semseg/`` at the top level.
 """
+import errno
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from mirage.data.classes import UNKNOWN_CLASS, ClassTable, read_class_table
 from mirage.data.problems import DatasetProblems
 from mirage.errors import UserError
-from mirage.fileio import list_images, read_gray
+from mirage.fileio import IMAGE_SUFFIXES, list_images, read_gray
 
 
 # ----------------------------------------------------------------------------- slice names
@@ -61,15 +62,38 @@ def _first(names, n=5):
     return ", ".join(names[:n]) + more
 
 
+def _dead_links(folder):
+    """``({stem}, [problem, ...])`` of the image-named symbolic links in ``folder`` that
+    lead nowhere (a loop or a missing target). ``list_images`` skips them as it skips
+    anything that is not a file; said here, a B-scan cannot vanish from a split unseen."""
+    stems, problems = set(), []
+    with os.scandir(folder) as entries:  # is_symlink() reads the entry's type, no stat
+        links = sorted(Path(entry.path) for entry in entries if entry.is_symlink())
+    for path in links:
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        try:
+            path.stat()
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                why = "a symbolic link loop (it leads back to itself)"
+            else:
+                why = f"a symbolic link to {os.readlink(path)}, which does not exist"
+            stems.add(path.stem)
+            problems.append(f"{path} is {why}; replace it with the image file or remove it")
+    return stems, problems
+
+
 def _images_by_stem(folder):
-    """``({stem: path}, [problem, ...])`` of a folder whose images are each named
-    ``<scan_id>_<slice>``.
+    """``({stem: path}, {stem of a dead link}, [problem, ...])`` of a folder whose
+    images are each named ``<scan_id>_<slice>``.
 
     The problems name the files: names without ``_<slice>``, two files sharing a stem
     (``a_1.png`` and ``a_1.bmp``: one would silently replace the other) or two stems for
     one slice (``a_1.png`` and ``a_01.png``); the first of two such files is kept.
     """
     by_stem, by_slice, bad_names, problems = {}, {}, [], []
+    dead, dead_problems = _dead_links(folder)
     for path in list_images(folder):
         if path.stem in by_stem:
             problems.append(f"{folder}: {by_stem[path.stem].name} and {path.name} are two "
@@ -90,7 +114,7 @@ def _images_by_stem(folder):
         problems.insert(0, f"{len(bad_names)} file(s) in {folder} are not named "
                            f"<scan_id>_<slice number> (e.g. patient01_5.png): "
                            f"{_first(bad_names)}; rename them")
-    return by_stem, problems
+    return by_stem, dead, dead_problems + problems
 
 
 def scan_split(split_dir, need_masks):
@@ -99,25 +123,26 @@ def scan_split(split_dir, need_masks):
 
     With ``need_masks=False`` a missing ``semseg/`` folder is allowed (e.g. RETOUCH's test
     split); the slices then carry ``mask=None``. The problems: a missing folder, an empty
-    split, misnamed or duplicate files (:func:`_images_by_stem`), B-scans and masks that
-    do not pair up.
+    split, misnamed or duplicate files (:func:`_images_by_stem`), symbolic links leading
+    nowhere, B-scans and masks that do not pair up.
     """
     split_dir = Path(split_dir)
     bscan_dir, mask_dir = split_dir / "bscan", split_dir / "semseg"
     if not bscan_dir.is_dir():
         return [], [f"{bscan_dir} not found; a split needs bscan/ and semseg/ folders "
                     "(see docs/segmentation_benchmark.md)"]
-    bscans, problems = _images_by_stem(bscan_dir)
-    if not bscans and not problems:
+    bscans, dead_bscans, problems = _images_by_stem(bscan_dir)
+    if not bscans and not dead_bscans and not problems:
         return [], [f"{bscan_dir} holds no images: the split is empty"]
     if not mask_dir.is_dir():
         if need_masks:
             problems.append(f"{mask_dir} not found; this split needs masks in semseg/")
         return [SliceFiles(stem, path) for stem, path in sorted(bscans.items())], problems
-    masks, mask_problems = _images_by_stem(mask_dir)
+    masks, dead_masks, mask_problems = _images_by_stem(mask_dir)
     problems += mask_problems
-    no_mask = bscans.keys() - masks.keys()
-    no_bscan = masks.keys() - bscans.keys()
+    # A pair with a dead link on one side is reported once, as the link.
+    no_mask = bscans.keys() - masks.keys() - dead_masks
+    no_bscan = masks.keys() - bscans.keys() - dead_bscans
     if no_mask:
         problems.append(f"{len(no_mask)} B-scan(s) in {bscan_dir} have no mask in "
                         f"{mask_dir}: {_first(no_mask)}")
