@@ -153,18 +153,18 @@ def write_predictions(predictor, files, out, probabilities=False, overlays=False
     ``files`` ({stem: path}) into ``out``, written aside and swapped in whole, with
     ``prediction_record.json``."""
     import numpy as np
-    from tqdm import tqdm
 
     # deferred: OpenCV, matplotlib
     from mirage.fileio import atomic_folder, atomic_path, read_gray, write_png, write_text
+    from mirage.progress import progress  # deferred: tqdm, with the rest
     from mirage.report.overlays import class_overlay, write_png_rgb  # deferred
     classes = predictor.classes
     written = []
     with atomic_folder(out) as staging:
         results = predictor.iter_predictions(files.values(), probabilities, np.float16)
-        for (stem, path), (labels, probs) in tqdm(zip(files.items(), results),
-                                                  total=len(files), unit="B-scan",
-                                                  desc=f"predicting -> {out.name}/"):
+        for (stem, path), (labels, probs) in progress(zip(files.items(), results),
+                                                      total=len(files), unit="B-scan",
+                                                      desc=f"predicting -> {out.name}/"):
             write_png(staging / f"{stem}.png", labels)
             written.append(f"{stem}.png")
             if probs is not None:

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Every stage and the stages it may import, from the ground up. The ground floor is also
 # a stage: its modules may import one another (errors <- fileio <- checkpoint_io).
 GROUND = {"mirage.errors", "mirage.fileio", "mirage.checkpoint_io", "mirage.workers",
-          "mirage.argparsing", "mirage.units"}
+          "mirage.argparsing", "mirage.units", "mirage.progress"}
 ALLOWED = {
     "ground": set(),
     "data": {"ground"},

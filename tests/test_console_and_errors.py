@@ -46,6 +46,8 @@ def test_console_counts_epochs_from_0_and_of_the_total_and_says_what_a_resume_tr
         return real_epoch(ctx, epoch)
 
     monkeypatch.setattr(loop, "train_one_epoch", dies_at_epoch_1)
+    # captured stderr is no terminal: the bars write plain lines, here one per redraw
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")
     with pytest.raises(KeyboardInterrupt):
         run(*argv(tiny_dataset, tiny_weights, tmp_path, *common))
     first = capsys.readouterr()
@@ -159,13 +161,16 @@ def runner_env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_runner_estimates_from_finished_jobs_not_from_tqdms_rate(runner_env, capsys):
+def test_runner_estimates_from_finished_jobs_not_from_tqdms_rate(runner_env, capsys,
+                                                                monkeypatch):
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")  # captured stderr: a plain line per redraw
     job = runner_env / "job.py"
     job.write_text("import sys, time\ntime.sleep(float(sys.argv[2]))\n")
     logs = runner_env / "logs"
     assert runner.main([sys.executable, str(job), "--runner-log", str(logs), "--",
                         "--sleep", "0.2", "0.3", "0.4"], poll_s=0.02) == 0
     err = capsys.readouterr().err
+    assert "\r" not in err  # captured stderr is no terminal: plain lines
     assert "jobs finished" in err and " elapsed" in err
     assert "estimate: " in err and " left (mean job " in err
     assert "job/s" not in err and "s/job" not in err and "<" not in err  # tqdm's rate, ETA

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
-from tqdm import tqdm
 
 from mirage.data.classes import UNKNOWN_CLASS, ClassTable, read_class_table
 from mirage.data.problems import DatasetProblems
 from mirage.errors import UserError
 from mirage.fileio import IMAGE_SUFFIXES, list_images, read_gray
+from mirage.progress import progress
 
 
 # ----------------------------------------------------------------------------- slice names
@@ -249,8 +249,8 @@ def inspect_slices(slices, class_table=None, workers=4, desc="checking dataset")
     digest = len({files.split_dir for files in slices}) > 1
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         jobs = pool.map(lambda files: inspect_slice(files, class_table, lut, digest), slices)
-        return list(tqdm(jobs, total=len(slices), desc=desc, leave=False,
-                         disable=len(slices) < 50))
+        return list(progress(jobs, total=len(slices), desc=desc, leave=False,
+                             disable=len(slices) < 50))
 
 
 # ----------------------------------------------------------------------------- leaks

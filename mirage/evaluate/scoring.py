@@ -20,13 +20,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from mirage.data.classes import UNKNOWN_CLASS
 from mirage.errors import UserError
 from mirage.evaluate import EMPTY_VOLUME_MODES, HD95_MISSING_RULES
 from mirage.evaluate.metrics import dice_score, hd95_per_class, iou_score
 from mirage.fileio import read_gray
+from mirage.progress import progress
 from mirage.run import METRICS
 from mirage.run.results import COUNT_COLUMNS, MISSED
 from mirage.workers import dying_with_parent
@@ -198,8 +198,8 @@ def evaluate_prepared(inputs, empty_sets_nan=True, empty_volume="zero", workers=
     tasks = [(gt, pred) for slices in inputs.volumes.values() for _, gt, pred in slices]
     score = partial(score_slice, plan=plan, empty_sets_nan=empty_sets_nan)
     results = []
-    with tqdm(total=len(tasks), desc=f"evaluating {inputs.run_dir.name}", unit="B-scan",
-              disable=quiet, leave=False, file=sys.stderr) as bar:
+    with progress(total=len(tasks), desc=f"evaluating {inputs.run_dir.name}", unit="B-scan",
+                  disable=quiet, leave=False, file=sys.stderr) as bar:
         for result in _map_in_workers(score, tasks, int(workers)):
             results.append(result)
             bar.update()

@@ -6,7 +6,7 @@ Shown on stderr while the local pool (:mod:`mirage.grid.local`) or a SLURM job a
 """
 import time
 
-from tqdm import tqdm
+from mirage.progress import progress
 
 # The runner's progress line: finished/total, elapsed time and the counts. tqdm's own rate
 # and time left ({rate}, {remaining}) are left out: its rate over jobs of very different
@@ -15,9 +15,10 @@ PROGRESS_FORMAT = "{desc}: {n_fmt}/{total_fmt} jobs finished |{bar}| {elapsed} e
 
 
 def progress_bar(total):
-    """The runner's live progress line (on stderr)."""
-    return tqdm(total=total, desc="runner", unit="job", dynamic_ncols=True,
-                bar_format=PROGRESS_FORMAT)
+    """The runner's live progress line (on stderr; where that is not a terminal, a plain
+    line at most every ``mirage.progress.PLAIN_INTERVAL_S`` seconds and the last one)."""
+    return progress(total=total, desc="runner", unit="job", dynamic_ncols=True,
+                    bar_format=PROGRESS_FORMAT)
 
 
 def show_progress(bar, results, running, estimate=None):

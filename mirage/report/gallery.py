@@ -14,7 +14,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from mirage.report import plots
 from mirage.data.classes import UNKNOWN_CLASS
@@ -22,6 +21,7 @@ from mirage.errors import UserError
 from mirage.evaluate.inputs import prepare_run
 from mirage.evaluate.scoring import resize_nearest
 from mirage.fileio import read_gray
+from mirage.progress import progress
 
 DISPLAY_WIDTH = 512  # wider B-scans are shown downscaled
 MIN_DISPLAY_WIDTH = 256  # narrower ones are enlarged by whole pixels
@@ -151,8 +151,9 @@ def gallery(run_dir, datasets_path, external="", ignore_bg=True, quiet=True):
     scores, skipped = [], 0
     slices = [(scan, number, gt, pred) for scan, items in inputs.volumes.items()
               for number, gt, pred in items]
-    for scan, number, gt, pred in tqdm(slices, desc="report: B-scan Dice", unit="B-scan",
-                                       disable=quiet, leave=False, file=sys.stderr):
+    for scan, number, gt, pred in progress(slices, desc="report: B-scan Dice",
+                                           unit="B-scan", disable=quiet, leave=False,
+                                           file=sys.stderr):
         try:
             truth, guess, bad = load_pair(plan, gt, pred)
         except UserError:

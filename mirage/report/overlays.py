@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from mirage.data.classes import UNKNOWN_CLASS
 from mirage.evaluate.class_plan import BACKGROUND_LIKE
 from mirage.evaluate.inputs import prepare_run
 from mirage.fileio import atomic_folder, atomic_path, write_png
+from mirage.progress import progress
 from mirage.report import gallery, plots
 from mirage.run.folder import RunFolder
 
@@ -53,8 +53,8 @@ def write_overlays(run_dir, datasets_path, external="", out_dir=None, ignore_bg=
               for number, gt, pred in items]
     with atomic_folder(target) as staging:
         _write_legend(staging / LEGEND, plan, colors)
-        for slice_id, gt, pred in tqdm(slices, desc=f"overlays -> {target.name}/",
-                                       unit="B-scan", disable=quiet, file=sys.stderr):
+        for slice_id, gt, pred in progress(slices, desc=f"overlays -> {target.name}/",
+                                           unit="B-scan", disable=quiet, file=sys.stderr):
             # truth and prediction read as scoring reads them; full size, unlike the
             # report's gallery, which shrinks wide B-scans
             truth, guess, _ = gallery.load_pair(plan, gt, pred)

@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from mirage.report import htmlpage
 from mirage.errors import UserError
 from mirage.fileio import atomic_path, write_text
+from mirage.progress import progress
 from mirage.report.grid_report import render_grid_report
 from mirage.report import RUN_REPORT_MODES, TABLE_COLUMNS
 from mirage.report.run_report import write_run_report
@@ -123,8 +123,8 @@ def _write_run_reports(study, mode, datasets_path, tensorboard, quiet):
     notes = []
     if mode == "none":
         return notes
-    for run in tqdm(study.runs, desc="run reports", unit="run", disable=quiet,
-                    file=sys.stderr):
+    for run in progress(study.runs, desc="run reports", unit="run", disable=quiet,
+                        file=sys.stderr):
         path = RunFolder(run.path).report_file
         if not run.config:
             continue

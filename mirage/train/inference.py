@@ -8,13 +8,13 @@ import dataclasses
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from mirage.config import yaml_text
 from mirage.data.dataset import SegmentationDataset
 from mirage.data.layout import check_split, find_split, open_dataset
 from mirage.errors import UserError
 from mirage.fileio import atomic_folder, write_png, write_text
+from mirage.progress import progress
 from mirage.run import predictions
 from mirage.train import distributed
 from mirage.train.build import make_loader, model_for, test_transform
@@ -38,7 +38,7 @@ def predict(run, loader, out_dir):
     dataset = loader.dataset
     values = torch.from_numpy(classes.index_to_value().astype(np.int32)).to(device)
     dtype = classes.index_to_value().dtype
-    for batch in tqdm(loader, desc=f"predicting -> {out_dir.name}/", dynamic_ncols=True):
+    for batch in progress(loader, desc=f"predicting -> {out_dir.name}/", dynamic_ncols=True):
         with run.precision.autocast():
             logits = model(batch["image"].to(device, non_blocking=True))
         for logit, index in zip(logits.float(), batch["index"].tolist()):

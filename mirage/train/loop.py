@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
-from tqdm import tqdm
 
 from mirage.config import yaml_text
 from mirage.data.dataset import SegmentationDataset
 from mirage.data.layout import check_split, find_split
 from mirage.data.transforms import SegmentationTransform
 from mirage.errors import UserError
+from mirage.progress import progress
 from mirage.train import distributed
 from mirage.train.build import make_loader, model_for, test_transform
 from mirage.train.checkpointing import (CheckpointRecord, ResumePoint, TrainingState,
@@ -297,8 +297,8 @@ def train_one_epoch(ctx, epoch):
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum, count)
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step
     shown = torch.zeros(2, dtype=torch.float64, device=device)  # loss_sum at the last check
-    bar = tqdm(ctx.data.train_loader, desc=epoch_label(epoch, ctx.spec.loop.epochs),
-               leave=False, disable=not dist_info.is_main, dynamic_ncols=True)
+    bar = progress(ctx.data.train_loader, desc=epoch_label(epoch, ctx.spec.loop.epochs),
+                   leave=False, disable=not dist_info.is_main, dynamic_ncols=True)
     for step, batch in enumerate(bar):
         apply_schedule(optimizer, ctx.lr_schedule[first_step + step],
                        ctx.wd_schedule[first_step + step])

@@ -6,10 +6,10 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mirage.data.classes import ClassTable
 from mirage.fileio import write_png
+from mirage.progress import progress
 from mirage.train import distributed
 from mirage.train.validation_metrics import confusion_matrix, validation_scores
 
@@ -51,8 +51,8 @@ def validate(step, loader, scoring, dist_info, panels=None):
     num_classes, device = scoring.classes.num_classes, step.device
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
-    for i, batch in enumerate(tqdm(loader, desc=scoring.desc, leave=False,
-                                   disable=not dist_info.is_main, dynamic_ncols=True)):
+    for i, batch in enumerate(progress(loader, desc=scoring.desc, leave=False,
+                                       disable=not dist_info.is_main, dynamic_ncols=True)):
         logits, masks, loss = step(batch)
         loss_sum += torch.tensor([loss.item() * len(masks), len(masks)],
                                  dtype=torch.float64, device=device)
