@@ -65,7 +65,7 @@ from mirage.models.segmentation_model import SegmentationModel  # noqa: E402
 from mirage.train.optim import apply_schedule, build_optimizer, param_groups  # noqa: E402
 from mirage.models.decoders import build_decoder  # noqa: E402
 from mirage.options import default_options  # noqa: E402
-from mirage.protocol import Protocol  # noqa: E402
+from mirage.protocol import Protocol as TuningProtocol  # noqa: E402
 from mirage.run.spec import OptimSpec, PrecisionSpec, SpeedSpec  # noqa: E402
 from mirage.train.build import apply_protocol  # noqa: E402
 from mirage.train.checkpointing import TrainingState, trained_state_dict  # noqa: E402
@@ -128,7 +128,7 @@ def build(model_name, size, protocol, drop_path):
                             grid_size=backbone.grid_size, patch_size=backbone.patch_size,
                             image_size=size, encoder_depth=backbone.depth)
     model = SegmentationModel(backbone, decoder)
-    apply_protocol(model, Protocol.from_options(default_options(tuning=tuning)))
+    apply_protocol(model, TuningProtocol.from_options(default_options(tuning=tuning)))
     return fm, model
 
 

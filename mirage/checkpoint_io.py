@@ -112,12 +112,17 @@ def _forbidden_global(err):
 
 
 def save(path, payload):
-    """``torch.save(payload)`` to ``path`` atomically; a full disk is a UserError."""
+    """``torch.save(payload)`` to ``path`` atomically; a full disk is a UserError.
+
+    Saved through an open file: given a path, torch names the records inside the archive
+    after the file, here a random temporary name, so the same payload would give other
+    bytes (and another SHA-256, which names a weights file in a run's identity) each time.
+    """
     path = Path(path)
     try:
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
-    except RuntimeError as err:  # torch reports a failed write as a RuntimeError
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+    except (RuntimeError, OSError) as err:  # torch reports a failed write as a RuntimeError
         raise disk_error(path, err) from None
 
 

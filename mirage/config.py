@@ -8,6 +8,7 @@ values against each other (``check_config``) are in :mod:`mirage.option_checks`.
 import argparse
 import difflib
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,15 @@ CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: works ins
 DEMO_CONFIG = CONFIGS / "demo.yaml"
 DEMO_ROOT = Path("__demo")  # --demo writes its dataset and weights here
 DEMO_DATASET = "Synth_OCT"
+# Keys of the original MIRAGE tuning script's YAML files and options that this toolkit does
+# not use: (the values that change nothing here, or None for any; why). Its own configs
+# then load with one notice instead of an error; another value, or any other unknown key,
+# is refused (a typo must not pass silently).
+ORIGINAL_ONLY_KEYS = {
+    "seg_reduce_zero_label": ((False,), "masks are read through the INFO.json class table, "
+                                        "which names every value; no label is shifted"),
+    "model": (None, "the model is chosen from the --weights file name (or --fm)"),
+}
 
 
 def demo_paths(root=DEMO_ROOT):
@@ -179,6 +189,11 @@ def load_yaml(path, what="--config"):
         raise UserError(f"{what} {path}: file not found")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{what} {path}: not UTF-8 text (byte {err.start}); save it as "
+                        "UTF-8") from None
+    except OSError as err:
+        raise UserError(f"{what} {path}: cannot be read ({err.strerror or err})") from None
     except yaml.YAMLError as err:
         first_line = str(err).splitlines()[0] if str(err) else "syntax error"
         raise UserError(f"{what} {path}: not valid YAML ({first_line})") from None
@@ -186,15 +201,27 @@ def load_yaml(path, what="--config"):
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"{what} {path}: expected a mapping of option: value")
-    values = {}
+    values, unused = {}, []
     for key, value in raw.items():
         opt = OPTION_BY_NAME.get(str(key))
+        if opt is None and str(key) in ORIGINAL_ONLY_KEYS:
+            harmless, why = ORIGINAL_ONLY_KEYS[str(key)]
+            if harmless is not None and value not in harmless:
+                raise UserError(f"{what} {path}: {key}: {value!r} is not supported ({why}); "
+                                f"remove the key or set it to {harmless[0]!r}")
+            unused.append(str(key))
+            continue
         if opt is None:
             close = difflib.get_close_matches(str(key), OPTION_BY_NAME, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise UserError(f"{what} {path}: unknown option {key!r}{hint} "
                             "(run with -h for the list)")
         values[opt.name] = _coerce(opt, value, f"{what} {path}")
+    if unused:
+        print(f"note: {what} {path}: ignoring {', '.join(unused)}, of the original MIRAGE "
+              "scripts, which this toolkit does not use ("
+              + "; ".join(f"{key}: {ORIGINAL_ONLY_KEYS[key][1]}" for key in unused) + ")",
+              file=sys.stderr)
     return values
 
 
@@ -296,17 +323,45 @@ def _check_beside_run_dir(run_dir, given):
                         "(train a new run without --run_dir to change it)")
 
 
+RUN_DIR_PATHS = ("weights", "data_path", "mapping_fn", "test_data_path")
+
+
 def _place_in_run_dir(config, given, need_data=True):
     """Make the run folder the one ``--run_dir`` names (its output root and version), and
-    check that the weights (and, with ``need_data``, the data) it names exist from here."""
+    check that the weights (and, with ``need_data``, the data) it names exist from here.
+
+    config.yaml keeps paths as they were typed, often relative to the folder training ran
+    in (``./__weights/...``); a relative path not found from here is looked up from that
+    folder, which the run folder's place below the typed ``--base_output_dir`` gives.
+    """
     run_dir = Path(config["run_dir"]).resolve()
+    trained_in = _training_folder(run_dir, config["base_output_dir"])
     config["base_output_dir"] = str(run_dir.parent.parent.parent)
     config["version"] = run_dir.parent.parent.name
-    for name in ("weights", "data_path") if need_data else ("weights",):
-        if name not in given and config[name] and not Path(config[name]).exists():
-            raise UserError(f"--run_dir {config['run_dir']}: its {name} {config[name]} is "
-                            f"not found from {Path.cwd()}; give --{name} (the same file or "
-                            "folder, moved)")
+    for name in RUN_DIR_PATHS:
+        value = config[name]
+        if name in given or not value or Path(value).exists() or Path(value).is_absolute():
+            continue
+        if trained_in is not None and (trained_in / value).exists():
+            config[name] = str(trained_in / value)
+        elif name == "weights" or (need_data and name == "data_path"):
+            raise UserError(f"--run_dir {config['run_dir']}: its {name} {value} is not found "
+                            f"from {Path.cwd()}{f' or {trained_in}' if trained_in else ''}; "
+                            f"give --{name} (the same file or folder, moved)")
+
+
+def _training_folder(run_dir, base_output_dir):
+    """The folder a run was trained from: ``run_dir`` is ``<there>/<base_output_dir as
+    typed>/<version>/<dataset>/<name>``; None when the typed root is absolute or does not
+    lead there."""
+    base = Path(str(base_output_dir or ""))
+    if base.is_absolute():
+        return None
+    parts = [p for p in Path(os.path.normpath(base)).parts if p != "."]
+    root = run_dir.parent.parent.parent
+    if ".." in parts or list(root.parts[len(root.parts) - len(parts):]) != parts:
+        return None
+    return Path(*root.parts[:len(root.parts) - len(parts)]) if parts else root
 
 
 def domains_of(config):

@@ -56,7 +56,7 @@ def run(config):
     print(f">> demo: dataset {config['data_path']}, weights {config['weights']}")
     run_dir = job.main({**config, "test": False, "infer_only": False},
                        on_epoch_end=write_tensorboard)
-    job.main({**config, "test": True, "infer_only": True})
+    job.main({**config, "test": True, "infer_only": True}, announce=False)
     results = evaluate_run(run_dir, datasets_path=Path(config["data_path"]).parent).rows
     layer_dice = layer_mean_dice(results)
     verdict = "reached" if layer_dice > LAYER_DICE_TARGET else "did NOT reach"

@@ -388,6 +388,14 @@ def _bmp_size(head):
     return width, abs(height)
 
 
+def checked_image_size(path):
+    """:func:`image_size`, refused (a UserError naming the file) over the pixel limit that
+    decoding applies: a size compared before decoding must not hide the limit."""
+    width, height = image_size(path)
+    _check_pixels(path, width, height)
+    return width, height
+
+
 def _check_pixels(path, width, height):
     """UserError when ``width`` x ``height`` is over :func:`max_image_pixels`."""
     limit = max_image_pixels()
@@ -448,14 +456,20 @@ def list_images(folder):
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-_SHA256_CACHE = {}  # (resolved path, size, mtime) -> hex digest
+_SHA256_CACHE = {}  # (resolved path, inode, size, mtime, ctime) -> hex digest
 
 
 def file_sha256(path):
-    """SHA-256 of a file (hex), computed once per process for an unchanged file."""
+    """SHA-256 of a file (hex), computed once per process for an unchanged file.
+
+    Unchanged means the same inode, size, mtime and ctime: a file replaced by another
+    (a new inode) or rewritten in place (a new ctime, which, unlike the mtime, no one can
+    set back) is hashed again, even with its size and mtime restored.
+    """
     path = Path(path)
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns,
+           stat.st_ctime_ns)
     if key not in _SHA256_CACHE:
         digest = hashlib.sha256()
         with open(path, "rb") as handle:

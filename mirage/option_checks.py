@@ -4,7 +4,6 @@ be in order, and the protocol combinations.
 Every rule raises a one-line :class:`mirage.errors.UserError` that names the option(s) and
 says what to give instead. The options table, parsing and YAML are :mod:`mirage.config`.
 """
-import importlib.util
 import math
 import re
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 from mirage.config import domains_of, per_domain
 from mirage.options import LORA_OPTIONS, OPTION_BY_NAME, OPTIONS
 from mirage.protocol import alias_values
-from mirage.models.lora import LORA_EXTRA, LORA_TARGETS
+from mirage.models.lora import LORA_TARGETS, import_peft
 from mirage.errors import UserError
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
@@ -31,6 +30,10 @@ def check_config(config):
     if config["infer_only"] and not config["test"]:
         raise UserError("--infer_only needs --test (predict the test split of the run's "
                         "best checkpoint)")
+    if config["test"] and config["resume"]:
+        raise UserError(f"--resume {config['resume']} continues training, but --test"
+                        f"{' --infer_only' if config['infer_only'] else ''} uses the run's "
+                        "checkpoint-best.pth; drop --resume")
     if not 0.0 <= config["drop_path_encoder"] < 1.0:
         raise UserError("--drop_path_encoder must be in [0, 1)")
     _check_optimiser_values(config)
@@ -172,9 +175,8 @@ def _check_lora_options(config):
             raise UserError(f"--{changed[0]} applies only with --tuning lora (this run has "
                             f"--tuning {config['tuning']}); drop it or add --tuning lora")
         return
-    if importlib.util.find_spec("peft") is None:  # before any job of a grid starts
-        raise UserError(f"--tuning lora needs Hugging Face's PEFT library, which is not "
-                        f"installed: {LORA_EXTRA}")
+    # Imported, not only found: a broken install fails here, before any job of a grid.
+    import_peft()
     if config["lora_alpha"] <= 0:
         raise UserError(f"--lora_alpha {config['lora_alpha']}: must be positive (the "
                         "adapters' scale is alpha / rank)")

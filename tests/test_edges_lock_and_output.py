@@ -196,7 +196,7 @@ def fake_peft(tmp_path, monkeypatch):
 def test_peft_that_fails_to_import_says_why(fake_peft, source, reason):
     fake_peft(source)
     with pytest.raises(UserError) as info:
-        lora._import_peft()
+        lora.import_peft()
     text = one_line(info)
     assert text.startswith("--tuning lora: Hugging Face's PEFT library is installed but "
                            f"fails to import ({reason}")
@@ -208,13 +208,13 @@ def test_a_module_named_peft_that_is_not_peft(fake_peft):
     package = fake_peft("VERSION = 'mine'\n")
     with pytest.raises(UserError, match=f"peft imported from {package / '__init__.py'} is not "
                                         "Hugging Face's PEFT"):
-        lora._import_peft()
+        lora.import_peft()
 
 
 def test_peft_not_installed_says_so(fake_peft, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # import raises ModuleNotFoundError
     with pytest.raises(UserError) as info:
-        lora._import_peft()
+        lora.import_peft()
     assert one_line(info) == ("--tuning lora needs Hugging Face's PEFT library, which is not "
                               f"installed: {lora.LORA_EXTRA}")
 

@@ -6,6 +6,7 @@ import os
 import time
 from collections import namedtuple
 
+import cv2
 import pytest
 import torch
 
@@ -180,12 +181,24 @@ def test_damaged_entry_is_recomputed_with_a_notice(tiny_dataset, tmp_path, damag
     assert cache.stats["reused"] == 2
 
 
-def test_changed_bscan_is_recomputed(tiny_dataset, tmp_path):
+def test_changed_bscan_is_recomputed_by_its_content_not_its_mtime(tiny_dataset, tmp_path):
     data, seg = Dataset(tiny_dataset), model()
-    fill(open_cache(tmp_path, data), seg)
     bscan = data.slices[1].bscan
-    stat = bscan.stat()
+    image = cv2.imread(str(bscan), cv2.IMREAD_UNCHANGED)
+    stored = [cv2.IMWRITE_PNG_COMPRESSION, 0]  # no compression: the size is the shape's
+    assert cv2.imwrite(str(bscan), image, stored)
+    fill(open_cache(tmp_path, data), seg)
+
+    stat = bscan.stat()  # touched only: the same B-scan, its tokens are reused
     os.utime(bscan, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    cache = open_cache(tmp_path, data)
+    fill(cache, seg)
+    assert cache.stats["changed"] == 0 and cache.stats["reused"] == 2
+
+    # replaced by another image of the same size, its mtime put back: recomputed
+    assert cv2.imwrite(str(bscan), 255 - image, stored)
+    assert bscan.stat().st_size == stat.st_size
+    os.utime(bscan, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     notes = []
     cache = open_cache(tmp_path, data, notes)
     fill(cache, seg)

@@ -117,11 +117,9 @@ def test_lora_without_peft_is_a_one_line_error(tmp_path, monkeypatch):
 
 
 def test_lora_without_peft_is_refused_before_training(tmp_path, monkeypatch):
-    import importlib.util
+    import sys
     from mirage.option_checks import check_config
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "peft" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now finds no module
     config, _, _ = parse_config(["--weights", "w.pth", "--data_path", str(tmp_path),
                                  "--tuning", "lora"])
     with pytest.raises(UserError, match=r"needs Hugging Face's PEFT library.*\.\[lora\]"):

@@ -15,7 +15,7 @@ from mirage.data.classes import ClassTable, read_class_table
 from mirage.data.layout import parse_slice_name
 from mirage.errors import UserError
 from mirage.evaluate.class_plan import ClassPlan, plan_classes
-from mirage.fileio import image_size, list_images
+from mirage.fileio import checked_image_size, list_images
 from mirage.run.catalog import find_run_dirs
 from mirage.run.folder import CONFIG, RunFolder, runs_named
 from mirage.run.predictions import MANIFEST, check_predictions, data_record
@@ -263,7 +263,8 @@ def check_mask_sizes(volumes, bscans):
             bscan = bscans.get(mask.stem)
             if bscan is None:
                 continue
-            (width, height), (b_width, b_height) = image_size(mask), image_size(bscan)
+            (width, height) = checked_image_size(mask)
+            (b_width, b_height) = checked_image_size(bscan)
             if (width, height) != (b_width, b_height):
                 raise UserError(f"{mask} is {width}x{height} but its B-scan {bscan} is "
                                 f"{b_width}x{b_height}; masks must match their B-scans "

@@ -26,7 +26,7 @@ BLOCK_NAME = re.compile(r"(^|\.)blocks\.\d+$")
 LORA_EXTRA = "pip install .[lora] (or pip install peft)"
 
 
-def _import_peft():
+def import_peft():
     """The ``peft`` module, or a one-line UserError: not installed, or installed but
     failing to import (a broken install, a dependency of another version: its own error,
     which "not installed" would hide), or not Hugging Face's PEFT at all."""
@@ -80,7 +80,7 @@ def add_lora(backbone, rank, alpha, dropout, targets):
     """Put LoRA adapters on ``targets`` of every block of ``backbone`` (in place); the
     backbone's other parameters keep their ``requires_grad``. Returns the number of
     adapted layers."""
-    peft = _import_peft()
+    peft = import_peft()
     modules = target_module_names(backbone, targets)
     trainable = {name: p.requires_grad for name, p in backbone.named_parameters()}
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,

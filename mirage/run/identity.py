@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 
 from mirage.config import demo_paths, parse_config, per_domain
+from mirage.option_checks import check_config
 from mirage.options import OPTIONS
 from mirage.data.layout import open_dataset
 from mirage.errors import UserError
@@ -44,11 +45,9 @@ def check_name_part(value, what):
     return text
 
 
-def run_identity(config, dataset):
-    """The options that define what a run trains, as a JSON-able dict.
-
-    ``dataset`` is a :class:`mirage.data.layout.DatasetInfo`.
-    """
+def option_identity(config):
+    """The options of ``config`` that define what a run trains, as identity.json holds them
+    (sizes as ``{domain: [h, w]}``)."""
     identity = {}
     for opt in OPTIONS:
         if not opt.names_run or not _names_the_run(opt, config):
@@ -59,10 +58,21 @@ def run_identity(config, dataset):
                                                         isinstance(value, dict)
                                                         else ["bscan"]).items()}
         identity[opt.name] = value
+    return identity
+
+
+def run_identity(config, dataset, weights_name=None):
+    """The options that define what a run trains, as a JSON-able dict.
+
+    ``dataset`` is a :class:`mirage.data.layout.DatasetInfo`. ``weights_name``: the name
+    the weights file had when the run was trained, for a run read back with the file
+    moved under another name (default: the name of ``--weights``).
+    """
+    identity = option_identity(config)
     weights = Path(config["weights"])
     if not weights.is_file():
         raise UserError(f"--weights {weights}: file not found")
-    identity["weights_name"] = weights.name
+    identity["weights_name"] = weights_name or weights.name
     identity["weights_sha256"] = file_sha256(weights)
     identity["dataset"] = dataset.name
     identity["classes"] = dataset.class_table.entries()
@@ -89,7 +99,7 @@ def identity_hash(identity):
 def run_name(config, identity):
     """``<weights stem>_<tuning>_<decoder>_<loss>[_minmax]_s<seed>_<hash>``, e.g.
     ``MIRAGE-Base_frozen_convnext_CEGDice_s42_1a2b3c4d`` (the paper's protocol)."""
-    name = f"{Path(config['weights']).stem}_{config['tuning']}"
+    name = f"{Path(identity['weights_name']).stem}_{config['tuning']}"
     name += f"_{config['output_adapter']}_{config['loss']}"
     name += "_minmax" if config["minmax"] else ""
     name += f"_s{config['seed']}_{identity_hash(identity)}"
@@ -100,7 +110,7 @@ def legacy_run_name(config, identity):
     """The name versions before ``--tuning`` gave the run:
     ``<stem>[_frozen]_<decoder>_<loss>[_minmax][_fullyfrozen]_s<seed>_<hash>`` (the same
     for the paper's protocol; fully-frozen, linear-probe and fine-tuned runs differ)."""
-    name = Path(config["weights"]).stem
+    name = Path(identity["weights_name"]).stem
     name += "_frozen" if config["freeze_encoder"] else ""
     name += f"_{config['output_adapter']}_{config['loss']}"
     name += "_minmax" if config["minmax"] else ""
@@ -141,9 +151,7 @@ def run_dir_for_argv(argv):
         config["data_path"] = config["data_path"] or str(data_path)
         if not (Path(config["weights"]).is_file() and Path(config["data_path"]).is_dir()):
             return None  # the demo writes its inputs when it starts
-    for name in ("weights", "data_path"):
-        if not config[name]:
-            raise UserError(f"--{name} is required")
+    check_config(config)  # what a job would refuse, refused before the grid starts
     dataset = open_dataset(config["data_path"], config["mapping_fn"])
     return run_directory(config, dataset)
 

@@ -70,6 +70,19 @@ def write_manifest(folder, checkpoint, epoch, classes, slice_ids, data=None):
     return manifest
 
 
+def foreign_entries(folder):
+    """Names of what a predictions folder holds that inference did not write there: not
+    its records, not a file its manifest seals (without a readable manifest: not a PNG).
+    Re-inference replaces the folder whole, so these would be lost."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    sealed = set((read_manifest(folder) or {}).get("files") or {})
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name not in (MANIFEST, INFERENCE_RECORD) and p.name not in sealed
+                  and not (not sealed and p.is_file() and p.suffix.lower() == ".png"))
+
+
 def read_manifest(folder):
     """The manifest of a predictions folder, or None if it has none (or an unreadable one)."""
     path = Path(folder) / MANIFEST

@@ -22,8 +22,8 @@ from mirage.data.layout import DatasetInfo, open_dataset
 from mirage.errors import UserError
 from mirage.option_checks import check_config
 from mirage.protocol import Protocol
-from mirage.run.folder import RunFolder
-from mirage.run.identity import run_directory, run_identity
+from mirage.run.folder import IDENTITY, RunFolder
+from mirage.run.identity import option_identity, run_directory, run_identity
 
 
 @dataclass(frozen=True)
@@ -241,11 +241,7 @@ class RunSpec:
         dataset need not be present (``data`` and ``identity`` are None)."""
         config = run_dir_config(run_dir, overrides, need_data)
         check_config(config)
-        trained_with = None
-        if "weights" in (overrides or {}):  # moved, perhaps renamed: the family is the
-            # one its name at training chose (its checkpoint checks the file's SHA-256)
-            trained_with = load_yaml(Path(run_dir) / RUN_CONFIG, what="--run_dir")["weights"]
-        return resolve_spec(config, with_data=need_data, family_from=trained_with)
+        return resolve_spec(config, with_data=need_data)
 
 
 def resolve_ignore_index(ignore_index, classes):
@@ -262,7 +258,7 @@ def resolve_ignore_index(ignore_index, classes):
 
 def resolve_model(config, family_from=None):
     """The ModelSpec of ``config``: the family of --weights (or --fm; ``family_from``: the
-    file name that chooses it, default --weights) and its geometry."""
+    file whose name chooses it, default --weights) and its geometry."""
     fm = find_model(family_from or config["weights"], fm=config["fm"])
     domain = domains_of(config)[0]
     input_size = per_domain(config["input_size"], [domain])[domain]
@@ -277,20 +273,24 @@ def resolve_model(config, family_from=None):
                      interpolate_mode=config["decoder_interpolate_mode"])
 
 
-def resolve_spec(config, with_data=True, family_from=None):
+def resolve_spec(config, with_data=True):
     """The RunSpec of ``config`` (every option, already checked by check_config).
 
     ``with_data=False`` (a run read back for predicting files): no dataset is opened and
-    the folder is ``--run_dir`` itself. ``family_from``: see :func:`resolve_model`.
+    the folder is ``--run_dir`` itself. A run read back (``--run_dir``) must agree with
+    its identity.json.
     """
-    model = resolve_model(config, family_from)
+    if config.get("run_dir"):
+        _check_options_against_identity(config, RunFolder(Path(config["run_dir"])))
+    trained_weights = _trained_weights(config)
+    model = resolve_model(config, trained_weights)
     data = identity = None
     if with_data:
         dataset = open_dataset(config["data_path"], config["mapping_fn"])
         data = DataSpec(dataset=dataset,
                         ignore_index=resolve_ignore_index(config["ignore_index"],
                                                           dataset.class_table))
-        identity = run_identity(config, dataset)
+        identity = run_identity(config, dataset, trained_weights and trained_weights.name)
         folder = RunFolder(run_directory(config, dataset, identity))
         _check_run_dir(config, folder)
     else:
@@ -303,6 +303,33 @@ def resolve_spec(config, with_data=True, family_from=None):
                    speed=SpeedSpec.from_options(config), task=TaskSpec.from_options(config),
                    runtime=RuntimeSpec.from_options(config), data=data, identity=identity,
                    folder=folder)
+
+
+def _trained_weights(config):
+    """For a run read back (``--run_dir``) whose weights file is given under another name:
+    the file ``config.yaml`` names, whose name chose the model family and names the run
+    (the checkpoint checks that the given file has its SHA-256). Else None."""
+    if not config.get("run_dir"):
+        return None
+    stored = load_yaml(Path(config["run_dir"]) / RUN_CONFIG, what="--run_dir").get("weights")
+    if not stored or Path(stored).name == Path(config["weights"]).name:
+        return None
+    return Path(stored)
+
+
+def _check_options_against_identity(config, folder):
+    """A run folder's config.yaml is a text file a user can edit; identity.json records
+    what the run was trained with. Every option both name must agree, or the run would be
+    rebuilt with other options than it was trained with (the model, the normalisation)."""
+    stored = folder.read_identity()
+    if stored is None:
+        return  # runs of the first version: their checkpoint's meta is checked on loading
+    current = option_identity(config)
+    for name in sorted(set(stored) & set(current)):
+        if stored[name] != current[name]:
+            raise UserError(f"{folder.config_file}: {name} is {current[name]!r} there, but "
+                            f"the run was trained with {stored[name]!r} ({IDENTITY}); "
+                            f"restore {name}: {stored[name]!r} in it")
 
 
 def _check_run_dir(config, folder):

@@ -130,9 +130,9 @@ def model_for(spec, runtime, num_classes=None):
     (the predictor gives the checkpoint's)."""
     num_classes = spec.classes.num_classes if num_classes is None else num_classes
     model, report = build_model(spec.model, spec.protocol, num_classes)
-    runtime.log(f">> {spec.model.fm.name}: {report}")
+    runtime.setup_line(f">> {spec.model.fm.name}: {report}")
     model.to(runtime.device)
-    return apply_speed_options(model, spec.speed, runtime.device, runtime.log)
+    return apply_speed_options(model, spec.speed, runtime.device, runtime.setup_line)
 
 
 def test_transform(model_spec):

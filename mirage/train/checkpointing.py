@@ -103,6 +103,9 @@ def checkpoint_meta(spec, classes, model):
         "input_size": list(model.decoder.image_size),
         "patch_size": list(model.backbone.patch_size),
         "decoder": spec.model.decoder,
+        # options that change the forward pass without changing a tensor's shape
+        "norm": spec.model.norm,
+        "interpolate_mode": spec.model.interpolate_mode,
         "tuning": spec.protocol.name,
         "lora": lora.options() if lora is not None else None,
         "family": getattr(model, "family", None),
@@ -115,6 +118,8 @@ def check_checkpoint_meta(path, stored, expected):
     """UserError naming both values when a checkpoint does not fit the current options."""
     names = {"classes": "class table (value, label)", "input_size": "--input_size",
              "patch_size": "--patch_size", "decoder": "--output_adapter",
+             "norm": "input normalisation (--minmax or the model's own)",
+             "interpolate_mode": "--decoder_interpolate_mode",
              "tuning": "--tuning", "lora": "LoRA options", "family": "model family"}
     for key, what in names.items():
         # (checkpoints of earlier versions lack the newer entries: not compared)

@@ -18,7 +18,7 @@ and learning rates of a grid)::
         <dataset>-<split>-<path hash>/<slice_id>.<orig|flip>.pt
 
 One entry (``torch.save``, read with ``weights_only=True``) holds its key, the size and
-mtime of the B-scan file it was computed from, and ``{block index: float16 (N, D)}`` with
+SHA-256 of the B-scan file it was computed from (its content, never its mtime), and ``{block index: float16 (N, D)}`` with
 a CRC-32 per tensor. Entries are written atomically (temporary file + rename), so an
 interrupted run leaves only whole entries; a damaged entry is recomputed with a notice, a
 B-scan changed since is recomputed too, and an entry or folder of another backbone or
@@ -284,8 +284,11 @@ class FeatureCache:
         return self.folder / key["group"] / f"{key['slice_id']}.{key['view']}.pt"
 
     def _source(self, index):
-        stat = Path(self.slices[index].bscan).stat()
-        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        """What an entry was computed from: the B-scan file's size and content hash. Not
+        its mtime: a file replaced by another (of the same size, its mtime restored, or
+        copied with it) must be recomputed, and a copied dataset keep its cache."""
+        path = Path(self.slices[index].bscan)
+        return {"size": path.stat().st_size, "sha256": file_sha256(path)}
 
     def _notice(self, kind, message):
         self.stats[kind] += 1

@@ -94,9 +94,17 @@ def test_or_infer(spec, runtime):
             out_dir, best, [s.slice_id for s in slices], classes, data):
         log(f">> {out_dir} already holds the predictions of {best.name}: skipping")
         return folder.path
+    foreign = predictions.foreign_entries(out_dir) if task.infer_only else []
+    if foreign:  # before the model is built: the folder is replaced whole
+        shown = ", ".join(foreign[:3]) + (f" (+{len(foreign) - 3} more)" if len(foreign) > 3
+                                          else "")
+        raise UserError(f"{out_dir} holds {shown}, which inference did not write and "
+                        "would delete (it replaces the folder whole); move them elsewhere "
+                        "first (run_seg_predict.py -o is best given outside the run folder)")
 
     model = model_for(spec, runtime)
-    run = RunContext(spec, runtime, model, Precision(runtime.device, spec.precision, log))
+    run = RunContext(spec, runtime, model,
+                     Precision(runtime.device, spec.precision, runtime.setup_line))
     test_set = SegmentationDataset(slices, classes, test_transform(spec.model),
                                    original_sizes=sizes)
     if task.infer_only:

@@ -6,6 +6,8 @@
 The options are checked and resolved into a RunSpec once, the runtime started; then the
 run folder is locked, its identity checked, and the job runs.
 """
+import dataclasses
+
 from mirage.errors import UserError
 from mirage.option_checks import check_config
 from mirage.run.identity import check_identity, nearest_runs
@@ -15,18 +17,21 @@ from mirage.train.loop import train
 from mirage.train.runtime import start_runtime
 
 
-def main(config, on_epoch_end=None):
+def main(config, on_epoch_end=None, announce=True):
     """Train, test or predict the run of ``config`` (every option; parse_config).
 
-    ``on_epoch_end(folder)``: see mirage.train.loop.train.
+    ``on_epoch_end(folder)``: see mirage.train.loop.train. ``announce=False``: the run
+    folder, class and model lines were printed by an earlier job of this process (the
+    demo's prediction after its training) and are not repeated.
     """
     check_config(config)
     spec = resolve_spec(config)
-    runtime = start_runtime(spec.runtime, spec.loop.seed)
-    folder, classes, log = spec.folder, spec.classes, runtime.log
-    log(f">> run directory: {folder.path}")
-    log(f">> classes: {dict(zip(classes.labels, classes.values))}; ignore index: "
-        f"{spec.data.ignore_index}")
+    runtime = dataclasses.replace(start_runtime(spec.runtime, spec.loop.seed),
+                                  announce=announce)
+    folder, classes = spec.folder, spec.classes
+    runtime.setup_line(f">> run directory: {folder.path}")
+    runtime.setup_line(f">> classes: {dict(zip(classes.labels, classes.values))}; ignore "
+                       f"index: {spec.data.ignore_index}")
 
     if spec.task.test:
         if not folder.best_checkpoint.is_file():

@@ -16,7 +16,7 @@ from torch.utils.data import DistributedSampler
 
 from mirage.config import yaml_text
 from mirage.data.dataset import SegmentationDataset
-from mirage.data.layout import check_split, find_split
+from mirage.data.check import check_training_data
 from mirage.data.transforms import SegmentationTransform
 from mirage.errors import UserError
 from mirage.progress import progress
@@ -60,6 +60,11 @@ def train(spec, runtime, on_epoch_end=None):
     val_cache = open_split_cache(model, data.val_loader, feature_cache, log)  # frozen only
     optimizer, lr_schedule, wd_schedule = optimisation(model, spec, data.steps_per_epoch,
                                                        runtime.device)
+    warmup, total = warmup_steps(spec.optim, data.steps_per_epoch), len(lr_schedule)
+    if spec.optim.warmup_steps > 0 and warmup > total:  # --warmup_epochs: checked up front
+        log(f">> note: --warmup_steps {warmup} is longer than the run ({total} steps of "
+            f"{data.steps_per_epoch} per epoch): the warmup is cut to {total} steps, so the "
+            "learning rate rises for the whole run and the cosine decay never starts")
     record = CheckpointRecord(model, spec.options, spec.classes,
                               checkpoint_meta(spec, spec.classes, model))
     state, resumed = resume_or_start(spec, runtime, record, ResumePoint(optimizer,
@@ -147,13 +152,9 @@ def load_data(spec, runtime):
     """Find and check every split before anything trains; the training and validation
     loaders."""
     loader, dataset, classes = spec.loader, spec.data.dataset, spec.classes
-    train_slices = find_split(dataset.split_dir("train"), need_masks=True)
-    val_slices = find_split(dataset.split_dir("val"), need_masks=True)
-    test_split = dataset.split_dir("test")  # tested after training if it has masks
-    test_slices = (find_split(test_split, need_masks=True)
-                   if (test_split / "semseg").is_dir() else [])
-    check_split(train_slices + val_slices + test_slices, classes,
-                workers=max(loader.num_workers, 2))
+    # every problem of the three splits at once; test: [] without masks (nothing to score)
+    splits = check_training_data(dataset, classes, workers=max(loader.num_workers, 2))
+    train_slices, val_slices, test_slices = splits["train"], splits["val"], splits["test"]
     model = spec.model
     train_set = SegmentationDataset(train_slices, classes, SegmentationTransform(
         model.input_size, train=True, aug_name=spec.loop.aug_name, norm=model.norm,

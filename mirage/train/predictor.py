@@ -103,24 +103,33 @@ def as_gray(image):
     """A B-scan as training reads it: (H, W) uint8/uint16.
 
     image: a file path (read by mirage.fileio.read_gray), a 2-D uint8/uint16 array, or an
-    (H, W, 3) uint8/uint16 RGB array, turned to gray exactly as training reads an RGB PNG
-    (OpenCV's PNG decoder; it rounds differently from cv2.cvtColor).
+    (H, W, 3) RGB or (H, W, 4) RGBA uint8/uint16 array, turned to gray exactly as training
+    reads an RGB(A) PNG (OpenCV's PNG decoder: alpha dropped; it rounds differently from
+    cv2.cvtColor). Other arrays (float, other shapes) are refused: training reads 8- or
+    16-bit images, and a float array's scale is unknown.
     """
     if isinstance(image, (str, os.PathLike)):
         return read_gray(image)
     if not isinstance(image, np.ndarray) or image.dtype not in (np.uint8, np.uint16) \
-            or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)) \
+            or not (image.ndim == 2 or _is_colour(image)) \
             or min(image.shape[:2], default=0) < 1:
         what = (f"array of shape {image.shape} and type {image.dtype}"
                 if isinstance(image, np.ndarray) else type(image).__name__)
         raise UserError(f"cannot predict a {what}; give a file path, a 2-D uint8/uint16 "
-                        "B-scan or an (H, W, 3) uint8/uint16 RGB array")
+                        "B-scan or an (H, W, 3) RGB / (H, W, 4) RGBA uint8/uint16 array")
     if image.ndim == 2:
         return np.ascontiguousarray(image)  # OpenCV refuses some strided views
-    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))  # RGB->BGR
+    order = [2, 1, 0, 3][:image.shape[2]]  # RGB(A) -> OpenCV's BGR(A)
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image[..., order]))
     if not ok:
-        raise UserError(f"OpenCV could not encode the {image.shape} RGB array")
+        raise UserError(f"OpenCV could not encode the {image.shape} colour array")
     return cv2.imdecode(encoded, _GRAY_ANY_DEPTH)
+
+
+def _is_colour(image):
+    """An (H, W, 3) RGB or (H, W, 4) RGBA array: one image, never a stack of 3 or 4
+    columns wide B-scans."""
+    return image.ndim == 3 and image.shape[2] in (3, 4)
 
 
 def _as_list(images):
@@ -128,9 +137,9 @@ def _as_list(images):
     if isinstance(images, (str, os.PathLike)):
         return [images], "one"
     if isinstance(images, np.ndarray):
-        if images.ndim == 2 or (images.ndim == 3 and images.shape[2] == 3):
+        if images.ndim == 2 or _is_colour(images):
             return [images], "one"
-        if images.ndim in (3, 4):  # (N, H, W) gray or (N, H, W, 3) RGB
+        if images.ndim in (3, 4):  # (N, H, W) gray or (N, H, W, 3|4) RGB(A)
             return list(images), "stack"
     if isinstance(images, (list, tuple)):
         return list(images), "list"
@@ -171,9 +180,9 @@ class Predictor:
     def predict(self, images):
         """Labels of one B-scan or a batch.
 
-        images: a path, a 2-D uint8/uint16 array or an (H, W, 3) RGB array -> (H, W)
-        uint8/uint16 INFO.json values at the image's size; a list of them -> a list; an
-        (N, H, W) or (N, H, W, 3) array -> (N, H, W).
+        images: a path, a 2-D uint8/uint16 array or an (H, W, 3) RGB / (H, W, 4) RGBA
+        array -> (H, W) uint8/uint16 INFO.json values at the image's size; a list of them
+        -> a list; an (N, H, W) or (N, H, W, 3|4) array -> (N, H, W).
         """
         items, how = _as_list(images)
         return _shaped([labels for labels, _ in self.iter_predictions(items)], how)

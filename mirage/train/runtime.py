@@ -22,6 +22,14 @@ class Runtime:
     device: torch.device
     dist: distributed.DistInfo
     log: Callable[[str], None]
+    # False when this process already announced the run (the demo predicts right after
+    # training it): the run folder, class and model lines are not printed again.
+    announce: bool = True
+
+    def setup_line(self, message):
+        """Log a line that describes the run's setup (folder, classes, model), once."""
+        if self.announce:
+            self.log(message)
 
     def lock(self, run_dir):
         """The run directory's lock, held by the one process that writes (rank 0)."""
