@@ -25,6 +25,9 @@ from mirage.errors import UserError, exit_on_user_error
 
 RECORD = "prediction_record.json"  # what run_seg_predict.py wrote into OUT, and from what
 OVERLAY_SUFFIX = "_overlay"
+# The overlays' colour legend: never a mask (<stem>.png) nor an overlay (<stem>_overlay.png)
+# of an input, as input stems are refused when they would collide with it.
+OVERLAY_LEGEND = "overlays_legend.png"
 
 
 # ============================================================================ predict
@@ -85,6 +88,9 @@ def input_files(inputs):
             if path.stem in found:
                 raise UserError(f"{found[path.stem]} and {path} would both be predicted "
                                 f"as {path.stem}.png; rename or leave out one of them")
+            if f"{path.stem}.png" == OVERLAY_LEGEND:
+                raise UserError(f"{path}: its mask would be named {OVERLAY_LEGEND}, the "
+                                "overlays' colour legend; rename the file")
             found[path.stem] = path
     for path in found.values():
         image_size(path)  # UserError naming the file: empty, not an image, truncated
@@ -157,10 +163,14 @@ def write_predictions(predictor, files, out, probabilities=False, overlays=False
     # deferred: OpenCV, matplotlib
     from mirage.fileio import atomic_folder, atomic_path, read_gray, write_png, write_text
     from mirage.progress import progress  # deferred: tqdm, with the rest
-    from mirage.report.overlays import class_overlay, write_png_rgb  # deferred
+    from mirage.report.overlays import (class_overlay, prediction_legend_png,  # deferred
+                                        write_png_rgb)
     classes = predictor.classes
     written = []
     with atomic_folder(out) as staging:
+        if overlays:  # which colour is which class
+            (staging / OVERLAY_LEGEND).write_bytes(prediction_legend_png(classes))
+            written.append(OVERLAY_LEGEND)
         results = predictor.iter_predictions(files.values(), probabilities, np.float16)
         for (stem, path), (labels, probs) in progress(zip(files.items(), results),
                                                       total=len(files), unit="B-scan",

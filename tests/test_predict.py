@@ -141,6 +141,12 @@ def test_probabilities_fit_the_masks(trained, tmp_path):
         assert (chosen[differs] == probs.max(axis=0)[differs]).all()
         overlay = cv2.imread(str(out / f"{stem}_overlay.png"), cv2.IMREAD_UNCHANGED)
         assert overlay.shape == (*mask.shape, 3)
+    # the overlays' legend names each tinted class (its text is in the PNG's Description)
+    from PIL import Image
+    legend = Image.open(out / "overlays_legend.png")
+    described = legend.text["Description"]
+    assert "Layer" in described and "Fluid" in described and "not tinted: Background" in \
+        described
     predictor = load_run(run_dir, device="cpu")
     mine = predictor.predict_probabilities(bscans["mixvol_2"])
     assert mine.dtype == np.float32 and mine.shape == (3, 80, 60)

@@ -115,15 +115,16 @@ def compose(image, truth, pred, wrong, colors, shown, gap=4):
 ERRORS_LABEL = "errors (4th panel; no class is red)"
 
 
-def _rgb255(rgb):
+def rgb255(rgb):
+    """A matplotlib colour (r, g, b in 0..1) as 0..255 integers."""
     return tuple(int(round(255 * v)) for v in rgb)
 
 
 def legend_entries(plan, colors):
     """[(label, (r, g, b) in 0..255)]: the tinted (scored) classes of ``plan`` in
     ``colors``, then the error red, as compose() draws them."""
-    return [(plan.labels[c], _rgb255(colors[c])) for c in plan.scored] + \
-        [(ERRORS_LABEL, _rgb255(plots.ERROR_RGB))]
+    return [(plan.labels[c], rgb255(colors[c])) for c in plan.scored] + \
+        [(ERRORS_LABEL, rgb255(plots.ERROR_RGB))]
 
 
 @dataclass

@@ -74,6 +74,17 @@ def _write_legend(path, plan, colors):
         Path(tmp).write_bytes(png)
 
 
+def prediction_legend_png(classes):
+    """PNG bytes of the legend of :func:`class_overlay` images: each tinted class's
+    colour; the untinted (background-like) classes named below."""
+    colors = plots.class_colors(classes.num_classes)
+    shown = tinted_classes(classes)
+    untinted = [label for i, label in enumerate(classes.labels) if i not in shown]
+    notes = [f"not tinted: {', '.join(untinted)}"] if untinted else []
+    return plots.legend_png([(classes.labels[i], gallery.rgb255(colors[i])) for i in shown],
+                            "predicted classes", notes)
+
+
 def tinted_classes(classes):
     """Indices of the classes an overlay tints: all but background-like ones."""
     shown = [i for i, label in enumerate(classes.labels)
