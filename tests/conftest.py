@@ -7,10 +7,27 @@ import time
 import zlib
 from pathlib import Path
 
-import cv2
-import numpy as np
-import pytest
-import torch
+# One thread per test process. The tests compute on tiny tensors, where more threads only
+# cost: torch's default (one per core) in pytest, in every run a test starts and in each
+# loader worker oversubscribes a small machine, and an idle OpenMP thread spins on a core
+# that another process needs (7x slower beside a CPU-bound process on 2 cores). Set
+# before torch loads, whatever the caller's environment says, so that the processes the
+# tests start inherit it too; a test that wants more sets its own (``env=``,
+# monkeypatch.setenv, or the ``threads`` fixture below).
+TEST_THREADS = 1
+for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_variable] = str(TEST_THREADS)
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(TEST_THREADS)  # also where torch was loaded before this file
+try:
+    torch.set_num_interop_threads(TEST_THREADS)
+except RuntimeError:  # inter-op work already started (torch loaded earlier): keep its pool
+    pass
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
@@ -85,6 +102,28 @@ def reference_tensor(name, shape):
     else:
         values = 0.02 * rng.standard_normal(shape)
     return torch.from_numpy(np.asarray(values, dtype=np.float32))
+
+
+# Until the feature cache computes each stored entry on its own B-scan (not in the batch
+# it first met), a float16 entry depends on its batch under more than one thread: an
+# entry recomputed alone, or in a resumed run's batches, may differ in the last bit.
+# Remove this mark where it is used with that fix.
+BATCH_DEPENDENT_ENTRIES = pytest.mark.xfail(
+    reason="feature-cache entries computed in their batch: the float16 value depends on "
+           "the batch's size under more than one thread", strict=False)
+
+
+@pytest.fixture
+def threads(request):
+    """Run the test with ``torch.set_num_threads(n)``, n from an indirect parametrize
+    (``@pytest.mark.parametrize("threads", [1, 2], indirect=True)``). For results
+    that must not depend on the thread count: on the CPU a matrix product's order of
+    summation follows the thread count and the matrix's size (so a batch's composition),
+    which one thread never shows."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import cv2
 import pytest
 import torch
 
+from conftest import BATCH_DEPENDENT_ENTRIES
 from fm_seg_config import MirageTiny
 from mirage.train import feature_cache as fc
 from mirage.data.layout import find_split
@@ -151,8 +152,12 @@ def test_entry_of_another_backbone_is_an_error(tiny_dataset, tmp_path):
     assert "MIRAGE-Tiny_343434343434_64x96" in message and "delete" in message
 
 
+@pytest.mark.parametrize("threads", [1, pytest.param(2, marks=BATCH_DEPENDENT_ENTRIES)],
+                         ids=["1-thread", "2-threads"], indirect=True)
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "bit_flip", "wrong_shape"])
-def test_damaged_entry_is_recomputed_with_a_notice(tiny_dataset, tmp_path, damage):
+def test_damaged_entry_is_recomputed_with_a_notice(tiny_dataset, tmp_path, damage, threads):
+    """The recomputed entry (alone in its backbone call) equals the one first computed
+    (beside another B-scan), bit for bit, under 1 and 2 threads."""
     data, seg = Dataset(tiny_dataset), model()
     expected = fill(open_cache(tmp_path, data), seg)
     path = next(p for p in tmp_path.rglob("*.pt") if p.name.startswith(data.slices[0].slice_id))

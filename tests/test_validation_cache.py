@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import make_dataset
+from conftest import BATCH_DEPENDENT_ENTRIES, make_dataset
 from mirage.models.segmentation_model import MirageEncoder
 from mirage.train import feature_cache as fc
 from test_exact_resume import assert_identical, interrupted, kill_in_epoch
@@ -177,12 +177,18 @@ def test_the_training_ram_cache_counts_against_the_limit(data, monkeypatch):
     assert fc.open_split_cache(seg, loader, None, notes.append) is None and len(notes) == 1
 
 
-@pytest.mark.parametrize("mode", ["off", "ram"])
+@pytest.mark.parametrize("mode, threads", [
+    pytest.param("off", 1, id="off-1-thread"), pytest.param("off", 2, id="off-2-threads"),
+    pytest.param("ram", 1, id="ram-1-thread"),
+    pytest.param("ram", 2, id="ram-2-threads", marks=BATCH_DEPENDENT_ENTRIES)],
+    indirect=["threads"])
 @pytest.mark.parametrize("kill_at", [(1, 1), (2, 0)], ids=["within-epoch-1", "before-epoch-2"])
 def test_a_killed_run_with_the_validation_store_resumes_exactly(data, tmp_path, monkeypatch,
-                                                                mode, kill_at):
-    """The resumed process fills its store again at its first validation: log and final
-    checkpoints equal those of the run left alone, bit for bit."""
+                                                                mode, threads, kill_at):
+    """The resumed process fills its store again at its first validation (and, with
+    'ram', its training cache, in batches other than those that first filled it): log and
+    final checkpoints equal those of the run left alone, bit for bit, under 1 and 2
+    threads."""
     dataset, weights = data
     extra = ("--save_ckpt_freq", 1, "--keep_ckpts", EPOCHS, "--lr", 3e-3)
     if mode == "off":  # stochastic depth and augmentation in training: tokens still fixed
