@@ -13,6 +13,7 @@ from mirage.argparsing import ArgumentParser
 from mirage.config import parse_config
 from mirage.errors import exit_on_user_error
 from mirage.evaluate import EMPTY_VOLUME_MODES, HD95_MISSING_RULES  # constants only
+from mirage.evaluate.intervals import BOOTSTRAP_RESAMPLES, check_resamples  # numpy only
 
 
 @exit_on_user_error
@@ -77,6 +78,10 @@ def eval_parser():
                         help="also write one row per run and class group (mean ± std) to "
                              "this CSV file: a new file, or a summary an earlier "
                              "run_seg_eval.py wrote; never inside a run or dataset folder")
+    parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, metavar="N",
+                        help="resamples of the 95%% bootstrap confidence intervals over "
+                             "test volumes (BCa, fixed random state) in the --summary CSV "
+                             "and the run reports (default: %(default)s; 0: none)")
     parser.add_argument("--foreign_predictions", action="store_true",
                         help="score predictions without a manifest of this run's best "
                              "checkpoint (e.g. made by another tool); noted in the output")
@@ -95,12 +100,14 @@ def eval_parser():
 def evaluate(argv=None):
     """Score the test predictions of one or more runs (``run_seg_eval.py``)."""
     args = eval_parser().parse_args(argv)
+    check_resamples(args.bootstrap)
     if args.report_only:
         from mirage.evaluate.inputs import expand_run_paths  # deferred: OpenCV
         from mirage.report.run_report import write_run_report  # deferred: matplotlib
         run_dirs, _, notes = expand_run_paths(args.run_dir, need_predictions=False)
         print("".join(f"note: {note}\n" for note in notes), end="")
-        paths = [write_run_report(path, args.datasets_path) for path in run_dirs]
+        paths = [write_run_report(path, args.datasets_path, bootstrap=args.bootstrap)
+                 for path in run_dirs]
         print("\n".join(f"wrote {path}" for path in paths))
         return paths
     from mirage.evaluate.outputs import evaluate_runs  # deferred: pandas, OpenCV, SciPy
@@ -115,13 +122,15 @@ def evaluate(argv=None):
             print(f"wrote {folder} (colours: {folder.name}/{LEGEND})")
         if args.report:
             from mirage.report.run_report import write_run_report  # deferred: matplotlib
-            print(f"wrote {write_run_report(evaluation.run_dir, args.datasets_path, quiet=False)}")
+            path = write_run_report(evaluation.run_dir, args.datasets_path, quiet=False,
+                                    bootstrap=args.bootstrap)
+            print(f"wrote {path}")
 
     return evaluate_runs(args.run_dir, args.datasets_path, external=args.external,
                          ignore_bg=args.ignore_bg, empty_sets_nan=args.empty_sets_nan,
                          empty_volume=args.empty_volume, workers=args.num_workers,
                          summary=args.summary, foreign_predictions=args.foreign_predictions,
-                         hd95_missing=args.hd95_missing,
+                         hd95_missing=args.hd95_missing, bootstrap=args.bootstrap,
                          on_scored=after_scoring)
 
 

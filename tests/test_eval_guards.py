@@ -92,10 +92,13 @@ def test_summary_writes_a_new_file_and_replaces_its_own(run, tmp_path, capsys):
                             "--no_report"], capsys)
     assert code == 0, err
     first = pd.read_csv(summary)
-    assert list(first.columns) == [  # the layout other tools parse, unchanged
+    assert list(first.columns)[:18] == [  # the layout other tools parse, unchanged
         "run", "dataset", "group", "seed", "identity", "volumes", "path", "note", "missed",
         "Dice", "Dice_mean", "Dice_std", "IoU", "IoU_mean", "IoU_std", "HD95", "HD95_mean",
         "HD95_std"]
+    assert list(first.columns)[18:28] == [  # appended: the 95% bootstrap intervals
+        f"{m}_ci_{part}" for m in ("Dice", "IoU", "HD95") for part in
+        ("low", "high", "method")] + ["ci_resamples"]
     assert list(first["group"]) == ["layers", "lesions", "all"]
     # an earlier summary, also one of the first tool's narrower layout, is replaced
     first[["run", "dataset", "group", "volumes", "path", "Dice", "Dice_mean", "Dice_std",

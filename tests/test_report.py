@@ -102,7 +102,8 @@ def test_run_report_shows_the_run_its_scores_curves_and_gallery(study):
     # box plots, 3 gallery overlays, training curves, per-class validation IoU
     assert len(page.images) == 6
     scores = {row[0]: row for row in page.tables[1][1:]}
-    assert page.tables[1][0] == ["class", "volumes", "Dice (%)", "IoU (%)", "HD95 (px)"]
+    assert page.tables[1][0] == ["class", "volumes", "Dice (%)", "IoU (%)", "HD95 (px)",
+                                 "Dice 95% CI", "IoU 95% CI", "HD95 95% CI"]
     rows = pd.concat([pd.read_csv(p, dtype={"ID": str})
                       for p in sorted(run_dir.glob("results*.csv"))])
     for label in ("ILM-NFL", "Fluid"):

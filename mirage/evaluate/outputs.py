@@ -4,6 +4,7 @@ tables, and the one-row-per-run summary.
     evaluate_run(model_path, datasets_path, ...)  -> RunEvaluation (rows, files)
     evaluate_runs([model_path, ...], ...)         -> [RunEvaluation, ...] (run_seg_eval.py)
     write_summary(evaluations, path)              -> one row per run and class group
+                                                     (with 95% bootstrap intervals)
 """
 import contextlib
 import csv
@@ -16,6 +17,9 @@ import pandas as pd
 from mirage.errors import UserError
 from mirage.fileio import atomic_path
 from mirage.evaluate.inputs import expand_run_paths, prepare_run
+from mirage.evaluate.intervals import (BOOTSTRAP_RESAMPLES, check_resamples,
+                                       interval_columns, interval_record, metric_columns,
+                                       rows_interval)
 from mirage.evaluate.scoring import check_options, evaluate_prepared
 from mirage.run import METRICS
 from mirage.run.folder import CONFIG, IDENTITY, RunFolder
@@ -157,6 +161,11 @@ SUMMARY_COLUMNS = ("run", "dataset", "group", "seed", "identity", "volumes", "pa
                                for part in ("", "_mean", "_std")])
 _SUMMARY_CORE = ("run", "dataset", "group", "volumes", "path",
                  *[f"{metric}_mean" for metric in METRICS])
+# Appended after SUMMARY_COLUMNS (never between them): per metric its 95% bootstrap
+# interval over volumes, then the resample count; metrics beyond METRICS (e.g. HD95_um,
+# when the results hold them) follow with their own columns.
+_METRIC_PARTS = ("", "_mean", "_std", "_ci_low", "_ci_high", "_ci_method")
+CI_RESAMPLES = "ci_resamples"
 DATASET_MARK = "INFO.json"  # a folder holding it (or under one that does) is a dataset's
 _HEADER_BYTES = 1 << 16  # a summary's header is a few hundred bytes
 
@@ -174,7 +183,15 @@ def _is_summary_csv(path):
         return False  # binary (a checkpoint, an image) or empty
     columns = next(csv.reader([first]), [])
     return columns[:3] == list(SUMMARY_COLUMNS[:3]) and set(_SUMMARY_CORE) <= set(columns) \
-        <= set(SUMMARY_COLUMNS)
+        and all(_summary_column(c, columns) for c in columns)
+
+
+def _summary_column(name, columns):
+    """True for a column a summary CSV of this tool may hold: SUMMARY_COLUMNS, the
+    intervals' and the resample count, and a later metric's (``M`` with ``M_mean``)."""
+    return name in SUMMARY_COLUMNS or name == CI_RESAMPLES \
+        or f"{name}_mean" in columns or any(name.endswith(part) and len(name) > len(part)
+                                            for part in _METRIC_PARTS[1:])
 
 
 def _protected_folder(path):
@@ -213,7 +230,7 @@ def check_summary_path(path):
         raise UserError(f"--summary {given}: {blocking} is a file, not a folder; {fix}")
 
 
-def summary_table(evaluations):
+def summary_table(evaluations, bootstrap=BOOTSTRAP_RESAMPLES):
     """One row per run and class group (and "all" where there are several groups).
 
     Mean: over all (volume, class) rows of the group, NaN ignored (as printed). Std: the
@@ -222,6 +239,8 @@ def summary_table(evaluations):
     names its run's seed and identity hash (identity.json), so seeds of one configuration
     are told apart and runs of different options are never mistaken for one another.
     ``missed``: how many (volume, class) rows of the group hold a class never predicted.
+    bootstrap: resamples of the 95% intervals appended after these columns
+    (summary_intervals); 0 leaves them out.
     """
     records = []
     for ev in evaluations:
@@ -240,17 +259,60 @@ def summary_table(evaluations):
                 spread = "n/a" if np.isnan(std) else f"{std:.2f}"  # n/a: one volume
                 record[metric] = f"{mean:.2f} ± {spread}"
                 record[f"{metric}_mean"], record[f"{metric}_std"] = mean, std
+            record.update(summary_intervals(rows, bootstrap))
             records.append(record)
-    return pd.DataFrame(records, columns=list(SUMMARY_COLUMNS))
+    extra = list(dict.fromkeys(m for ev in evaluations for m in metric_columns(ev.rows)
+                               if m not in METRICS))
+    return pd.DataFrame(records, columns=list(SUMMARY_COLUMNS)
+                        + summary_interval_columns(extra, bootstrap))
 
 
-def write_summary(evaluations, path):
-    """Write summary_table(evaluations) to the CSV file ``path`` (atomically); returns it.
+def summary_interval_columns(extra, bootstrap):
+    """The columns appended to SUMMARY_COLUMNS: each metric's interval, the resample
+    count, then each ``extra`` metric's columns (its own, then its interval's)."""
+    columns = []
+    if bootstrap:
+        columns += [c for metric in METRICS for c in interval_columns(metric)]
+        columns.append(CI_RESAMPLES)
+    for metric in extra:
+        columns += [f"{metric}{part}" for part in _METRIC_PARTS[:3]]
+        columns += interval_columns(metric) if bootstrap else []
+    return columns
 
-    UserError (nothing written) when ``path`` is not one to write (check_summary_path).
+
+def summary_intervals(rows, bootstrap):
+    """{column: value} of one summary row's intervals (and of the metrics beyond METRICS).
+
+    rows: the group's results rows, Dice and IoU already in percent. The interval of each
+    metric is that of the row's mean: the volumes resampled, the mean over all (volume,
+    class) rows of each resample (mirage.evaluate.intervals).
+    """
+    record = {}
+    for metric in metric_columns(rows):
+        if metric not in METRICS:
+            values = rows[metric].to_numpy(dtype=float)
+            mean = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+            std = rows.groupby("ID")[metric].mean().std()
+            spread = "n/a" if np.isnan(std) else f"{std:.2f}"
+            record.update({metric: f"{mean:.2f} ± {spread}", f"{metric}_mean": mean,
+                           f"{metric}_std": std})
+        if bootstrap:
+            record.update(interval_record(metric, rows_interval([rows], metric,
+                                                                resamples=bootstrap)))
+    if bootstrap:
+        record[CI_RESAMPLES] = bootstrap
+    return record
+
+
+def write_summary(evaluations, path, bootstrap=BOOTSTRAP_RESAMPLES):
+    """Write summary_table(evaluations, bootstrap) to the CSV file ``path`` (atomically);
+    returns it.
+
+    UserError (nothing written) when ``path`` is not one to write (check_summary_path)
+    or ``bootstrap`` is not a resample count (check_resamples).
     """
     check_summary_path(path)
-    table = summary_table(evaluations)
+    table = summary_table(evaluations, check_resamples(bootstrap))
     with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False, na_rep="NaN")
     return table
@@ -259,7 +321,7 @@ def write_summary(evaluations, path):
 def evaluate_runs(model_paths, datasets_path, external=None, ignore_bg=True,
                   empty_sets_nan=True, empty_volume="zero", workers=1, summary=None,
                   quiet=False, foreign_predictions=False, on_scored=None,
-                  hd95_missing="original"):
+                  hd95_missing="original", bootstrap=BOOTSTRAP_RESAMPLES):
     """Evaluate several runs (what run_seg_eval.py does); returns their RunEvaluations.
 
     A path that is not a run folder but holds run folders (an output root such as
@@ -268,11 +330,13 @@ def evaluate_runs(model_paths, datasets_path, external=None, ignore_bg=True,
     at once. Each run's CSVs are written when that run is done, with evaluation.json
     (how they were scored); then ``on_scored(evaluation)`` is called if given (the command
     line writes the run's report there). ``summary`` (a CSV path) is written at the end;
-    it is checked first (check_summary_path).
+    it is checked first (check_summary_path), with ``bootstrap``: the resamples of its
+    95% intervals (0: none).
     """
     check_options(empty_volume, workers, hd95_missing)
     if summary:
         check_summary_path(summary)
+        check_resamples(bootstrap)
     run_dirs, skipped, notes = expand_run_paths(model_paths, external)
     for note in [] if quiet else notes:
         print(f"note: {note}")
@@ -300,7 +364,7 @@ def evaluate_runs(model_paths, datasets_path, external=None, ignore_bg=True,
             on_scored(evaluation)
         evaluations.append(evaluation)
     if summary:
-        table = write_summary(evaluations, summary)
+        table = write_summary(evaluations, summary, bootstrap)
         if not quiet:
             print(f"\nsummary ({summary}):")
             print(table[["run", "dataset", "group", "volumes", *METRICS]].to_string(index=False))

@@ -5,6 +5,7 @@
     overlays.py             every test B-scan drawn; a predicted mask on its B-scan
     tensorboard_log.py      log.txt as TensorBoard event files
     study.py                runs grouped over seeds; summary statistics
+    metric_columns.py       which metrics, their units and direction; a row's intervals
     labels.py               readable row labels (model + what differs, in words)
     significance.py         paired Wilcoxon tests with Holm-Bonferroni
     tables.py               paper tables (Markdown, LaTeX)

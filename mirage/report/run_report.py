@@ -4,7 +4,8 @@
 
 What it shows: the run (model, dataset, seed, training outcome) and its notes; per
 evaluated dataset the per-class test table (Dice and IoU in %, HD95 in pixels, means over
-volumes as run_seg_eval.py prints them), box plots of the per-volume scores and the overlay
+volumes as run_seg_eval.py prints them, each with its 95% bootstrap interval over the test
+volumes: mirage.evaluate.intervals), box plots of the per-volume scores and the overlay
 gallery (best, median and worst B-scan by Dice); the training curves from log.txt; the
 resolved config.yaml. Written by run_seg_eval.py after scoring, by run_seg_report.py, and
 on demand with ``run_seg_eval.py --report_only -m <run>``.
@@ -17,9 +18,11 @@ import pandas as pd
 from mirage.report import htmlpage as H
 from mirage.report import plots
 from mirage.errors import UserError
-from mirage.run import METRICS
+from mirage.evaluate.intervals import (BOOTSTRAP_RESAMPLES, BCA, check_resamples,
+                                       metric_columns, rows_interval)
 from mirage.report.gallery import gallery
 from mirage.report.overlays import LEGEND
+from mirage.report.metric_columns import scale_of, unit_of
 from mirage.report.tables import MISSED_MARK
 from mirage.report.tensorboard_log import write_tensorboard
 from mirage.run.catalog import read_run
@@ -55,12 +58,14 @@ def _facts_table(facts):
     return H.table(frame, text_columns={"", "value"})
 
 
-def class_table(evaluation):
+def class_table(evaluation, bootstrap=BOOTSTRAP_RESAMPLES):
     """DataFrame: per class, then per class group, the mean over volumes (NaN left out).
 
     A class never predicted in a volume that holds it is marked † (so is its class group)
     and a "missed" column says in how many of the volumes holding it; the column is only
-    there when something was missed.
+    there when something was missed. With ``bootstrap`` resamples, the means are followed
+    by each metric's 95% CI over the test volumes (an Interval; interval_notes makes it
+    "(low, high)" and says where it is not BCa).
     """
     rows = evaluation.rows
     missed = missed_counts(rows)
@@ -68,12 +73,15 @@ def class_table(evaluation):
 
     def record(name, part):
         entry = {"class": name, "volumes": part["ID"].nunique()}
-        for metric in METRICS:
+        metrics = metric_columns(rows)
+        for metric in metrics:
             values = part[metric].to_numpy(dtype=float)
             values = values[np.isfinite(values)]
-            scale = 1.0 if metric == "HD95" else 100.0
-            entry[f"{metric} ({'px' if metric == 'HD95' else '%'})"] = \
-                scale * values.mean() if values.size else float("nan")
+            entry[f"{metric} ({unit_of(metric)})"] = \
+                scale_of(metric) * values.mean() if values.size else float("nan")
+        for metric in metrics if bootstrap else ():  # after the means: their columns stay
+            entry[f"{metric} 95% CI"] = rows_interval([part], metric, scale_of(metric),
+                                                      bootstrap)
         return entry
 
     for label in dict.fromkeys(rows["Class"]):
@@ -93,6 +101,25 @@ def class_table(evaluation):
             if name in flagged:
                 entry["class"] = f"{name} {MISSED_MARK}"
     return pd.DataFrame(records)
+
+
+def interval_notes(table):
+    """The intervals of class_table's ``table`` as shown: (the table with each interval
+    as text, '(79.10, 83.90)' or 'n/a', and the notes on the intervals that are not BCa)."""
+    table = table.copy()
+    notes = []
+    for column in [c for c in table.columns if c.endswith(" 95% CI")]:
+        texts = []
+        for name, interval in zip(table["class"], table[column]):
+            texts.append(f"({interval.low:.2f}, {interval.high:.2f})" if interval.found
+                         else "n/a")
+            if interval.method != BCA:
+                metric = column[:-len(" 95% CI")]
+                notes.append(f"{metric} of {name}: "
+                             + (f"95% CI {interval.description}" if interval.found
+                                else f"no 95% CI ({interval.note})"))
+        table[column] = texts
+    return table, notes
 
 
 def scoring_rules(evaluation):
@@ -131,7 +158,8 @@ def _datasets_path(run, evaluation, given):
     return found, tried
 
 
-def _evaluation_section(run, evaluation, datasets_path, with_gallery, quiet):
+def _evaluation_section(run, evaluation, datasets_path, with_gallery, quiet,
+                        bootstrap=BOOTSTRAP_RESAMPLES):
     title = f"Test scores: {evaluation.dataset}"
     if evaluation.external:
         title += f" (external test set; trained on {run.train_dataset})"
@@ -139,7 +167,13 @@ def _evaluation_section(run, evaluation, datasets_path, with_gallery, quiet):
     facts = (f"{evaluation.rows['ID'].nunique()} volumes; files "
              f"{', '.join(p.name for p in evaluation.files)}. Dice and IoU in %, HD95 in "
              f"pixels; means over volumes, NaN left out. Scoring: {scoring_rules(evaluation)}.")
-    parts = [H.paragraph(facts), H.table(class_table(evaluation), digits=2)]
+    if bootstrap:
+        facts += (f" 95% CI: BCa bootstrap confidence interval of the mean, the test volumes "
+                  f"resampled ({bootstrap} resamples, fixed random state).")
+    table, interval_words = interval_notes(class_table(evaluation, bootstrap))
+    parts = [H.paragraph(facts),
+             H.table(table, digits=2, text_columns={"class", "missed"}),
+             H.notes_list(interval_words)]
     missed = missed_counts(evaluation.rows)
     if missed:
         parts.append(H.notes_list([
@@ -229,15 +263,17 @@ def _config_section(run):
                      H.table(frame, text_columns={"option", "value"}), anchor="config")
 
 
-def render_run_report(run, datasets_path=None, with_gallery=True, quiet=True):
-    """The report page of a mirage.run.catalog.Run, as HTML text."""
+def render_run_report(run, datasets_path=None, with_gallery=True, quiet=True,
+                      bootstrap=BOOTSTRAP_RESAMPLES):
+    """The report page of a mirage.run.catalog.Run, as HTML text; ``bootstrap``: the
+    resamples of the test tables' 95% intervals (0: none)."""
     facts = {"run directory": run.path, "trained on": run.train_dataset,
              "model (weights)": run.config.get("weights", "?"), "decoder": run.decoder,
              "loss": run.loss, "seed": run.seed, "status": run.status}
     sections = [H.section("Run", _facts_table(facts), H.notes_list(run.notes), anchor="run")]
     for evaluation in run.evaluations:
         sections.append(_evaluation_section(run, evaluation, datasets_path, with_gallery,
-                                            quiet))
+                                            quiet, bootstrap))
     if not run.evaluations:
         sections.append(H.section("Test scores", H.notes_list([run.status])))
     sections.append(_training_section(run))
@@ -248,16 +284,18 @@ def render_run_report(run, datasets_path=None, with_gallery=True, quiet=True):
 
 
 def write_run_report(run_dir, datasets_path=None, tensorboard=True, with_gallery=True,
-                     quiet=True):
+                     quiet=True, bootstrap=BOOTSTRAP_RESAMPLES):
     """Write ``<run_dir>/report.html`` (and the TensorBoard files when tensorboard is
     installed); returns the report's path. datasets_path: the folder holding the datasets,
     for the overlay gallery (default: the one recorded at evaluation, else the parent of
-    config.yaml's data_path)."""
+    config.yaml's data_path). bootstrap: resamples of the 95% intervals of the test
+    tables (run_seg_eval.py / run_seg_report.py --bootstrap; 0: none)."""
+    bootstrap = check_resamples(bootstrap)
     if not Path(run_dir).is_dir():
         raise UserError(f"run directory {run_dir} not found; give <output>/<version>/"
                         "<dataset>/<run name>/")
     run = read_run(run_dir)
-    text = render_run_report(run, datasets_path, with_gallery, quiet)
+    text = render_run_report(run, datasets_path, with_gallery, quiet, bootstrap)
     path = H.write_page(RunFolder(run.path).report_file, text)
     if tensorboard and run.log:
         write_tensorboard(run.path, run.log)
