@@ -104,15 +104,6 @@ def reference_tensor(name, shape):
     return torch.from_numpy(np.asarray(values, dtype=np.float32))
 
 
-# Until the feature cache computes each stored entry on its own B-scan (not in the batch
-# it first met), a float16 entry depends on its batch under more than one thread: an
-# entry recomputed alone, or in a resumed run's batches, may differ in the last bit.
-# Remove this mark where it is used with that fix.
-BATCH_DEPENDENT_ENTRIES = pytest.mark.xfail(
-    reason="feature-cache entries computed in their batch: the float16 value depends on "
-           "the batch's size under more than one thread", strict=False)
-
-
 @pytest.fixture
 def threads(request):
     """Run the test with ``torch.set_num_threads(n)``, n from an indirect parametrize

@@ -10,7 +10,6 @@ import cv2
 import pytest
 import torch
 
-from conftest import BATCH_DEPENDENT_ENTRIES
 from fm_seg_config import MirageTiny
 from mirage.train import feature_cache as fc
 from mirage.data.layout import find_split
@@ -152,7 +151,7 @@ def test_entry_of_another_backbone_is_an_error(tiny_dataset, tmp_path):
     assert "MIRAGE-Tiny_343434343434_64x96" in message and "delete" in message
 
 
-@pytest.mark.parametrize("threads", [1, pytest.param(2, marks=BATCH_DEPENDENT_ENTRIES)],
+@pytest.mark.parametrize("threads", [1, 2],
                          ids=["1-thread", "2-threads"], indirect=True)
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "bit_flip", "wrong_shape"])
 def test_damaged_entry_is_recomputed_with_a_notice(tiny_dataset, tmp_path, damage, threads):

@@ -355,7 +355,7 @@ class FeatureCache:
     def features(self, model, images, batch):
         """The decoder's inputs for ``batch`` (what ``model.features(images)`` gives,
         rounded to float16 and back to float32): cached views are read, the others
-        computed (one backbone forward for all of them) and stored.
+        computed (one backbone forward per B-scan, see ``_backbone_batches``) and stored.
 
         ``model``: the SegmentationModel (fully frozen); ``images``: (B, C, H, W) on its
         device; ``batch``: the loader's batch (``index``, and ``flipped`` with 'flip').
@@ -367,13 +367,14 @@ class FeatureCache:
         entries = [self.get(i, v, layers) for i, v in zip(indices, views)]
         missing = [k for k, entry in enumerate(entries) if entry is None]
         if missing:
-            subset = images if len(missing) == len(entries) else images[missing]
-            computed = model.features(subset)
-            by_block = dict(zip(model.decoder.layer_indices, computed))
-            for row, k in enumerate(missing):
-                entry = {b: self._stored(by_block[b][row]) for b in layers}
-                self.put(indices[k], views[k], entry)
-                entries[k] = entry
+            for rows in self._backbone_batches(missing):
+                subset = images if len(rows) == len(entries) else images[rows]
+                computed = model.features(subset)
+                by_block = dict(zip(model.decoder.layer_indices, computed))
+                for row, k in enumerate(rows):
+                    entry = {b: self._stored(by_block[b][row]) for b in layers}
+                    self.put(indices[k], views[k], entry)
+                    entries[k] = entry
             self.stats["computed"] += len(missing)
         self.stats["reused"] += len(entries) - len(missing)
         stacked = {}
@@ -384,6 +385,23 @@ class FeatureCache:
             tokens = tokens.to(images.device, non_blocking=True)
             stacked[b] = tokens if self.exact else tokens.float()
         return [stacked[b] for b in model.decoder.layer_indices]
+
+    def _backbone_batches(self, missing):
+        """The rows of a batch (``missing``: those to compute) that go through the
+        backbone together.
+
+        A matrix product (CPU: MKL/oneDNN; CUDA: cuBLAS) chooses its blocking, and so the
+        order of its floating-point sums, by the shape of the whole product and the
+        thread count: a B-scan's tokens differ in the last bits with the number of
+        B-scans beside it (MIRAGE-Tiny, 2 threads: up to 1e-6, which changes 2 of 768
+        float16 values). A stored entry (float16, reused by later epochs, other runs and
+        resumed runs; recomputed alone when damaged or changed) is therefore computed one
+        B-scan per backbone call, so that it depends on its B-scan only, never on the
+        batch it first came in. The exact store of a split keeps the loader's batches:
+        they are the same at every validation and in every process, and its tokens stay
+        those of an uncached validation, bit for bit.
+        """
+        return [missing] if self.exact else [[k] for k in missing]
 
     def _stored(self, tokens):
         """One view's (N, D) tokens as the cache keeps them: float16 on the CPU, or
