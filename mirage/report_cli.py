@@ -9,15 +9,16 @@ import yaml
 
 from mirage.argparsing import ArgumentParser
 from mirage.errors import UserError, exit_on_user_error
+from mirage.evaluate.intervals import BOOTSTRAP_RESAMPLES, check_resamples  # numpy only
 from mirage.report import RUN_REPORT_MODES, TABLE_COLUMNS  # constants: nothing heavy
-from mirage.run import METRICS
 
 
 def report_parser():
     parser = ArgumentParser(
         prog="run_seg_report.py",
         description="Summarise evaluated runs over seeds: paper tables (CSV, Markdown, "
-                    "LaTeX), paired Wilcoxon tests and HTML reports.")
+                    "LaTeX) with 95% bootstrap intervals, paired Wilcoxon tests with the "
+                    "bootstrap interval of each difference, and HTML reports.")
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="output roots (e.g. ./__output/seg/v1) or run folders")
     parser.add_argument("-o", "--output_dir", default="./__output/study",
@@ -25,12 +26,25 @@ def report_parser():
     parser.add_argument("-d", "--datasets_path", default=None,
                         help="folder holding the datasets, for the run reports' overlay "
                              "gallery (default: the one recorded by run_seg_eval.py)")
-    parser.add_argument("--metric", choices=METRICS, default="Dice",
-                        help="metric of the heat map and the HTML test table "
-                             "(default: %(default)s)")
-    parser.add_argument("--table_metrics", nargs="+", choices=METRICS,
-                        default=["Dice", "HD95"],
-                        help="metrics of summary.md / summary.tex (default: Dice HD95)")
+    parser.add_argument("--metric", default="Dice", metavar="METRIC",
+                        help="metric of the heat map and the HTML test table: Dice, IoU, "
+                             "HD95 or any other the results hold, e.g. HD95_um (default: "
+                             "%(default)s)")
+    parser.add_argument("--metrics", "--table_metrics", dest="table_metrics", nargs="+",
+                        default=["Dice", "HD95"], metavar="METRIC",
+                        help="metrics of the paper tables (summary.md, summary.tex, "
+                             "report.html), one table each: Dice, IoU, HD95 or any other "
+                             "the runs' results hold, e.g. HD95_um (default: Dice HD95; "
+                             "--table_metrics: the old name)")
+    parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, metavar="N",
+                        help="resamples of the 95%% bootstrap confidence intervals over "
+                             "test volumes (BCa, fixed random state) in summary.csv, "
+                             "significance.csv and the run reports (default: %(default)s; "
+                             "0: none)")
+    parser.add_argument("--ci", action="store_true",
+                        help="show each cell's 95%% bootstrap interval in the paper tables "
+                             "(summary.md, summary.tex, report.html): 'mean ± std (low, "
+                             "high)'")
     parser.add_argument("--columns", choices=TABLE_COLUMNS, default="dataset",
                         help="columns of the paper tables: 'dataset' (default; rows = "
                              "models) or 'tuning' (one table per dataset, rows = models, "
@@ -56,12 +70,14 @@ def main(argv=None):
     args = report_parser().parse_args(argv)
     if not 0 < args.alpha < 1:
         raise UserError(f"--alpha must be between 0 and 1, not {args.alpha}")
+    check_resamples(args.bootstrap)
     labels = parse_labels(args.label or [])
     from mirage.report.study_outputs import write_study  # deferred: pandas, SciPy, matplotlib
     return write_study(args.paths, args.output_dir, datasets_path=args.datasets_path,
                        run_reports=args.run_reports, metric=args.metric,
                        table_metrics=tuple(args.table_metrics), alpha=args.alpha,
-                       tensorboard=args.tensorboard, labels=labels, columns=args.columns)
+                       tensorboard=args.tensorboard, labels=labels, columns=args.columns,
+                       bootstrap=args.bootstrap, ci=args.ci)
 
 
 def parse_labels(items):

@@ -10,8 +10,8 @@ import pandas as pd
 
 from mirage.report import htmlpage as H
 from mirage.report import plots
-from mirage.report.study import LOWER_IS_BETTER, PERCENT_METRICS
-from mirage.report.tables import MISSED_MARK, document_layout
+from mirage.report.metric_columns import PERCENT_METRICS
+from mirage.report.tables import MISSED_MARK, ci_caption, document_layout
 
 # The narrowest colour scale of a heat map, in the metric's unit (Dice and IoU in %, HD95
 # in pixels), and the metric's own range: differences smaller than this keep similar
@@ -57,7 +57,7 @@ def _heat_map(table):
     columns, legend = plots.short_labels(table.columns)
     natural = PERCENT_RANGE if table.metric in PERCENT_METRICS else DISTANCE_RANGE
     fig = plots.heat_map(values, table.labels, columns, f"mean {table.title}",
-                         higher_is_better=table.metric not in LOWER_IS_BETTER, marks=marks,
+                         higher_is_better=not table.lower_is_better, marks=marks,
                          min_span=HEAT_MAP_MIN_SPAN, natural=natural, unit=table.unit)
     across = "protocol" if table.dataset else "dataset"
     low, high = plots.colour_limits(values, HEAT_MAP_MIN_SPAN, natural)
@@ -71,18 +71,40 @@ def _heat_map(table):
     return H.image(plots.to_png(fig), f"heat map: mean {table.title}", caption)
 
 
+DIFFERENCE = "mean_diff (95% CI)"  # the paired bootstrap interval, beside median_diff
+
+
 def _significance_html(significance, metric):
     if significance.empty:
         return H.paragraph("No pair of models shares a dataset: nothing to test.")
     shown = significance[significance["metric"] == metric]
-    frame = shown[SIGNIFICANCE_COLUMNS].copy()
+    columns = list(SIGNIFICANCE_COLUMNS)
+    frame = shown[columns].copy()
     for column in ("p_value", "p_holm"):
         frame[column] = [("n/a" if not np.isfinite(p) else f"{p:.4g}")
                          for p in frame[column].to_numpy(dtype=float)]
+    if "diff_ci_low" in shown:
+        frame.insert(columns.index("median_diff") + 1, DIFFERENCE, difference_texts(shown))
     return H.table(frame.reset_index(drop=True), digits=2, ident="significance-table",
                    text_columns={"dataset", "class_group", "model_a", "model_b",
-                                 "significant", "better", "note"},
+                                 "significant", "better", "note", DIFFERENCE},
                    classes={"p_value": "p", "p_holm": "p", "note": "wide"})
+
+
+def difference_texts(significance):
+    """'1.23 (0.45, 2.01)': the mean of A - B and its 95% paired bootstrap interval, per
+    row of significance.csv ('n/a' without pairs; the mean alone without an interval)."""
+    texts = []
+    for row in significance.itertuples():
+        mean, low, high = (float(v) for v in (row.mean_diff, row.diff_ci_low,
+                                                row.diff_ci_high))
+        if not np.isfinite(mean):
+            texts.append("n/a")
+        elif np.isfinite(low) and np.isfinite(high):
+            texts.append(f"{mean:.2f} ({low:.2f}, {high:.2f})")
+        else:
+            texts.append(f"{mean:.2f}")
+    return texts
 
 
 def _runs_html(runs_frame, run_links):
@@ -91,6 +113,16 @@ def _runs_html(runs_frame, run_links):
     links = {"run": [run_links.get(path) for path in runs_frame["path"]]}
     return H.table(frame.reset_index(drop=True), links=links,
                    text_columns={"run", "dataset", "label", "status", "notes"})
+
+
+def _difference_words(significance):
+    if "diff_ci_low" not in significance:
+        return ""
+    resamples = significance["ci_resamples"].max() if len(significance) else 0
+    return (f"; {DIFFERENCE} = the mean of A - B over the paired volumes and its 95% "
+            f"paired bootstrap interval (the volumes resampled in pairs, BCa, "
+            f"{int(resamples) if np.isfinite(resamples) else 0} resamples; an interval "
+            "without 0 is not corrected for the number of pairs)")
 
 
 def render_grid_report(study, tables, significance, runs_frame, run_links, files,
@@ -116,9 +148,9 @@ def render_grid_report(study, tables, significance, runs_frame, run_links, files
     for table, rows, notes in document_layout(tables, "the Overview" if missed else ""):
         table_parts.append(f"<h3>{H.esc(table.title)}</h3>")
         seeds = f"over {table.seeds} seeds" if table.seeds > 1 else "one seed"
-        table_parts.append(H.paragraph(f"Mean ± sample std {seeds}; best per column in "
-                                       f"bold (never a cell marked {MISSED_MARK}).",
-                                       cls="muted"))
+        table_parts.append(H.paragraph(f"Mean ± sample std {seeds}{ci_caption(table)}; "
+                                       f"best per column in bold (never a cell marked "
+                                       f"{MISSED_MARK}).", cls="muted"))
         table_parts.append(_paper_table_html(table, rows, notes))
     sections.append(H.section("Tables", *table_parts, anchor="tables"))
     sections.append(H.section(
@@ -127,7 +159,8 @@ def render_grid_report(study, tables, significance, runs_frame, run_links, files
                     f"signed-rank test over the test volumes (each model's per-volume "
                     f"score averaged over its seeds), Holm-Bonferroni corrected over the "
                     f"pairs; significant: corrected p < {alpha}. median_diff = median of "
-                    f"A - B. All metrics: significance.csv.", cls="muted"),
+                    f"A - B{_difference_words(significance)}. All metrics: "
+                    f"significance.csv.", cls="muted"),
         _significance_html(significance, metric), anchor="significance"))
     sections.append(H.section("Runs", _runs_html(runs_frame, run_links), anchor="runs"))
     return H.page("Study report", sections)

@@ -3,6 +3,7 @@
     wilcoxon_paired(a, b)          -> dict (n, median difference, W, p-value, note)
     holm(p_values)                 -> Holm-Bonferroni adjusted p-values
     significance_table(study)      -> DataFrame written as significance.csv
+    difference_columns(bootstrap)  -> the columns appended for the interval of A - B
 
 Pairing: on one dataset, the two models' scores of the same test volume form a pair; a
 model's score of a volume is its per-volume score averaged over its seeds
@@ -17,6 +18,13 @@ no p-value is given (the smallest possible two-sided p with 5 pairs is 0.0625).
 Correction: Holm-Bonferroni over all tested pairs of models in one family = (dataset,
 class group, metric). "All datasets (pooled)" repeats the test with the volumes of every
 dataset both models were evaluated on.
+
+Beside each test, the 95% paired bootstrap interval of the mean difference A - B over the
+same paired volumes (mirage.evaluate.intervals.difference_interval: the volumes resampled
+in pairs, BCa, the fixed random state, ``bootstrap`` resamples), in columns appended after
+COLUMNS: mean_diff, diff_ci_low, diff_ci_high, diff_ci_method, ci_resamples. An interval
+that excludes 0 says the same as a test at the 5% level, without the multiple-comparison
+correction (which p_holm has).
 """
 import itertools
 
@@ -24,9 +32,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from mirage.run import METRICS
-from mirage.report.study import (LOWER_IS_BETTER, missed_summary, seed_values,
-                                 unscored_seeds_note, volume_scores)
+from mirage.evaluate.intervals import BOOTSTRAP_RESAMPLES, difference_interval
+from mirage.report.metric_columns import CI_RESAMPLES, lower_is_better, study_metrics
+from mirage.report.study import (missed_summary, seed_values, unscored_seeds_note,
+                                 volume_scores)
 
 MIN_PAIRS = 6
 EXACT_MAX = 50
@@ -35,6 +44,14 @@ POOLED = "all datasets (pooled)"
 COLUMNS = ("dataset", "class_group", "metric", "model_a", "model_b", "n_volumes", "mean_a",
            "mean_b", "median_diff", "statistic", "p_value", "p_holm", "family_size",
            "significant", "better", "method", "note")
+DIFFERENCE_COLUMNS = ("mean_diff", "diff_ci_low", "diff_ci_high", "diff_ci_method",
+                      CI_RESAMPLES)
+
+
+def difference_columns(bootstrap):
+    """The columns appended after COLUMNS: the interval of A - B (none without
+    ``bootstrap``)."""
+    return list(DIFFERENCE_COLUMNS) if bootstrap else []
 
 
 def wilcoxon_paired(a, b, min_pairs=MIN_PAIRS):
@@ -124,7 +141,8 @@ def _paired(scores_a, scores_b):
     return a[finite].to_numpy(), b[finite].to_numpy(), int((~finite).sum()), len(common)
 
 
-def _compare(dataset, class_group, metric, label_a, label_b, pieces, min_pairs):
+def _compare(dataset, class_group, metric, label_a, label_b, pieces, min_pairs,
+             bootstrap=0):
     """One row. pieces: [(scores_a, scores_b, problem), ...] (several for pooled)."""
     row = {"dataset": dataset, "class_group": class_group, "metric": metric,
            "model_a": label_a, "model_b": label_b}
@@ -147,12 +165,26 @@ def _compare(dataset, class_group, metric, label_a, label_b, pieces, min_pairs):
     row.update(result, mean_a=float(np.mean(a)) if a.size else float("nan"),
                mean_b=float(np.mean(b)) if b.size else float("nan"),
                note="; ".join(n for n in notes if n))
+    if bootstrap:
+        row.update(_difference(a, b, bootstrap))
     return row
 
 
-def significance_table(study, metrics=METRICS, alpha=0.05, min_pairs=MIN_PAIRS):
+def _difference(a, b, bootstrap):
+    """The mean of A - B over the paired volumes and its 95% paired bootstrap interval."""
+    interval = difference_interval(a, b, bootstrap)
+    return {"mean_diff": float(np.mean(a - b)) if a.size else float("nan"),
+            "diff_ci_low": interval.low, "diff_ci_high": interval.high,
+            "diff_ci_method": interval.description, CI_RESAMPLES: bootstrap}
+
+
+def significance_table(study, metrics=None, alpha=0.05, min_pairs=MIN_PAIRS,
+                       bootstrap=BOOTSTRAP_RESAMPLES):
     """Every pair of models on each dataset (and pooled over datasets), per class group
-    and metric; columns COLUMNS. See the module docstring for the test and correction."""
+    and metric (default: every metric of the study); columns COLUMNS, then
+    difference_columns(bootstrap). See the module docstring for the test, the correction
+    and the interval."""
+    metrics = study_metrics(study) if metrics is None else list(metrics)
     rows = []
     by_dataset = {}
     for group in study.groups:
@@ -166,14 +198,14 @@ def significance_table(study, metrics=METRICS, alpha=0.05, min_pairs=MIN_PAIRS):
                 for metric in metrics:
                     scores = _scores(group_a, group_b, class_group, metric, problem)
                     row = _compare(dataset, class_group, metric, group_a.label,
-                                   group_b.label, [scores], min_pairs)
+                                   group_b.label, [scores], min_pairs, bootstrap)
                     notes = (row.get("note"), missed,
                              *_seed_notes((group_a, group_b), class_group, metric))
                     row["note"] = "; ".join(n for n in notes if n)
                     rows.append(row)
     if len(by_dataset) > 1:
-        rows += _pooled_rows(by_dataset, metrics, min_pairs)
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
+        rows += _pooled_rows(by_dataset, metrics, min_pairs, bootstrap)
+    table = pd.DataFrame(rows, columns=list(COLUMNS) + difference_columns(bootstrap))
     return _correct(table, alpha)
 
 
@@ -213,7 +245,7 @@ def _scores(group_a, group_b, class_group, metric, problem):
             volume_scores(group_b, class_group, metric), "")
 
 
-def _pooled_rows(by_dataset, metrics, min_pairs):
+def _pooled_rows(by_dataset, metrics, min_pairs, bootstrap=0):
     labels = sorted({g.label for groups in by_dataset.values() for g in groups})
     rows = []
     for label_a, label_b in itertools.combinations(labels, 2):
@@ -239,7 +271,7 @@ def _pooled_rows(by_dataset, metrics, min_pairs):
                 if len(used) < 2:
                     continue
                 row = _compare(POOLED, class_group, metric, label_a, label_b, pieces,
-                               min_pairs)
+                               min_pairs, bootstrap)
                 row["note"] = "; ".join(n for n in (f"over {', '.join(used)}",
                                                     row.get("note", ""), *seed_notes) if n)
                 rows.append(row)
@@ -270,7 +302,7 @@ def _correct(table, alpha):
             continue
         a_higher = row["median_diff"] > 0 if row["median_diff"] != 0 else \
             row["mean_a"] > row["mean_b"]
-        a_better = a_higher != (row["metric"] in LOWER_IS_BETTER)
+        a_better = a_higher != lower_is_better(row["metric"])
         better.append(row["model_a"] if a_better else row["model_b"])
     table["better"] = better
     return table

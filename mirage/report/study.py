@@ -1,8 +1,10 @@
 """Group evaluated runs across seeds and summarise them: the numbers behind the paper table.
 
     build_study(runs, labels=None)          -> Study (groups of seeds, labels, notes)
-    summary_table(study)                    -> DataFrame written as summary.csv
+    summary_table(study, bootstrap)         -> DataFrame written as summary.csv
     volume_scores(group, class_group, m)    -> per-volume scores averaged over seeds
+    study_metrics(study)                    -> the metrics the runs' results hold
+                                               (mirage.report.metric_columns)
 
 A group is one (evaluated dataset, model weights, decoder, loss, protocol) with one run per
 seed; the protocol is every identity option of the run other than those (see
@@ -24,15 +26,16 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 
+from mirage.evaluate.intervals import BOOTSTRAP_RESAMPLES, interval_columns
 from mirage.report.labels import label_groups
+# The metrics' vocabulary lives in metric_columns; these names are also read from here.
+from mirage.report.metric_columns import (CI_RESAMPLES, LOWER_IS_BETTER,  # noqa: F401
+                                          PERCENT_METRICS, lower_is_better, row_intervals,
+                                          study_metrics, unit_of)
 from mirage.run import METRICS
 from mirage.run.results import HD95_MISSING_DEFAULT, missed_counts
 
 CLASS_GROUPS = ("layers", "lesions", "all")
-PERCENT_METRICS = ("Dice", "IoU")  # fractions in the CSVs, percent in every summary
-LOWER_IS_BETTER = ("HD95",)
-
-
 @dataclass(frozen=True)
 class GroupKey:
     """What a paper table cell compares: everything but the seed."""
@@ -303,9 +306,9 @@ def format_cell(mean, std):
     return f"{mean:.2f} ± {'n/a' if not np.isfinite(std) else f'{std:.2f}'}"
 
 
-def _nan_note(frames):
+def _nan_note(frames, metrics=METRICS):
     notes = []
-    for metric in METRICS:
+    for metric in metrics:
         total = sum(len(f) for f in frames)
         missing = sum(int(f[metric].isna().sum()) for f in frames)
         if missing:
@@ -341,7 +344,22 @@ def unscored_seeds_note(values, metric):
             f"value in seed(s) {', '.join(map(str, missing))} (every volume NaN)")
 
 
-def summary_table(study):
+def summary_columns(metrics=METRICS, bootstrap=BOOTSTRAP_RESAMPLES):
+    """summary.csv's columns: SUMMARY_COLUMNS, then (appended, so that readers by
+    position keep working) each metric's 95% interval and the resample count, then the
+    columns of the metrics beyond METRICS with their intervals."""
+    columns = list(SUMMARY_COLUMNS)
+    if bootstrap:
+        columns += [c for metric in METRICS for c in interval_columns(metric)]
+        columns.append(CI_RESAMPLES)
+    for metric in metrics:
+        if metric not in METRICS:
+            columns += [f"{metric}_mean", f"{metric}_std", metric, f"{metric}_seeds"]
+            columns += interval_columns(metric) if bootstrap else []
+    return columns
+
+
+def summary_table(study, bootstrap=BOOTSTRAP_RESAMPLES):
     """One row per group, class group and class; see the module docstring for the numbers.
 
     Columns (SUMMARY_COLUMNS): dataset, trained_on, model, weights_sha256, decoder, loss,
@@ -353,9 +371,13 @@ def summary_table(study):
     missed_note (the same in words), empty_volume, hd95_missing, notes, runs,
     <metric>_seeds (the seeds with a value of that metric: a seed whose every volume is
     NaN has none, and the mean is over the others), class_table ("class table 2" where
-    the dataset's runs were trained with several class tables, else "").
+    the dataset's runs were trained with several class tables, else ""); then
+    (summary_columns) <metric>_ci_low, <metric>_ci_high, <metric>_ci_method (the 95%
+    bootstrap interval over test volumes with ``bootstrap`` resamples; 0: none of these
+    columns) and ci_resamples; then the same for metrics beyond Dice, IoU and HD95.
     """
-    records = []
+    metrics = study_metrics(study)
+    records, intervals = [], {}  # a class's rows are the same under its kind and "all"
     for group in study.groups:
         key = group.key
         base = {"dataset": key.dataset_label, "class_table": key.class_table,
@@ -372,20 +394,26 @@ def summary_table(study):
                 rows.append((label, [f[f["Class"] == label] for f in frames]))
             for name, parts in rows:
                 record = dict(base, class_group=class_group, **{"class": name})
-                record.update(_row_numbers(group, name, parts))
+                record.update(_row_numbers(group, name, parts, metrics))
+                cached = (id(group), name)
+                if cached not in intervals:
+                    intervals[cached] = row_intervals(parts, metrics, bootstrap,
+                                                      _blocked(group, name))
+                record.update(intervals[cached])
                 records.append(record)
-    return pd.DataFrame(records, columns=SUMMARY_COLUMNS)
+    return pd.DataFrame(records, columns=summary_columns(metrics, bootstrap))
 
 
-def _row_numbers(group, name, parts):
+def _row_numbers(group, name, parts, metrics=METRICS):
     """The seeds, volumes, metrics, missed classes and notes of one summary row."""
     present = [(m, p) for m, p in zip(group.members, parts) if len(p)]
-    blocked = group.conflict or (group.classes_differ and name.startswith("["))
+    blocked = _blocked(group, name)
     record = {"seed_list": " ".join(str(m.seed) for m, _ in present),
               "volumes": len({v for _, p in present for v in p["ID"]})}
     unscored = []
-    for metric in METRICS:
-        values = {} if blocked else seed_values(present, metric)
+    for metric in metrics:
+        values = {} if blocked else seed_values(
+            [(m, p) for m, p in present if metric in p], metric)
         mean, std, n = seed_statistics(values.values() if values else [float("nan")])
         record[f"{metric}_mean"], record[f"{metric}_std"] = mean, std
         record[metric] = format_cell(mean, std)
@@ -394,11 +422,20 @@ def _row_numbers(group, name, parts):
             record["seeds"] = n
         unscored.append(unscored_seeds_note(values, metric))
     record["missed"], record["missed_note"] = missed_summary(present)
-    notes = _row_notes(group, name, parts) + [note for note in unscored if note]
+    notes = _row_notes(group, name, parts, metrics) + [note for note in unscored if note]
     record.update(empty_volume=group.empty_volume, hd95_missing=group.hd95_missing,
                   notes=" | ".join(notes),
                   runs="; ".join(str(m.run.path) for m in group.members))
     return record
+
+
+def _blocked(group, name):
+    """Why a row has no mean ("" when it has one): a conflict between the group's seeds,
+    or (for a class group's row) class sets that differ between them."""
+    if group.conflict:
+        return group.conflict
+    return "class sets differ between seeds" if group.classes_differ and \
+        name.startswith("[") else ""
 
 
 def missed_summary(present):
@@ -429,13 +466,14 @@ def missed_summary(present):
     return total, "; ".join(texts)
 
 
-def _row_notes(group, name, parts):
+def _row_notes(group, name, parts, metrics=METRICS):
     notes = []
     if name.startswith("["):
         notes += group.notes
     elif group.conflict:
         notes.append(group.conflict)
-    notes += _nan_note([p for p in parts if len(p)])
+    notes += _nan_note([p for p in parts if len(p)], [m for m in metrics
+                                                      if all(m in p for p in parts)])
     return notes
 
 

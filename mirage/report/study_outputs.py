@@ -26,7 +26,8 @@ from mirage.run.catalog import find_runs
 from mirage.run.folder import RunFolder
 from mirage.run.identity import identity_hash
 from mirage.report.significance import significance_table
-from mirage.report.study import build_study, summary_table
+from mirage.report.study import build_study, study_metrics, summary_table
+from mirage.evaluate.intervals import BOOTSTRAP_RESAMPLES, check_resamples
 from mirage.report.tables import paper_tables, to_latex, to_markdown
 
 MARKER = ".mirage-study"  # marks an output folder as this tool's
@@ -119,7 +120,8 @@ def _relative_href(target, start):
         return Path(target).resolve().as_uri()
 
 
-def _write_run_reports(study, mode, datasets_path, tensorboard, quiet):
+def _write_run_reports(study, mode, datasets_path, tensorboard, quiet,
+                       bootstrap=BOOTSTRAP_RESAMPLES):
     notes = []
     if mode == "none":
         return notes
@@ -137,36 +139,62 @@ def _write_run_reports(study, mode, datasets_path, tensorboard, quiet):
             notes.append(f"{path} was not written by this tool; left alone")
             continue
         try:
-            write_run_report(run.path, datasets_path, tensorboard=tensorboard, quiet=True)
+            write_run_report(run.path, datasets_path, tensorboard=tensorboard, quiet=True,
+                             bootstrap=bootstrap)
         except (UserError, OSError) as err:
             notes.append(f"{path}: not written ({err})")
     return notes
 
 
+def check_metrics(study, metric, table_metrics):
+    """UserError naming a metric (--metric, --metrics) that no run's results hold, with the
+    ones they do."""
+    available = study_metrics(study)
+    for option, names in (("--metric", [metric]), ("--metrics", list(table_metrics))):
+        unknown = [name for name in names if name not in available]
+        if unknown:
+            raise UserError(f"{option} {' '.join(unknown)}: no run's results hold "
+                            f"{'it' if len(unknown) == 1 else 'them'}; the metrics of "
+                            f"these runs: {' '.join(available)}")
+    if not table_metrics:
+        raise UserError("--metrics: name at least one metric, e.g. --metrics Dice HD95")
+
+
 def write_study(paths, output_dir, datasets_path=None, run_reports="missing",
                 metric="Dice", table_metrics=("Dice", "HD95"), alpha=0.05,
-                tensorboard=True, quiet=False, labels=None, columns="dataset"):
+                tensorboard=True, quiet=False, labels=None, columns="dataset",
+                bootstrap=BOOTSTRAP_RESAMPLES, ci=False):
     """Find, group and summarise the runs at or under ``paths``; write every output.
 
     Returns {file name: path}. run_reports: "missing" (write a run's report.html when it
     has none), "all" (rewrite them) or "none". metric: the one the heat map and the HTML
-    significance table show; table_metrics: the metrics of summary.md/.tex. labels:
-    {weights file name or stem, or automatic row label: the row label to show}. columns:
-    the paper tables' columns, "dataset" (rows = models) or "tuning" (one table per
-    dataset, rows = models, columns = the tuning protocols).
+    significance table show; table_metrics: the metrics of summary.md/.tex (--metrics:
+    any the runs' results hold, e.g. IoU or HD95_um). labels: {weights file name or
+    stem, or automatic row label: the row label to show}. columns: the paper tables'
+    columns, "dataset" (rows = models) or "tuning" (one table per dataset, rows = models,
+    columns = the tuning protocols). bootstrap: resamples of the 95% intervals in
+    summary.csv, significance.csv and the run reports (0: none); ci: show them in the
+    paper tables (summary.md, summary.tex, report.html).
     """
     if run_reports not in RUN_REPORT_MODES:
         raise UserError(f"--run_reports must be one of {', '.join(RUN_REPORT_MODES)}")
     if columns not in TABLE_COLUMNS:
         raise UserError(f"--columns must be one of {', '.join(TABLE_COLUMNS)}")
+    bootstrap = check_resamples(bootstrap)
+    if ci and not bootstrap:
+        raise UserError("--ci shows the bootstrap intervals: leave --bootstrap at its "
+                        f"default ({BOOTSTRAP_RESAMPLES}) or give N > 0, not 0")
     output_dir = Path(output_dir).expanduser()
     check_output_dir(output_dir)
     runs = find_runs(paths)
     study = build_study(runs, labels)
-    study.notes += _write_run_reports(study, run_reports, datasets_path, tensorboard, quiet)
-    summary = summary_table(study)
-    significance = significance_table(study, alpha=alpha)
-    tables = paper_tables(summary, list(dict.fromkeys([metric, *table_metrics])), columns)
+    check_metrics(study, metric, table_metrics)
+    study.notes += _write_run_reports(study, run_reports, datasets_path, tensorboard, quiet,
+                                      bootstrap)
+    summary = summary_table(study, bootstrap)
+    significance = significance_table(study, alpha=alpha, bootstrap=bootstrap)
+    tables = paper_tables(summary, list(dict.fromkeys([metric, *table_metrics])), columns,
+                          ci=ci)
     runs_frame = runs_table(study)
     unused = [(row.path, row.status) for row in runs_frame.itertuples()
               if row.status != "in the summary"]

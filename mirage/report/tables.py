@@ -1,6 +1,6 @@
 """The paper-style tables: rows = models, columns = datasets, cells mean ± std over seeds.
 
-    paper_tables(summary, metrics, columns="dataset") -> [PaperTable, ...]
+    paper_tables(summary, metrics, columns="dataset", ci=False) -> [PaperTable, ...]
     to_markdown(tables, ...)         -> summary.md text
     to_latex(tables)                 -> summary.tex text (booktabs)
 
@@ -20,6 +20,12 @@ volume) a footnote says "1 of 2 seeds scored", and one seed shows no ± std.
 
 In summary.md and the study's report.html each footnote is said once, under the first
 table that needs it (document_layout); summary.tex keeps every table self-contained.
+
+With ci=True (run_seg_report.py --ci) each cell also shows the 95% bootstrap interval of
+its mean over the test volumes in parentheses, '81.20 ± 0.31 (79.90, 82.40)', from
+summary.csv's <metric>_ci_low/_ci_high; the caption says how it was computed, and a
+footnote says where it is a percentile interval (BCa undefined) or missing. Without it
+the tables are exactly those of earlier versions.
 """
 import re
 from dataclasses import dataclass, field
@@ -28,7 +34,8 @@ import numpy as np
 
 from mirage.protocol import TUNINGS
 from mirage.report import TABLE_COLUMNS
-from mirage.report.study import LOWER_IS_BETTER, PERCENT_METRICS, column_label
+from mirage.report.metric_columns import CI_RESAMPLES, lower_is_better, unit_of
+from mirage.report.study import column_label
 
 GROUP_TITLES = {"all": "all scored classes", "layers": "layers", "lesions": "lesions"}
 MISSING_MD = "–"
@@ -45,7 +52,7 @@ _MISSED_HD95 = {
 
 def missed_effect(metric, rule):
     """What a never-predicted class does to ``metric`` under the --hd95_missing ``rule``."""
-    if metric != "HD95":
+    if not metric.startswith("HD95"):
         return f"In those volumes its {metric} is 0"
     return _MISSED_HD95.get(rule, _MISSED_HD95["original"])
 
@@ -62,6 +69,9 @@ class Cell:
     missed: str = ""  # which class was never predicted in how many volumes ("" if none)
     hd95_missing: str = "original"
     runs: int = 0
+    ci_low: float = float("nan")  # the 95% bootstrap interval over test volumes
+    ci_high: float = float("nan")
+    ci_method: str = ""  # summary.csv's <metric>_ci_method ("BCa", "percentile (...)")
 
     def __post_init__(self):
         self.runs = max(self.runs, self.seeds)
@@ -78,6 +88,19 @@ class Cell:
     def has_value(self):
         return np.isfinite(self.mean)
 
+    @property
+    def has_ci(self):
+        return bool(np.isfinite(self.ci_low) and np.isfinite(self.ci_high))
+
+    def ci_note(self):
+        """The footnote of a cell whose interval is not BCa: how it was computed, or why
+        there is none ("" for BCa)."""
+        if self.has_ci and self.ci_method.startswith("BCa"):
+            return ""
+        if self.has_ci:
+            return f"95% CI: {self.ci_method or 'method not recorded'}"
+        return f"no 95% CI: {self.ci_method or 'not computed'}"
+
 
 @dataclass
 class PaperTable:
@@ -88,10 +111,16 @@ class PaperTable:
     cells: dict = field(default_factory=dict)  # (label, column) -> Cell
     seeds: int = 0  # the most seeds of any cell's group
     dataset: str = ""  # the dataset of a table by protocol ("": columns are datasets)
+    ci: bool = False  # show each cell's 95% bootstrap interval (run_seg_report.py --ci)
+    resamples: int = 0  # the bootstrap resamples behind the intervals
 
     @property
     def unit(self):
-        return "%" if self.metric in PERCENT_METRICS else "px"
+        return unit_of(self.metric)
+
+    @property
+    def lower_is_better(self):
+        return lower_is_better(self.metric)
 
     @property
     def title(self):
@@ -110,7 +139,7 @@ class PaperTable:
                   if col == column and cell.has_value and not cell.missed}
         if not values:
             return set()
-        pick = min if self.metric in LOWER_IS_BETTER else max
+        pick = min if self.lower_is_better else max
         target = pick(values.values())
         return {label for label, value in values.items() if value == target}
 
@@ -125,12 +154,20 @@ class PaperTable:
         text = f"{cell.mean:.2f}"
         if cell.seeds > 1:
             text += f" ± {cell.std:.2f}"
+        if self.ci and cell.has_ci:
+            text += f" ({cell.ci_low:.2f}, {cell.ci_high:.2f})"
         return text
 
     def footnote(self, label, column):
         cell = self.cells.get((label, column))
         if cell is None:
             return ""
+        note = self._footnote(cell)
+        if self.ci and cell.has_value and cell.ci_note():
+            return f"{note}; {cell.ci_note()}" if note else cell.ci_note()
+        return note
+
+    def _footnote(self, cell):
         if not cell.has_value:
             return cell.reason(self.metric)
         if cell.seeds < cell.runs:  # e.g. a seed whose every volume has a NaN HD95
@@ -245,9 +282,14 @@ class CellView:
     number: int = 0
 
 
-def paper_tables(summary, metrics=("Dice", "HD95"), columns="dataset"):
+def paper_tables(summary, metrics=("Dice", "HD95"), columns="dataset", ci=False):
     """The PaperTables of ``summary`` (summary.csv): one per metric and class group present
-    (columns="dataset"), or one per metric, class group and dataset (columns="tuning")."""
+    (columns="dataset"), or one per metric, class group and dataset (columns="tuning").
+    ci: the cells show their 95% bootstrap interval (summary.csv's <metric>_ci_* columns;
+    ValueError when they are not there)."""
+    if ci and not all(f"{metric}_ci_low" in summary for metric in metrics):
+        raise ValueError("the summary has no confidence intervals for "
+                         f"{', '.join(m for m in metrics if f'{m}_ci_low' not in summary)}")
     if columns not in TABLE_COLUMNS:
         raise ValueError(f"columns must be one of {TABLE_COLUMNS}, not {columns!r}")
     tables = []
@@ -275,6 +317,10 @@ def paper_tables(summary, metrics=("Dice", "HD95"), columns="dataset"):
                 tables.append(_table(metric, class_group, on, "model_label", "tuning_label",
                                      list(dict.fromkeys(t for _, t in protocols)),
                                      dataset=dataset))
+    if ci:
+        resamples = _count(summary[CI_RESAMPLES].max()) if CI_RESAMPLES in summary else 0
+        for table in tables:
+            table.ci, table.resamples = True, resamples
     return tables
 
 
@@ -300,7 +346,10 @@ def _table(metric, class_group, rows, row_column, cell_column, columns, dataset=
                     seeds=seeds, notes=[n for n in str(row["notes"] or "").split(" | ") if n],
                     missed=_text(row.get("missed_note")),
                     hd95_missing=_text(row.get("hd95_missing")) or "original",
-                    runs=len(_text(row.get("seed_list")).split()))
+                    runs=len(_text(row.get("seed_list")).split()),
+                    ci_low=_number(row.get(f"{metric}_ci_low")),
+                    ci_high=_number(row.get(f"{metric}_ci_high")),
+                    ci_method=_text(row.get(f"{metric}_ci_method")))
         table.cells[(row[row_column], row[cell_column])] = cell
         table.seeds = max(table.seeds, cell.runs)
     return table
@@ -315,6 +364,14 @@ def _count(value):
     return int(value) if np.isfinite(value) else 0
 
 
+def _number(value):
+    """A summary.csv number cell as a float (NaN when missing or empty)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def _text(value):
     """A summary.csv text cell: '' for a missing value (NaN when read back)."""
     return "" if value is None or (isinstance(value, float) and np.isnan(value)) else \
@@ -323,9 +380,20 @@ def _text(value):
 
 def _caption(table):
     seeds = f"over {table.seeds} seeds" if table.seeds > 1 else "one seed"
-    direction = "lower" if table.metric in LOWER_IS_BETTER else "higher"
+    direction = "lower" if table.lower_is_better else "higher"
     return (f"{table.title}: mean ± sample std {seeds} of each run's mean over test volumes "
-            f"and classes ({direction} is better; best per column in bold)")
+            f"and classes ({direction} is better; best per column in bold)"
+            f"{ci_caption(table)}")
+
+
+def ci_caption(table):
+    """'; in parentheses: the 95% CI ...' of a table showing intervals, else ""."""
+    if not table.ci:
+        return ""
+    resamples = f" {table.resamples}" if table.resamples else ""
+    return ("; in parentheses: the 95% confidence interval of the mean over the test "
+            f"volumes, BCa bootstrap from{resamples} resamples of the volumes (the same "
+            "resample for every seed)")
 
 
 # ----------------------------------------------------------------------------- Markdown
