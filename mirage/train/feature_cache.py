@@ -388,19 +388,12 @@ class FeatureCache:
 
     def _backbone_batches(self, missing):
         """The rows of a batch (``missing``: those to compute) that go through the
-        backbone together.
-
-        A matrix product (CPU: MKL/oneDNN; CUDA: cuBLAS) chooses its blocking, and so the
-        order of its floating-point sums, by the shape of the whole product and the
-        thread count: a B-scan's tokens differ in the last bits with the number of
-        B-scans beside it (MIRAGE-Tiny, 2 threads: up to 1e-6, which changes 2 of 768
-        float16 values). A stored entry (float16, reused by later epochs, other runs and
-        resumed runs; recomputed alone when damaged or changed) is therefore computed one
-        B-scan per backbone call, so that it depends on its B-scan only, never on the
-        batch it first came in. The exact store of a split keeps the loader's batches:
-        they are the same at every validation and in every process, and its tokens stay
-        those of an uncached validation, bit for bit.
-        """
+        backbone together. A matrix product's order of sums follows its shape and the
+        thread count, so a B-scan's tokens change in the last bits with the B-scans beside
+        it (MIRAGE-Tiny, 2 threads: 2 of 768 float16 values): a stored entry, reused by
+        later epochs, runs and resumes, is computed alone, so it depends on its B-scan
+        only. The exact store keeps the loader's batches, the same at every validation
+        (its tokens stay an uncached validation's, bit for bit)."""
         return [missing] if self.exact else [[k] for k in missing]
 
     def _stored(self, tokens):
