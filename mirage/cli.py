@@ -70,6 +70,14 @@ def eval_parser():
                              "predicted): original = the original tool's mean over B-scans, "
                              "often a perfect 0 (default); nan = left out of the means; "
                              "diagonal = the image diagonal sqrt(H^2+W^2)")
+    parser.add_argument("--spacing", nargs="+", type=float, default=None,
+                        metavar="UM",
+                        help="AXIAL LATERAL [BSCAN]: micrometres per pixel down an A-scan "
+                             "(rows), across a B-scan (columns) and between B-scans, "
+                             "replacing the dataset's INFO.json \"spacing\"; adds HD95_um, "
+                             "ASSD_um, boundary errors in um, lesion areas in mm^2 and, "
+                             "with BSCAN, volumes in mm^3 and nL (default: INFO.json's, if "
+                             "any; else pixels only)")
     parser.add_argument("--num_workers", "--workers", dest="num_workers", type=int,
                         default=1, metavar="N",
                         help="processes scoring B-scans in parallel (default: %(default)s; "
@@ -131,7 +139,7 @@ def evaluate(argv=None):
                          empty_volume=args.empty_volume, workers=args.num_workers,
                          summary=args.summary, foreign_predictions=args.foreign_predictions,
                          hd95_missing=args.hd95_missing, bootstrap=args.bootstrap,
-                         on_scored=after_scoring)
+                         spacing=args.spacing, on_scored=after_scoring)
 
 
 # Console scripts exit with their function's return value: these return None (status 0);

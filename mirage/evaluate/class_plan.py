@@ -2,7 +2,9 @@
 
 Labels are compared lower-cased and stripped. Background-like classes are left out unless
 ``--no_ignore_bg``; "invalid" truth pixels are never scored; lesion classes are reported
-apart from layers. A model tested on a dataset with another class table is scored through
+apart from layers. The layer stack (the layers whose boundaries and thicknesses are
+measured, top to bottom) is the layer classes in INFO.json order, less the regions around
+the layers (background-like, "Elsewhere", "Under BM", "Below BM"). A model tested on a dataset with another class table is scored through
 a known label translation (docs/segmentation_benchmark.md).
 """
 from dataclasses import dataclass
@@ -14,6 +16,10 @@ from mirage.errors import UserError
 
 BACKGROUND_LIKE = ("bg", "background", "above ilm")  # not scored unless --no_ignore_bg
 INVALID_LABEL = "invalid"  # truth pixels of this class are never scored
+# Regions around the retinal layers (above the first, below the last, or between two), not
+# layers: they have no boundary of their own (docs/segmentation_tuning.md, "Layer
+# boundaries"). AROI's "Under BM" and Duke iAMD's "Below BM" reach the image bottom.
+AROUND_LAYERS = BACKGROUND_LIKE + ("elsewhere", "under bm", "below bm")
 
 # Models tested on a dataset with another class table: training label -> evaluated label
 # (docs/segmentation_benchmark.md). A table applies when it covers every training label.
@@ -43,6 +49,8 @@ class ClassPlan:
     evaluated dataset's INFO.json (UNKNOWN_CLASS for values not in the table).
     invalid: (K,) bool, classes labelled "invalid". scored: class indices to score.
     groups: {"all": scored} or {"layers": ..., "lesions": ...} when both kinds exist.
+    layer_stack: the layer classes whose boundaries are measured, top to bottom (INFO.json
+    order). lesion_classes: the scored lesion classes (areas and volumes).
     """
 
     labels: tuple
@@ -54,6 +62,8 @@ class ClassPlan:
     gt_source: str
     pred_source: str
     translation: str = ""
+    layer_stack: tuple = ()
+    lesion_classes: tuple = ()
 
     @property
     def num_classes(self):
@@ -110,6 +120,8 @@ def plan_classes(gt_table, train_table=None, ignore_bg=True):
     lesions = tuple(i for i in scored if norm[i] in LESION_LABELS)
     layers = tuple(i for i in scored if norm[i] not in LESION_LABELS)
     groups = {"layers": layers, "lesions": lesions} if lesions and layers else {"all": scored}
+    stack = tuple(i for i in layers if norm[i] not in AROUND_LAYERS)
     return ClassPlan(labels=labels, gt_lut=gt_lut, pred_lut=pred_lut, invalid=invalid,
                      scored=scored, groups=groups, gt_source=gt_table.source,
-                     pred_source=pred_source, translation=translation)
+                     pred_source=pred_source, translation=translation, layer_stack=stack,
+                     lesion_classes=lesions)

@@ -5,13 +5,15 @@ What is read (docs/segmentation_tuning.md, "Evaluation (run_seg_eval.py)")::
 
     <model_path> = .../<dataset>/<run name>/        the run directory
     <model_path>/preds/<scan>_<slice>.png           or preds_<external>/, or *_pred.png
-    <datasets_path>/<dataset>/INFO.json             class values and labels
+    <datasets_path>/<dataset>/INFO.json             class values and labels, and the
+                                                    optional pixel spacing ("spacing")
     <datasets_path>/<dataset>/test/semseg/*.png     ground truth (or <external>/semseg/)
 """
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirage.data.classes import ClassTable, read_class_table
+from mirage.data.classes import ClassTable, Spacing, read_class_table, read_spacing, \
+    spacing_from_values
 from mirage.data.layout import parse_slice_name
 from mirage.errors import UserError
 from mirage.evaluate.class_plan import ClassPlan, plan_classes
@@ -28,7 +30,8 @@ class RunInputs:
     """Everything found and checked before any image is decoded.
 
     volumes: {scan_id: [(slice number, ground-truth path, prediction path), ...]} with
-    slices in numerical order.
+    slices in numerical order. spacing: the evaluated dataset's INFO.json "spacing" (a
+    Spacing), or None.
     """
 
     run_dir: Path
@@ -40,6 +43,7 @@ class RunInputs:
     volumes: dict
     unscored_predictions: int = 0
     note: str = ""  # a caveat about where the predictions come from
+    spacing: object = None
 
     @property
     def num_slices(self):
@@ -99,7 +103,8 @@ def prepare_run(model_path, datasets_path, external=None, ignore_bg=True,
     The predictions must carry the manifest of the run's current best checkpoint, with
     unchanged files, made from the B-scans of the dataset scored (mirage/run/predictions.py),
     unless ``foreign_predictions`` (made by another tool). Their pixel values are read
-    with the class table the manifest records.
+    with the class table the manifest records. The evaluated dataset's INFO.json
+    "spacing", if any, becomes ``spacing`` (apply_spacing replaces it).
     """
     run_dir = Path(model_path).expanduser()
     if not run_dir.is_dir():
@@ -127,7 +132,8 @@ def prepare_run(model_path, datasets_path, external=None, ignore_bg=True,
     plan = plan_classes(gt_table, train_table, ignore_bg)
     return RunInputs(run_dir=run_dir, dataset=external or found.dataset,
                      external=external or "", gt_dir=found.gt_dir, pred_dir=found.pred_dir,
-                     plan=plan, volumes=volumes, unscored_predictions=unscored, note=note)
+                     plan=plan, volumes=volumes, unscored_predictions=unscored, note=note,
+                     spacing=read_spacing(found.gt_info))
 
 
 _DATA_MARKS = ("INFO.json", "bscan", "semseg", "train", "val", "test")  # benchmark layout
@@ -305,3 +311,24 @@ def _difference(entries, table):
             return (f"value {value} is {current[value]!r} there but was "
                     f"{recorded[value]!r} for the predictions")
     return "the classes are in another order"
+
+
+def apply_spacing(prepared, spacing):
+    """Give every run's inputs (RunInputs) the spacing of run_seg_eval.py --spacing, in
+    place of their datasets' INFO.json spacing; returns it as a Spacing (None: none given,
+    INFO.json's kept). ``spacing``: (axial, lateral[, B-scan]) micrometres, a Spacing, or
+    None. UserError for bad numbers, and for runs scoring several datasets: one spacing
+    for datasets of different devices would give wrong micrometres.
+    """
+    if spacing is None:
+        return None
+    if not isinstance(spacing, Spacing):
+        spacing = spacing_from_values(spacing)
+    datasets = sorted({inputs.dataset for inputs in prepared})
+    if len(datasets) > 1:
+        raise UserError(f"--spacing gives one spacing but the runs score {len(datasets)} "
+                        f"datasets ({', '.join(datasets)}); score each dataset on its own, "
+                        'or give each its "spacing" in its INFO.json')
+    for inputs in prepared:
+        inputs.spacing = spacing
+    return spacing

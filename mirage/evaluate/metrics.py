@@ -1,6 +1,8 @@
-"""Per-volume evaluation metrics: Dice, IoU and HD95 as run_seg_eval.py reports them."""
+"""Per-volume evaluation metrics: Dice, IoU and HD95 as run_seg_eval.py reports them, and
+with a pixel spacing HD95 and the average symmetric surface distance (ASSD) in micrometres."""
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -76,17 +78,26 @@ def percentile_float32(sq_distances, percentile=HD_PERCENTILE):
 
 
 @functools.lru_cache(maxsize=16)
-def _search_levels(padded_width, radius=_SEARCH_RADIUS):
+def _search_levels(padded_width, radius=_SEARCH_RADIUS, spacing=None):
     """Offsets within ``radius``, grouped by squared length: [(d², flat offsets), ...].
 
     Flat offsets index a row-major image ``padded_width`` pixels wide; levels ascend.
+    spacing: None (lengths in pixels, d² an integer), or (axial, lateral) micrometres per
+    pixel: lengths in micrometres (d² a float), the offsets those within ``radius`` times
+    the finer spacing, so that none reaches further than ``radius`` pixels along either axis
+    (the padding) and any point farther than that length is left to the KD-tree.
     """
     steps = np.arange(-radius, radius + 1)
     dy, dx = (a.ravel() for a in np.meshgrid(steps, steps, indexing="ij"))
-    sq = dy * dy + dx * dx
-    inside = sq <= radius * radius
+    if spacing is None:
+        sq, limit = dy * dy + dx * dx, radius * radius
+    else:
+        axial, lateral = spacing
+        sq = (dy * axial) ** 2 + (dx * lateral) ** 2
+        limit = (radius * min(axial, lateral)) ** 2
+    inside = sq <= limit
     dy, dx, sq = dy[inside], dx[inside], sq[inside]
-    return [(int(s), (dy[sq == s] * padded_width + dx[sq == s]).astype(np.int64))
+    return [(s.item(), (dy[sq == s] * padded_width + dx[sq == s]).astype(np.int64))
             for s in np.unique(sq)]
 
 
@@ -122,18 +133,20 @@ class _Boundaries:
         return np.stack(np.divmod(flat, self.width), axis=1)
 
 
-def _directed_sq_distances(src, dst, classes):
+def _directed_sq_distances(src, dst, classes, spacing=None):
     """Squared distance from each boundary pixel of ``src`` to the nearest one of ``dst``.
 
     Only classes in ``classes`` (present in both images) are measured. Returns
-    {class: (N_c,) int64}, N_c = number of class-c boundary pixels of ``src``.
+    {class: (N_c,) int64 squared pixels}, N_c = number of class-c boundary pixels of
+    ``src``; with ``spacing`` (axial, lateral micrometres per pixel) float64 squared
+    micrometres, the nearest pixel being the nearest in micrometres.
     """
     points = np.concatenate([src.of_class(c) for c in classes])
     point_class = src.image.ravel()[points]
-    sq = np.full(points.size, -1, dtype=np.int64)
+    sq = np.full(points.size, -1, dtype=np.int64 if spacing is None else np.float64)
     dst_flat = dst.image.ravel()
     todo = np.arange(points.size)
-    for level_sq, offsets in _search_levels(src.width):
+    for level_sq, offsets in _search_levels(src.width, spacing=spacing):
         if todo.size == 0:
             break
         neighbours = dst_flat[points[todo, None] + offsets[None, :]]
@@ -145,6 +158,8 @@ def _directed_sq_distances(src, dst, classes):
             far = todo[point_class[todo] == c]
             targets = dst.coords(dst.of_class(c))
             queries = src.coords(points[far])
+            if spacing is not None:  # nearest in micrometres
+                targets, queries = targets * np.asarray(spacing), queries * np.asarray(spacing)
             nearest = cKDTree(targets).query(queries)[1]
             diff = targets[nearest] - queries
             sq[far] = (diff * diff).sum(axis=1)
@@ -152,14 +167,9 @@ def _directed_sq_distances(src, dst, classes):
     return {c: sq[bounds[i]:bounds[i + 1]] for i, c in enumerate(classes)}
 
 
-def hd95_per_class(pred, truth, classes, one_empty_value=float("nan")):
-    """Symmetric 95th-percentile Hausdorff distance (pixels) per class of one B-scan.
-
-    pred, truth: (H, W) integer class-index images (values < 255).
-    classes: class indices to score. Returns (len(classes),) float64:
-    both masks empty -> 0; exactly one empty -> ``one_empty_value``; otherwise
-    max(P95 pred->truth, P95 truth->pred) over the boundary pixels (see mask_boundary).
-    """
+def _class_boundaries(pred, truth, classes):
+    """(_Boundaries of pred, of truth, classes in pred, classes in truth, classes of
+    ``classes`` present in both) of two (H, W) class-index images."""
     pred = np.asarray(pred)
     truth = np.asarray(truth)
     if pred.shape != truth.shape:
@@ -171,8 +181,30 @@ def hd95_per_class(pred, truth, classes, one_empty_value=float("nan")):
     truth_b = _Boundaries(truth.astype(np.uint8, copy=False), num_classes)
     in_pred, in_truth = pred_b.counts() > 0, truth_b.counts() > 0
     both = [c for c in classes if in_pred[c] and in_truth[c]]
-    result = np.array([0.0 if not (in_pred[c] or in_truth[c]) else one_empty_value
-                       for c in classes], dtype=np.float64)
+    return pred_b, truth_b, in_pred, in_truth, both
+
+
+def _empty_rule(classes, in_pred, in_truth, one_empty_value):
+    """(len(classes),) float64: 0 where neither image holds the class, else
+    ``one_empty_value`` (overwritten where both hold it)."""
+    return np.array([0.0 if not (in_pred[c] or in_truth[c]) else one_empty_value
+                     for c in classes], dtype=np.float64)
+
+
+def hd95_per_class(pred, truth, classes, one_empty_value=float("nan")):
+    """Symmetric 95th-percentile Hausdorff distance (pixels) per class of one B-scan.
+
+    pred, truth: (H, W) integer class-index images (values < 255).
+    classes: class indices to score. Returns (len(classes),) float64:
+    both masks empty -> 0; exactly one empty -> ``one_empty_value``; otherwise
+    max(P95 pred->truth, P95 truth->pred) over the boundary pixels (see mask_boundary).
+    """
+    pred_b, truth_b, in_pred, in_truth, both = _class_boundaries(pred, truth, classes)
+    return _hd95_pixels(pred_b, truth_b, classes, both,
+                        _empty_rule(classes, in_pred, in_truth, one_empty_value))
+
+
+def _hd95_pixels(pred_b, truth_b, classes, both, result):
     if both:
         forward = _directed_sq_distances(pred_b, truth_b, both)
         backward = _directed_sq_distances(truth_b, pred_b, both)
@@ -187,3 +219,70 @@ def hd95(pred_mask, true_mask, one_empty_value=float("nan")):
     pred = np.asarray(pred_mask, dtype=bool).astype(np.uint8)
     truth = np.asarray(true_mask, dtype=bool).astype(np.uint8)
     return float(hd95_per_class(pred, truth, [1], one_empty_value)[0])
+
+
+# ----------------------------------------------------------------------------- micrometres
+@dataclass
+class SurfaceDistances:
+    """Boundary distances per class of one B-scan, each (len(classes),) float64.
+
+    hd95: pixels (hd95_per_class). hd95_um, assd_um: micrometres (None without a
+    spacing); diagonal, diagonal_um: the image diagonal in pixels and micrometres.
+    """
+
+    hd95: np.ndarray
+    diagonal: float
+    hd95_um: np.ndarray = None
+    assd_um: np.ndarray = None
+    diagonal_um: float = float("nan")
+
+
+def image_diagonal(shape, spacing=(1.0, 1.0)):
+    """sqrt((H * axial)^2 + (W * lateral)^2): the diagonal of an (H, W) image."""
+    return math.hypot(shape[0] * spacing[0], shape[1] * spacing[1])
+
+
+def surface_distances(pred, truth, classes, empty_sets_nan=True, spacing=None):
+    """HD95 in pixels and, with ``spacing`` = (axial, lateral) micrometres per pixel, HD95
+    and ASSD in micrometres, per class of one B-scan; a :class:`SurfaceDistances`.
+
+    The rules of hd95_per_class hold for all three: both masks empty -> 0; exactly one
+    empty -> NaN (``empty_sets_nan``) or the image diagonal (in the metric's unit).
+    Micrometre distances run between the same boundary pixels, each to the nearest in
+    micrometres (rows scaled by the axial, columns by the lateral spacing):
+    HD95_um = max(P95 pred->truth, P95 truth->pred) with P95 linearly interpolated, and
+    ASSD_um = the mean of both directions' distances taken together (MONAI's
+    compute_average_surface_distance(symmetric=True)).
+    """
+    pred_b, truth_b, in_pred, in_truth, both = _class_boundaries(pred, truth, classes)
+    diagonal = image_diagonal(np.shape(truth))
+    nan = float("nan")
+    hd = _hd95_pixels(pred_b, truth_b, classes, both, _empty_rule(
+        classes, in_pred, in_truth, nan if empty_sets_nan else diagonal))
+    result = SurfaceDistances(hd95=hd, diagonal=diagonal)
+    if spacing is None:
+        return result
+    spacing = (float(spacing[0]), float(spacing[1]))
+    result.diagonal_um = image_diagonal(np.shape(truth), spacing)
+    one_empty = nan if empty_sets_nan else result.diagonal_um
+    result.hd95_um = _empty_rule(classes, in_pred, in_truth, one_empty)
+    result.assd_um = result.hd95_um.copy()
+    if both:
+        forward = _directed_sq_distances(pred_b, truth_b, both, spacing)
+        backward = _directed_sq_distances(truth_b, pred_b, both, spacing)
+        for i, c in enumerate(classes):
+            if c in forward:
+                there, back = np.sqrt(forward[c]), np.sqrt(backward[c])
+                result.hd95_um[i] = max(percentile_float64(there), percentile_float64(back))
+                result.assd_um[i] = (there.sum() + back.sum()) / (there.size + back.size)
+    return result
+
+
+def percentile_float64(values, percentile=HD_PERCENTILE):
+    """Linearly interpolated percentile of a non-empty 1-D float array (numpy.percentile's
+    default method), from two order statistics found by partitioning: ~20x faster than
+    numpy.percentile on the few hundred distances of one class and B-scan."""
+    rank = percentile / 100 * (values.size - 1)
+    below_rank, above_rank = int(rank), math.ceil(rank)
+    below, above = np.partition(values, (below_rank, above_rank))[[below_rank, above_rank]]
+    return float(below + (rank - below_rank) * (above - below))

@@ -16,11 +16,14 @@ import pandas as pd
 
 from mirage.errors import UserError
 from mirage.fileio import atomic_path
-from mirage.evaluate.inputs import expand_run_paths, prepare_run
+from mirage.evaluate.inputs import apply_spacing, expand_run_paths, prepare_run
 from mirage.evaluate.intervals import (BOOTSTRAP_RESAMPLES, check_resamples,
                                        interval_columns, interval_record, metric_columns,
                                        rows_interval)
-from mirage.evaluate.scoring import check_options, evaluate_prepared
+from mirage.evaluate.measurements import (measurement_files, print_boundaries,
+                                          record_measurements, remove_stale_measurements,
+                                          spacing_record)
+from mirage.evaluate.scoring import UM_METRICS, check_options, evaluate_prepared
 from mirage.run import METRICS
 from mirage.run.folder import CONFIG, IDENTITY, RunFolder
 from mirage.run.identity import identity_hash
@@ -41,18 +44,32 @@ def result_files(evaluation):
 
 def write_results(evaluation):
     """Write the run's CSV files (ID, Class, Dice, IoU, HD95, truth_pixels, pred_pixels,
-    missed); all of them or none.
+    missed; with a spacing then HD95_um, ASSD_um, spacing_um, spacing_from) and its
+    measurement files (layer boundaries, thicknesses, lesion areas and volumes); all of
+    them or none.
 
     Each file goes to a temporary name first; all are renamed only once every one of
     them has been written, so an existing results file is never replaced by a partial one.
+    Measurement files of an earlier scoring that this one does not write are removed.
     """
     files = result_files(evaluation)
+    columns = list(CSV_COLUMNS)
+    spacing_columns = {}
+    if all(m in evaluation.rows for m in UM_METRICS):
+        columns += list(UM_METRICS)
+        spacing_columns = evaluation.spacing.columns() if evaluation.spacing else {}
+        columns += list(spacing_columns)
+    measured = measurement_files(evaluation)
     with contextlib.ExitStack() as stack:
         for path, group in files.items():
             tmp = stack.enter_context(atomic_path(path))
-            evaluation.group_rows(group).to_csv(tmp, columns=list(CSV_COLUMNS), index=False,
-                                                na_rep="NaN")
+            evaluation.group_rows(group).assign(**spacing_columns).to_csv(
+                tmp, columns=columns, index=False, na_rep="NaN")
+        for path, frame in measured.items():
+            frame.to_csv(stack.enter_context(atomic_path(path)), index=False, na_rep="NaN")
     evaluation.files = list(files)
+    evaluation.measurement_files = list(measured)
+    remove_stale_measurements(evaluation)
     return evaluation.files
 
 
@@ -69,14 +86,20 @@ def results_table(evaluation):
     Dice and IoU in percent, HD95 in pixels; group rows are means over all (volume, class)
     rows of the group, NaN ignored.
     """
+    metrics = _printed_metrics(evaluation)
     rows = _percent_table(evaluation.rows)
-    per_class = rows.groupby("Class", sort=False)[list(METRICS)].mean()
+    per_class = rows.groupby("Class", sort=False)[metrics].mean()
     means = {f"[{group}]": evaluation.group_rows(group) for group in evaluation.groups}
     if len(evaluation.groups) > 1:
         means["[all]"] = evaluation.rows
-    group_means = pd.DataFrame({name: _percent_table(part)[list(METRICS)].mean()
+    group_means = pd.DataFrame({name: _percent_table(part)[metrics].mean()
                                 for name, part in means.items()}).T
     return pd.concat([per_class, group_means])
+
+
+def _printed_metrics(evaluation):
+    """METRICS, then HD95_um and ASSD_um where the rows hold them (a spacing was known)."""
+    return list(METRICS) + [m for m in UM_METRICS if m in evaluation.rows]
 
 
 def print_results(evaluation, stream=None):
@@ -84,21 +107,27 @@ def print_results(evaluation, stream=None):
     stream = stream or sys.stdout
     volumes = evaluation.rows["ID"].nunique()
     target = f" on {evaluation.external}" if evaluation.external else ""
+    microns = ""
+    if any(m in evaluation.rows for m in UM_METRICS):
+        microns = f", HD95_um and ASSD_um in micrometres ({evaluation.spacing.describe()})"
     print(f"\n{evaluation.run_dir}{target}: {volumes} volume(s), {evaluation.num_slices} "
-          "B-scans. Dice and IoU in %, HD95 in pixels; means over volumes", file=stream)
+          f"B-scans. Dice and IoU in %, HD95 in pixels{microns}; means over volumes",
+          file=stream)
     table = results_table(evaluation)
     flagged = _flagged_rows(evaluation)
     names = [f"{name} {MISSED_MARK}" if name in flagged else name for name in table.index]
     width = max(len("class"), *(len(name) for name in names))
-    print(f"{'class':<{width}}" + "".join(f"{m:>9}" for m in METRICS), file=stream)
+    print(f"{'class':<{width}}" + "".join(f"{m:>9}" for m in table.columns), file=stream)
     for name, (_, row) in zip(names, table.iterrows()):
         cells = "".join("      n/a" if np.isnan(v) else f"{v:9.2f}" for v in row)
         print(f"{name:<{width}}{cells}", file=stream)
     for label, (missed, holding) in missed_counts(evaluation.rows).items():
         print(f"{MISSED_MARK} {label}: never predicted in {missed} of {holding} volume(s) "
               f"that hold it; {_missed_hd95(evaluation.hd95_missing)}", file=stream)
+    print_boundaries(evaluation.measurements, stream)
     if evaluation.files:
-        names = ", ".join(path.name for path in evaluation.files)
+        names = ", ".join(Path(path).name for path in evaluation.files
+                          + evaluation.measurement_files)
         print(f"wrote {names} in {evaluation.run_dir}", file=stream)
 
 
@@ -125,7 +154,8 @@ def _missed_hd95(rule):
 
 def evaluate_run(model_path, datasets_path, external=None, ignore_bg=True,
                  empty_sets_nan=True, empty_volume="zero", workers=1, quiet=False,
-                 foreign_predictions=False, hd95_missing="original"):
+                 foreign_predictions=False, hd95_missing="original", spacing=None,
+                 measure=True):
     """Evaluate one run directory, write its CSV files and print its tables.
 
     model_path: ``.../<dataset>/<run name>/`` holding ``preds/`` (or ``preds_<external>/``).
@@ -139,12 +169,16 @@ def evaluate_run(model_path, datasets_path, external=None, ignore_bg=True,
     hd95_missing: HD95 of a volume where a class is never in the truth and the prediction
     of the same B-scan, e.g. never predicted: "original" (the mean over B-scans, often 0),
     "nan" or "diagonal" (see mirage.evaluate.scoring.volume_scores).
-    Returns a RunEvaluation (``.rows`` is the DataFrame of all rows, ``.files`` the CSVs).
+    spacing: (axial, lateral[, B-scan]) micrometres per pixel (or a Spacing) instead of
+    the dataset's INFO.json "spacing"; None: INFO.json's, if any (else pixels only).
+    measure: also write the layer boundary, thickness and lesion area/volume files.
+    Returns a RunEvaluation (``.rows`` is the DataFrame of all rows, ``.files`` the CSVs,
+    ``.measurements`` and ``.measurement_files`` the rest).
     """
     return evaluate_runs([model_path], datasets_path, external, ignore_bg, empty_sets_nan,
                          empty_volume, workers, quiet=quiet,
                          foreign_predictions=foreign_predictions,
-                         hd95_missing=hd95_missing)[0]
+                         hd95_missing=hd95_missing, spacing=spacing, measure=measure)[0]
 
 
 def _note_unscored(inputs):
@@ -321,7 +355,8 @@ def write_summary(evaluations, path, bootstrap=BOOTSTRAP_RESAMPLES):
 def evaluate_runs(model_paths, datasets_path, external=None, ignore_bg=True,
                   empty_sets_nan=True, empty_volume="zero", workers=1, summary=None,
                   quiet=False, foreign_predictions=False, on_scored=None,
-                  hd95_missing="original", bootstrap=BOOTSTRAP_RESAMPLES):
+                  hd95_missing="original", bootstrap=BOOTSTRAP_RESAMPLES,
+                  spacing=None, measure=True):
     """Evaluate several runs (what run_seg_eval.py does); returns their RunEvaluations.
 
     A path that is not a run folder but holds run folders (an output root such as
@@ -331,9 +366,12 @@ def evaluate_runs(model_paths, datasets_path, external=None, ignore_bg=True,
     (how they were scored); then ``on_scored(evaluation)`` is called if given (the command
     line writes the run's report there). ``summary`` (a CSV path) is written at the end;
     it is checked first (check_summary_path), with ``bootstrap``: the resamples of its
-    95% intervals (0: none).
+    95% intervals (0: none). ``spacing`` (run_seg_eval.py --spacing) replaces the
+    datasets' INFO.json spacing; it may only be given for runs of one evaluated dataset.
+    ``measure``: write the measurement files too (see evaluate_run).
     """
     check_options(empty_volume, workers, hd95_missing)
+    override = apply_spacing([], spacing)  # a bad --spacing fails before anything is read
     if summary:
         check_summary_path(summary)
         check_resamples(bootstrap)
@@ -345,18 +383,20 @@ def evaluate_runs(model_paths, datasets_path, external=None, ignore_bg=True,
               f"{', '.join(p.name for p in skipped)}")
     prepared = [prepare_run(path, datasets_path, external, ignore_bg, foreign_predictions)
                 for path in run_dirs]
+    apply_spacing(prepared, override)
     evaluations = []
     for inputs in prepared:
         if inputs.note and not quiet:
             print(f"note: {inputs.run_dir.name}: {inputs.note}")
         evaluation = evaluate_prepared(inputs, empty_sets_nan, empty_volume, workers, quiet,
-                                       hd95_missing)
+                                       hd95_missing, measure)
         evaluation.note = inputs.note
         write_results(evaluation)
         record_evaluation(evaluation, datasets_path=str(Path(datasets_path).resolve()),
                           ignore_bg=ignore_bg, empty_sets_nan=empty_sets_nan,
                           empty_volume=empty_volume, hd95_missing=hd95_missing,
-                          note=inputs.note or "")
+                          note=inputs.note or "", **spacing_record(inputs.spacing))
+        record_measurements(evaluation)
         if not quiet:
             _note_unscored(inputs)
             print_results(evaluation)

@@ -12,6 +12,9 @@
                                      of the inference, config_infer.yaml (run/predictions.py)
         config_test_<name>.yaml      options of a --test
         results*.csv                 per-volume scores (run_seg_eval.py; run/results.py)
+        layer_boundaries*.csv, layer_thickness*.csv, lesion_areas*.csv, lesion_volumes*.csv
+                                     boundary errors, thicknesses, lesion areas per B-scan and
+                                     volumes (run_seg_eval.py; mirage/evaluate/measurements.py)
         overlays/, overlays_<name>/  every test B-scan drawn (run_seg_eval.py --overlays)
         evaluation.json              how each results file was scored
         report.html, tensorboard/    the run's report and TensorBoard curves
@@ -40,6 +43,9 @@ EVALUATION_RECORD = "evaluation.json"
 REPORT = "report.html"
 TENSORBOARD = "tensorboard"
 RESULTS_GLOB = "results*.csv"
+# Measurement files of run_seg_eval.py beside the results (never matching RESULTS_GLOB, which
+# is read as scores): <kind>.csv, or <kind>_<external>.csv.
+MEASUREMENTS = ("layer_boundaries", "layer_thickness", "lesion_areas", "lesion_volumes")
 # What a run folder's name ends in: the seed and the identity hash (run/identity.py).
 RUN_NAME_ENDING = re.compile(r"_s\d+_[0-9a-f]{8}")
 
@@ -120,6 +126,13 @@ class RunFolder:
 
     def results_files(self):
         return sorted(self.path.glob(RESULTS_GLOB))
+
+    def measurement_file(self, kind, external=""):
+        """``<kind>[_<external>].csv``, kind one of MEASUREMENTS: per-volume layer boundary
+        errors, layer thicknesses, per-B-scan lesion areas, per-volume lesion volumes."""
+        if kind not in MEASUREMENTS:
+            raise ValueError(f"unknown measurement file {kind!r}; one of {MEASUREMENTS}")
+        return self.path / (f"{kind}_{external}.csv" if external else f"{kind}.csv")
 
     @property
     def evaluation_record(self):
