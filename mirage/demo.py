@@ -5,7 +5,9 @@
    (``__demo/weights/MIRAGE-Tiny.pth``; the registry's ``mirage-tiny`` entry),
 3. trains the decoder (options from ``mirage/demo.yaml``, overridable on the command line),
 4. predicts the test split (``--infer_only --test``),
-5. evaluates the predictions with ``run_seg_eval.py``'s per-volume Dice/IoU/HD95 and
+5. evaluates the predictions with ``run_seg_eval.py``'s per-volume Dice/IoU/HD95 (and, from
+   the made-up spacing in the dataset's INFO.json, HD95/ASSD and the layer boundary errors
+   in micrometres, printed per boundary) and
 6. writes the run's ``report.html`` and prints its path.
 """
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 from fm_seg_config import MirageTiny
 from mirage import checkpoint_io as ckpt
 from mirage.config import DEMO_DATASET, DEMO_ROOT, demo_paths
+from mirage.data.classes import read_spacing
 from mirage.data.synthetic import write_synthetic_dataset
 from mirage.evaluate.outputs import evaluate_run
 from mirage.report.run_report import write_run_report
@@ -23,6 +26,11 @@ from mirage.report.tensorboard_log import write_tensorboard
 from mirage.train import job
 
 LAYER_DICE_TARGET = 0.7
+# The demo dataset's INFO.json "spacing". MADE UP: synthetic B-scans have no physical scale.
+# Chosen so that the synthetic retina (about 50 of 128 rows) is a few hundred micrometres
+# thick and the 192 columns span a few millimetres, as on a macular scan; real datasets
+# take theirs from the device (docs/segmentation_benchmark.md, "Physical spacing").
+DEMO_SPACING = {"axial_um": 6.0, "lateral_um": 30.0, "bscan_um": 120.0}
 
 
 def write_tiny_checkpoint(path, seed=0):
@@ -40,8 +48,11 @@ def write_tiny_checkpoint(path, seed=0):
 def prepare_inputs(root=DEMO_ROOT):
     """Create (once) and return the demo's ``(weights path, dataset path)``."""
     weights, data_path = demo_paths(root)
-    if not (data_path / "INFO.json").is_file():
-        write_synthetic_dataset(root / "datasets", name=DEMO_DATASET, seed=0)
+    info = data_path / "INFO.json"
+    # A demo dataset written before it had a spacing is written again (the same images).
+    if not info.is_file() or read_spacing(info) is None:
+        write_synthetic_dataset(root / "datasets", name=DEMO_DATASET, seed=0,
+                                overwrite=True, spacing=DEMO_SPACING)
     if not weights.is_file():
         write_tiny_checkpoint(weights)
     return weights, data_path

@@ -332,3 +332,24 @@ def test_one_spacing_for_two_datasets_is_refused(tmp_path, capsys):
     assert code == 2 and "--spacing gives one spacing but the runs score 2 datasets " \
                          "(Other_DME, Tiny_DME)" in err, err
     assert not (run / "results_layers.csv").exists()
+
+
+def test_the_demo_dataset_has_a_made_up_spacing(tmp_path):
+    """The demo writes its synthetic dataset with DEMO_SPACING, and writes it again (the
+    same B-scans) when an earlier demo left one without a spacing."""
+    from mirage.demo import DEMO_SPACING, prepare_inputs
+    from mirage.data.synthetic import write_synthetic_dataset
+    plain = write_synthetic_dataset(tmp_path / "plain", splits={"test": 1}, slices_per_volume=1)
+    assert read_spacing(plain / "INFO.json") is None  # no spacing unless one is given
+    _, data = prepare_inputs(tmp_path / "demo")
+    spacing = read_spacing(data / "INFO.json")
+    assert (spacing.axial_um, spacing.lateral_um, spacing.bscan_um) == (6.0, 30.0, 120.0)
+    assert DEMO_SPACING == {"axial_um": 6.0, "lateral_um": 30.0, "bscan_um": 120.0}
+    bscan = data / "test" / "bscan" / "synth008_0.png"
+    before = bscan.read_bytes()
+    info = json.loads((data / "INFO.json").read_text())
+    del info["spacing"]
+    (data / "INFO.json").write_text(json.dumps(info))
+    prepare_inputs(tmp_path / "demo")
+    assert read_spacing(data / "INFO.json").axial_um == 6.0
+    assert bscan.read_bytes() == before

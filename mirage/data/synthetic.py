@@ -225,9 +225,11 @@ def class_values(num_classes=len(CLASS_LABELS)):
     return [min(32 * i, 255) for i in range(num_classes)]
 
 
-def _info_json():
+def _info_json(spacing=None):
     info = {str(i): {"value": value, "label": label}
             for i, (value, label) in enumerate(zip(class_values(), CLASS_LABELS))}
+    if spacing:
+        info["spacing"] = dict(spacing)
     return json.dumps(info, indent=4) + "\n"
 
 
@@ -240,7 +242,7 @@ def _quantise(image, bit_depth):
 
 def write_synthetic_dataset(root, name="Synth_OCT", splits=None, slices_per_volume=8,
                             size=(128, 192), bit_depth=8, seed=0, eval_only=False,
-                            overwrite=False):
+                            overwrite=False, spacing=None):
     """Write a small synthetic dataset in the benchmark layout; return its folder.
 
     Layout: ``<root>/<name>/INFO.json`` and ``<split>/{bscan,semseg}/<scan_id>_<slice>.png``
@@ -248,6 +250,8 @@ def write_synthetic_dataset(root, name="Synth_OCT", splits=None, slices_per_volu
     ``bscan/`` and ``semseg/`` at the top level with every volume when ``eval_only``.
     Scan ids (``synth000``, ``synth001``, ...) are unique across splits; masks hold the
     INFO.json values. ``size`` is (H, W); ``bit_depth`` 8 or 16 for the B-scans.
+    ``spacing``: an INFO.json "spacing" entry ({"axial_um": ..., "lateral_um": ...,
+    "bscan_um": ...}) to write; synthetic data has no real scale, so any given is made up.
 
     Volume ``i`` depends only on ``(seed, i)``, so the same seed gives identical files.
     The dataset is built in a temporary folder next to the target and renamed into place,
@@ -268,7 +272,7 @@ def write_synthetic_dataset(root, name="Synth_OCT", splits=None, slices_per_volu
 
     values = np.asarray(class_values(), dtype=np.uint8)  # class index -> mask value
     with atomic_folder(target) as staging:
-        write_text(staging / "INFO.json", _info_json())
+        write_text(staging / "INFO.json", _info_json(spacing))
         volume_index = 0
         for split, num_volumes in splits.items():
             folder = staging if eval_only else staging / split
