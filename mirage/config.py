@@ -16,7 +16,7 @@ import yaml
 
 from mirage.argparsing import ArgumentParser
 from mirage.errors import UserError
-from mirage.options import OPTION_BY_NAME, OPTIONS, RUNTIME_OPTIONS
+from mirage.options import ALL, OPTION_BY_NAME, OPTIONS, RUNTIME_OPTIONS
 from mirage.protocol import resolve_tuning
 
 RUN_CONFIG = "config.yaml"  # a run folder's options (mirage/run/folder.py names the rest)
@@ -62,7 +62,10 @@ def _coerce(opt, value, where):
             return value.lower() in ("true", "yes")
         fail("true or false")
     if isinstance(value, str) and not value.isascii():
-        fail("ASCII digits" if kind in ("int", "float", "floats", "size") else "ASCII text")
+        fail("ASCII digits" if kind in ("int", "float", "floats", "size", *OR_ALL)
+             else "ASCII text")
+    if kind in OR_ALL:
+        return _coerce_or_all(opt, value, fail)
     if kind == "int":
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -108,6 +111,28 @@ def _coerce(opt, value, where):
             fail(f"one of {', '.join(opt.choices)}{hint}")
         return value
     raise AssertionError(kind)
+
+
+OR_ALL = {"count_or_all": "a whole number", "fraction_or_all": "a number in (0, 1]"}
+
+
+def _coerce_or_all(opt, value, fail):
+    """``all`` (any case) or a number: an int for ``count_or_all``, a float for
+    ``fraction_or_all`` (its range is checked by check_config)."""
+    if isinstance(value, str) and value.strip().lower() == ALL:
+        return ALL
+    if not isinstance(value, bool):
+        try:
+            if opt.kind == "count_or_all" and (isinstance(value, int) or
+                                               isinstance(value, str)):
+                return int(value)
+            if opt.kind == "fraction_or_all" and isinstance(value, (int, float, str)):
+                number = float(value)
+                if math.isfinite(number):
+                    return number
+        except ValueError:
+            pass
+    fail(f"{OR_ALL[opt.kind]} or {ALL}")
 
 
 def _coerce_size(opt, value, where):

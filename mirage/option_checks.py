@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from mirage.config import domains_of, per_domain
-from mirage.options import LORA_OPTIONS, OPTION_BY_NAME, OPTIONS
+from mirage.options import ALL, LORA_OPTIONS, OPTION_BY_NAME, OPTIONS
 from mirage.protocol import alias_values
 from mirage.models.lora import LORA_TARGETS, import_peft
 from mirage.errors import UserError
@@ -20,7 +20,8 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
 def check_config(config):
     """Validate option values and combinations; raises UserError naming the option."""
     for opt in OPTIONS:
-        if opt.minimum is not None and config[opt.name] < opt.minimum:
+        if opt.minimum is not None and config[opt.name] != ALL and \
+                config[opt.name] < opt.minimum:
             raise UserError(f"--{opt.name} must be at least {opt.minimum:g} (got "
                             f"{config[opt.name]})")
     for name in ("weights", "data_path"):
@@ -47,6 +48,7 @@ def check_config(config):
                         "folder for the run directories")
     _check_protocol(config)
     _check_sizes(config)
+    check_train_set(config)
 
 
 def _check_sizes(config):
@@ -188,3 +190,23 @@ def _check_lora_options(config):
         raise UserError(f"--lora_targets {config['lora_targets']}: "
                         f"{'unknown layer ' + repr(unknown[0]) if unknown else 'empty'}; give "
                         f"some of {', '.join(LORA_TARGETS)} separated by hyphens, e.g. qkv-proj")
+
+
+def check_train_set(config):
+    """The training-set size: ``--train_volumes`` or ``--train_fraction`` (not both), a
+    fraction in (0, 1], and ``--subset_seed`` only beside a size (with the whole split it
+    would change nothing, and two runs differing only in it would share one folder). A size
+    larger than the split is found where the split is read (mirage/data/subsets.py)."""
+    volumes, fraction = config["train_volumes"], config["train_fraction"]
+    if volumes != ALL and fraction != ALL:
+        raise UserError(f"--train_volumes {volumes} and --train_fraction {fraction:g} both "
+                        "give the training-set size; give one of them (the other: all)")
+    if fraction != ALL and not 0.0 < fraction <= 1.0:
+        raise UserError(f"--train_fraction {fraction:g}: must be in (0, 1], a share of the "
+                        f"training split's volumes (e.g. 0.25 for a quarter), or all")
+    seed = config["subset_seed"]
+    if volumes == ALL and fraction == ALL and seed != OPTION_BY_NAME["subset_seed"].default:
+        raise UserError(f"--subset_seed {seed} applies only with --train_volumes N or "
+                        "--train_fraction F (this run trains on the whole split); drop it, "
+                        "or in a grid leave its value out of the 'all' jobs "
+                        "(--runner-filter train_volumes=all,subset_seed=" + str(seed) + ")")

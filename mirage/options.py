@@ -18,6 +18,7 @@ from mirage.models import decoders
 from mirage.protocol import TUNINGS
 
 DEVICE_AUTO = "auto"
+ALL = "all"  # --train_volumes / --train_fraction: the whole training split
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class Option:
     name: str
     default: object
     help: str
-    kind: str = "str"  # str | int | float | bool | size | floats | path
+    # str | int | float | bool | size | floats | path | count_or_all | fraction_or_all
+    kind: str = "str"
     choices: tuple = ()
     nullable: bool = False  # may be null / None
     short: str = ""
@@ -39,6 +41,12 @@ class Option:
     minimum: Optional[float] = None  # the smallest value check_config accepts
     only_with: str = ""  # the --tuning protocol the option belongs to ('' = every one)
     alias_of: str = ""  # an older spelling of this option (resolved in mirage/protocol.py)
+    # Not in the identity at its default, so that the runs trained before the option
+    # existed keep their identity, hash and folder (a run at the default trains as they did).
+    omit_at_default: bool = False
+    # Names the run only when one of these options is away from its default (the subset
+    # seed orders the volumes of a training-set size; the whole split has no order).
+    only_beside: tuple = ()
 
 
 def _default_workers():
@@ -55,6 +63,20 @@ OPTIONS = (
     Option("aug_name", "simple", "Training augmentation: 'simple' = horizontal flip, "
            "resize to 1.1x input, random crop; 'flip' = resize, then horizontal flip "
            "(p 0.5); 'none' = resize only.", "str", choices=("simple", "flip", "none")),
+    # --- training set: how many labelled volumes (docs: "Label efficiency")
+    Option("train_volumes", ALL, "Train on N whole volumes of the training split (the "
+           "B-scans of a volume are never split), chosen by --subset_seed; 'all' = the "
+           "whole split. Smaller sizes are subsets of larger ones. Names the run (_v<N>).",
+           "count_or_all", group="training set", minimum=1, omit_at_default=True),
+    Option("train_fraction", ALL, "Train on this share of the training split's volumes "
+           "(in (0, 1]; rounded up, at least one volume), chosen by --subset_seed; 'all' = "
+           "the whole split. Exclusive with --train_volumes. Names the run (_f<percent>).",
+           "fraction_or_all", group="training set", omit_at_default=True),
+    Option("subset_seed", 0, "Seed of the order in which --train_volumes / "
+           "--train_fraction take volumes; independent of --seed, so that every model and "
+           "training seed of a size sees the same volumes. Only with a size.", "int",
+           group="training set", minimum=0,
+           only_beside=("train_volumes", "train_fraction")),
     # --- task
     Option("in_domains", "bscan", "Input domains, separated by hyphens. The benchmark "
            "layout provides 'bscan' only.", group="task"),
@@ -220,6 +242,7 @@ OPTION_BY_NAME = {opt.name: opt for opt in OPTIONS}
 RUNTIME_OPTIONS = frozenset(opt.name for opt in OPTIONS if not opt.names_run)
 LORA_OPTIONS = tuple(opt.name for opt in OPTIONS if opt.only_with == "lora")
 PROTOCOL_ALIASES = tuple(opt.name for opt in OPTIONS if opt.alias_of == "tuning")
+TRAIN_SET_OPTIONS = tuple(opt.name for opt in OPTIONS if opt.group == "training set")
 
 
 def default_options(**changes):

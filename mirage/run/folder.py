@@ -3,6 +3,7 @@
     <base_output_dir>/<version>/<dataset>/<run name>/
         config.yaml                  every option of the run (``-c`` reads it back)
         identity.json                the options that define what it trains (run/identity.py)
+        train_volumes.json           the training split's volumes the run trains on
         .lock                        the process writing into it (run/lock.py)
         log.txt                      one JSON line per epoch, then one per test
         checkpoint-<epoch>.pth       resumable training state (the newest --keep_ckpts)
@@ -33,6 +34,7 @@ from mirage.fileio import write_text
 
 CONFIG = RUN_CONFIG  # spelled in mirage/config.py, which reads it for --run_dir
 IDENTITY = "identity.json"
+TRAIN_VOLUMES = "train_volumes.json"
 LOCK = ".lock"
 LOG = "log.txt"
 BEST_CHECKPOINT = "checkpoint-best.pth"
@@ -85,6 +87,10 @@ class RunFolder:
     @property
     def identity_file(self):
         return self.path / IDENTITY
+
+    @property
+    def train_volumes_file(self):
+        return self.path / TRAIN_VOLUMES
 
     @property
     def lock_file(self):
@@ -168,6 +174,31 @@ class RunFolder:
 
     def write_identity(self, identity):
         write_text(self.identity_file, json.dumps(identity, indent=1, sort_keys=True) + "\n")
+
+    # ------------------------------------------------------------------ train_volumes.json
+    def write_train_volumes(self, record):
+        """``record``: {"volumes": [chosen IDs], "split_volumes": the split's number of
+        volumes, "bscans": the B-scans trained on, "train_volumes", "train_fraction",
+        "subset_seed": the options that chose them}."""
+        write_text(self.train_volumes_file,
+                   json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+    def read_train_volumes(self, notes=None):
+        """train_volumes.json as a dict, or None when there is none (runs trained before
+        it existed) or it cannot be read (said in ``notes`` when given)."""
+        path = self.train_volumes_file
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            record = f"unreadable ({type(err).__name__})"
+        if isinstance(record, dict) and isinstance(record.get("volumes"), list):
+            return record
+        if notes is not None:
+            what = record if isinstance(record, str) else "not a record of volumes"
+            notes.append(f"{TRAIN_VOLUMES}: {what}; ignored")
+        return None
 
     # ------------------------------------------------------------------ log.txt
     def read_log(self, notes=None):

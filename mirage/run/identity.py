@@ -28,8 +28,9 @@ from pathlib import Path
 
 from mirage.config import demo_paths, parse_config, per_domain
 from mirage.option_checks import check_config
-from mirage.options import OPTIONS
-from mirage.data.layout import open_dataset
+from mirage.options import ALL, OPTION_BY_NAME, OPTIONS
+from mirage.data.layout import open_dataset, scan_split
+from mirage.data.subsets import TrainSubset
 from mirage.errors import UserError
 from mirage.fileio import file_sha256
 from mirage.run.folder import IDENTITY, RunFolder
@@ -84,10 +85,55 @@ def _names_the_run(opt, config):
     except under that protocol: the other protocols are what ``freeze_encoder`` /
     ``freeze_patch_embed`` (and the decoder, for ``linear_probe``) already say, so their
     runs keep the identity, and the folder, that runs trained before ``--tuning`` existed
-    have."""
+    have. Likewise an option ``omit_at_default`` at its default (``--train_volumes all``:
+    the runs from before the training-set size existed), and an option ``only_beside``
+    others that are all at their defaults (``--subset_seed`` without a size)."""
     if opt.name == "tuning":
         return config.get("tuning") == "lora"
+    if opt.omit_at_default and _at_default(opt.name, config):
+        return False
+    if opt.only_beside and all(_at_default(name, config) for name in opt.only_beside):
+        return False
     return not opt.only_with or config.get("tuning") == opt.only_with
+
+
+def _at_default(name, config):
+    default = OPTION_BY_NAME[name].default
+    return config.get(name, default) == default
+
+
+def train_subset_of(config):
+    """The :class:`~mirage.data.subsets.TrainSubset` the options ask for (``all`` ->
+    None: the whole split)."""
+    volumes, fraction = config.get("train_volumes", ALL), config.get("train_fraction", ALL)
+    return TrainSubset(volumes=None if volumes == ALL else int(volumes),
+                       fraction=None if fraction == ALL else float(fraction),
+                       seed=int(config.get("subset_seed", 0)))
+
+
+def check_train_set_size(config, dataset):
+    """A size larger than the training split of ``dataset`` is a UserError naming the
+    split's size (what the job would say once it reads the split; the runner asks before
+    a grid starts). Only the folder is listed, nothing decoded; a split with problems is
+    left to training, which reports them all."""
+    subset = train_subset_of(config)
+    if subset.whole:
+        return
+    slices, problems = scan_split(dataset.split_dir("train"), need_masks=True)
+    if slices and not problems:
+        subset.select(slices)
+
+
+def train_set_part(config):
+    """The run name's part for the training-set size: '' for the whole split (the name
+    runs had before the option existed), '_v4' (4 volumes), '_f25' (25% of them), with
+    '_ss<seed>' after it for a subset seed other than 0."""
+    volumes, fraction = config.get("train_volumes", ALL), config.get("train_fraction", ALL)
+    if volumes == ALL and fraction == ALL:
+        return ""
+    part = f"_v{volumes}" if volumes != ALL else f"_f{round(100 * fraction, 6):g}"
+    seed = config.get("subset_seed", 0)
+    return part + (f"_ss{seed}" if seed != OPTION_BY_NAME["subset_seed"].default else "")
 
 
 def identity_hash(identity):
@@ -97,11 +143,13 @@ def identity_hash(identity):
 
 
 def run_name(config, identity):
-    """``<weights stem>_<tuning>_<decoder>_<loss>[_minmax]_s<seed>_<hash>``, e.g.
-    ``MIRAGE-Base_frozen_convnext_CEGDice_s42_1a2b3c4d`` (the paper's protocol)."""
+    """``<weights stem>_<tuning>_<decoder>_<loss>[_minmax][_v<N>|_f<percent>]_s<seed>_<hash>``,
+    e.g. ``MIRAGE-Base_frozen_convnext_CEGDice_s42_1a2b3c4d`` (the paper's protocol) or
+    ``..._CEGDice_v4_s42_...`` (4 training volumes)."""
     name = f"{Path(identity['weights_name']).stem}_{config['tuning']}"
     name += f"_{config['output_adapter']}_{config['loss']}"
     name += "_minmax" if config["minmax"] else ""
+    name += train_set_part(config)
     name += f"_s{config['seed']}_{identity_hash(identity)}"
     return check_name_part(name, "--weights file name")
 
@@ -153,6 +201,7 @@ def run_dir_for_argv(argv):
             return None  # the demo writes its inputs when it starts
     check_config(config)  # what a job would refuse, refused before the grid starts
     dataset = open_dataset(config["data_path"], config["mapping_fn"])
+    check_train_set_size(config, dataset)
     return run_directory(config, dataset)
 
 

@@ -19,11 +19,13 @@ from fm_seg_config import FoundModel, find_model
 from mirage.config import RUN_CONFIG, domains_of, load_yaml, per_domain, run_dir_config
 from mirage.data.classes import ClassTable
 from mirage.data.layout import DatasetInfo, open_dataset
+from mirage.data.subsets import TrainSubset
 from mirage.errors import UserError
 from mirage.option_checks import check_config
 from mirage.protocol import Protocol
 from mirage.run.folder import IDENTITY, RunFolder
-from mirage.run.identity import option_identity, run_directory, run_identity
+from mirage.run.identity import (option_identity, run_directory, run_identity,
+                                 train_subset_of)
 
 
 @dataclass(frozen=True)
@@ -33,10 +35,13 @@ class DataSpec:
     dataset: the ``--data_path`` folder with its class table (``--mapping_fn``).
     ignore_index: the class index left out of CE-ignore-bg and of the validation mIoU_fg
     (None: no class).
+    train_subset: the training-set size (``--train_volumes`` / ``--train_fraction``,
+    ``--subset_seed``); the default is the whole training split.
     """
 
     dataset: DatasetInfo
     ignore_index: Optional[int]
+    train_subset: TrainSubset = TrainSubset()
 
     @property
     def classes(self) -> ClassTable:
@@ -289,7 +294,8 @@ def resolve_spec(config, with_data=True):
         dataset = open_dataset(config["data_path"], config["mapping_fn"])
         data = DataSpec(dataset=dataset,
                         ignore_index=resolve_ignore_index(config["ignore_index"],
-                                                          dataset.class_table))
+                                                          dataset.class_table),
+                        train_subset=train_subset_of(config))
         identity = run_identity(config, dataset, trained_weights and trained_weights.name)
         folder = RunFolder(run_directory(config, dataset, identity))
         _check_run_dir(config, folder)

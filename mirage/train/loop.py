@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from mirage.config import yaml_text
+from mirage.options import ALL
 from mirage.data.dataset import SegmentationDataset
 from mirage.data.check import check_training_data
 from mirage.data.transforms import SegmentationTransform
@@ -69,6 +70,7 @@ def train(spec, runtime, on_epoch_end=None):
                               checkpoint_meta(spec, spec.classes, model))
     state, resumed = resume_or_start(spec, runtime, record, ResumePoint(optimizer,
                                                                         precision.scaler))
+    record_training_set(spec, runtime, data.subset, resumed)
     ctx = TrainingContext(
         spec, runtime, model, precision, criterion=criterion, optimizer=optimizer,
         lr_schedule=lr_schedule, wd_schedule=wd_schedule, data=data,
@@ -146,6 +148,7 @@ class TrainingData:
     val_loader: object
     steps_per_epoch: int
     test_slices: list
+    subset: object = None  # mirage.data.subsets.TrainingSubset: the volumes trained on
 
 
 def load_data(spec, runtime):
@@ -154,7 +157,9 @@ def load_data(spec, runtime):
     loader, dataset, classes = spec.loader, spec.data.dataset, spec.classes
     # every problem of the three splits at once; test: [] without masks (nothing to score)
     splits = check_training_data(dataset, classes, workers=max(loader.num_workers, 2))
-    train_slices, val_slices, test_slices = splits["train"], splits["val"], splits["test"]
+    subset = spec.data.train_subset.select(splits["train"])  # whole volumes; or all
+    runtime.log(f">> {training_set_line(spec.data.train_subset, subset)}")
+    train_slices, val_slices, test_slices = subset.slices, splits["val"], splits["test"]
     model = spec.model
     train_set = SegmentationDataset(train_slices, classes, SegmentationTransform(
         model.input_size, train=True, aug_name=spec.loop.aug_name, norm=model.norm,
@@ -171,7 +176,41 @@ def load_data(spec, runtime):
     return TrainingData(train_set=train_set,
                         train_loader=make_loader(train_set, loader, runtime.dist, train=True),
                         val_loader=make_loader(val_set, loader, runtime.dist, train=False),
-                        steps_per_epoch=steps_per_epoch, test_slices=test_slices)
+                        steps_per_epoch=steps_per_epoch, test_slices=test_slices,
+                        subset=subset)
+
+
+def training_set_line(train_subset, subset):
+    """'training set: all 10 volumes of the training split (110 B-scans)', or for a
+    subset 'training set: 2 of 10 volumes (subset seed 0): vol03, vol07 (22 B-scans)'."""
+    total = len(subset.split_volumes)
+    if train_subset.whole:
+        return (f"training set: all {total} volume{'s' if total != 1 else ''} of the "
+                f"training split ({len(subset.slices)} B-scans)")
+    return (f"training set: {len(subset.volumes)} of {total} volumes (subset seed "
+            f"{train_subset.seed}): {', '.join(subset.volumes)} ({len(subset.slices)} "
+            "B-scans)")
+
+
+def record_training_set(spec, runtime, subset, resumed):
+    """Write the volumes the run trains on into its folder (train_volumes.json); a resumed
+    subset run must train on the volumes it started with (the training split has not
+    changed under it), else a UserError naming both."""
+    folder, train_subset = spec.folder, spec.data.train_subset
+    stored = folder.read_train_volumes() if resumed and not train_subset.whole else None
+    if stored is not None and stored["volumes"] != subset.volumes:
+        raise UserError(f"{folder.train_volumes_file}: the run started on the volumes "
+                        f"{', '.join(map(str, stored['volumes']))}, but the training split "
+                        f"now gives {', '.join(subset.volumes)} (it changed since); restore "
+                        "the split or train the run again in another --version")
+    if runtime.dist.is_main:
+        folder.write_train_volumes({
+            "split": "train", "volumes": subset.volumes,
+            "split_volumes": len(subset.split_volumes), "bscans": len(subset.slices),
+            "train_volumes": train_subset.volumes if train_subset.volumes is not None
+            else ALL, "train_fraction": train_subset.fraction
+            if train_subset.fraction is not None else ALL,
+            "subset_seed": None if train_subset.whole else train_subset.seed})
 
 
 def optimisation(model, spec, steps_per_epoch, device):
