@@ -8,6 +8,8 @@
     metric_columns.py       which metrics, their units and direction; a row's intervals
     labels.py               readable row labels (model + what differs, in words)
     significance.py         paired Wilcoxon tests with Holm-Bonferroni
+    label_efficiency.py     the score against the training volumes: curves, AUC, tests
+    label_efficiency_outputs.py  their files and sections of the study's outputs
     tables.py               paper tables (Markdown, LaTeX)
     grid_report.py          the study's report.html
     study_outputs.py        every file of run_seg_report.py

@@ -26,6 +26,10 @@ from mirage.errors import UserError
 from mirage.run.catalog import TUNING_ENTRIES
 
 MAX_LABEL = 40  # characters: the tables, heat maps and tests stay readable at 1280 px
+# The training-set size (--train_volumes or --train_fraction; neither: the whole split),
+# said as one part of a label, TRAINING_SET ("4 train volumes").
+SIZE_ENTRIES = ("train_volumes", "train_fraction")
+TRAINING_SET = "training set"
 # Identity entries given by the dataset column, never by a row label.
 DATASET_ENTRIES = frozenset({"dataset", "data_path", "classes", "mapping_fn"})
 # The --tuning protocols in words (a LoRA run adds its rank: "LoRA r8").
@@ -100,7 +104,10 @@ def _varying(groups, words):
         protocols = [dict(g.key.protocol) for g in members]
         names = {n for p in protocols for n in p} - DATASET_ENTRIES
         for name in names - TUNING_ENTRIES:
-            if len({p.get(name, "\0absent") for p in protocols}) > 1:
+            # an entry only some identities hold differs where it is absent, except one
+            # named only beside others (--subset_seed: absent for the whole split)
+            absent = () if _only_beside(name) else ("\0absent",)
+            if len({p.get(name, *absent) for p in protocols} - {None}) > 1:
                 varying.add(name)
         for name in names & TUNING_ENTRIES:
             values = {}
@@ -113,7 +120,25 @@ def _varying(groups, words):
         if len({g.key.loss for g in members}) > 1:
             varying.add("loss")
         tuning_varies = tuning_varies or len({words[id(g)] for g in members}) > 1
+    if varying & set(SIZE_ENTRIES):  # one phrase for the size, however it was given
+        varying = (varying - set(SIZE_ENTRIES)) | {TRAINING_SET}
     return sorted(varying, key=lambda n: (n not in ("decoder", "loss"), n)), tuning_varies
+
+
+def _only_beside(name):
+    return name in OPTION_BY_NAME and bool(OPTION_BY_NAME[name].only_beside)
+
+
+def training_set_words(protocol):
+    """The training-set size of an identity in words: '1 train volume', '25% of train
+    volumes', or 'all train volumes' (no size: the whole split)."""
+    volumes, fraction = (json.loads(protocol[name]) if name in protocol else None
+                         for name in SIZE_ENTRIES)
+    if volumes is not None:
+        return f"{volumes} train volume{'' if volumes == 1 else 's'}"
+    if fraction is not None:
+        return f"{format_value(100 * fraction)}% of train volumes"
+    return "all train volumes"
 
 
 def tuning_words(tuning, options=None, shown=()):
@@ -150,9 +175,12 @@ def _option_parts(group, varying):
     for name in varying:
         if name in ("decoder", "loss"):
             parts.append(getattr(group.key, name))
+        elif name == TRAINING_SET:
+            parts.append(training_set_words(protocol))
         elif name in protocol:
             parts.append(describe(name, json.loads(protocol[name])))
-        else:
+        elif name not in OPTION_BY_NAME or not OPTION_BY_NAME[name].only_beside:
+            # (--subset_seed is in an identity only beside a size: nothing to say)
             parts.append(describe(name, None, recorded=False))
     return [p for p in parts if p]
 

@@ -3,8 +3,10 @@
     write_study(paths, output_dir, ...) -> {file name: path}
 
 Into ``output_dir``: summary.csv, summary.md, summary.tex, significance.csv, runs.csv (every
-run directory found, with its status: nothing is dropped silently) and report.html; and
-into each run directory its report.html when missing (or always, or never). A folder that
+run directory found, with its status: nothing is dropped silently) and report.html (where
+some runs were trained on part of their training split, also the label-efficiency files
+and sections: mirage.report.label_efficiency_outputs); and into each run directory its
+report.html when missing (or always, or never). A folder that
 holds files this tool did not write is refused, so no user file is ever replaced; every
 file is written atomically.
 """
@@ -19,6 +21,7 @@ from mirage.errors import UserError
 from mirage.fileio import atomic_path, write_text
 from mirage.progress import progress
 from mirage.report.grid_report import render_grid_report
+from mirage.report.label_efficiency_outputs import write_label_efficiency
 from mirage.report import RUN_REPORT_MODES, TABLE_COLUMNS
 from mirage.report.run_report import write_run_report
 from mirage.report.tensorboard_log import write_tensorboard
@@ -221,6 +224,7 @@ def write_study(paths, output_dir, datasets_path=None, run_reports="missing",
     htmlpage.write_page(written["report.html"], page)
     if not quiet:
         _print_overview(study, tables, metric, unused, output_dir, missed)
+    written.update(write_label_efficiency(study, output_dir, metric, alpha, labels, quiet))
     return written
 
 

@@ -13,10 +13,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
-from mirage.options import LORA_OPTIONS, OPTION_BY_NAME, RUNTIME_OPTIONS
+from mirage.options import LORA_OPTIONS, OPTION_BY_NAME, RUNTIME_OPTIONS, TRAIN_SET_OPTIONS
 from mirage.protocol import tuning_of
 from mirage.errors import UserError
 from mirage.run.folder import CONFIG, PREDS, RunFolder
@@ -46,6 +47,8 @@ class Run:
     notes: list = field(default_factory=list)
     status: str = ""
     identity: dict = field(default_factory=dict)
+    # train_volumes.json: the volumes the run trained on (None for runs before it existed)
+    training_set: Optional[dict] = None
 
     @property
     def name(self):
@@ -102,6 +105,30 @@ class Run:
                                                               OPTION_BY_NAME[name].default))
                 for name in LORA_OPTIONS}
 
+    def train_set_options(self):
+        """{train_volumes, train_fraction, subset_seed}: from identity.json, else
+        config.yaml, else the default (``all``: the whole split; runs trained before the
+        options existed)."""
+        return {name: self.identity.get(name, self.config.get(
+            name, OPTION_BY_NAME[name].default)) for name in TRAIN_SET_OPTIONS}
+
+    @property
+    def trained_volumes(self):
+        """How many training volumes the run trained on: from train_volumes.json, else
+        ``--train_volumes``; None when neither says (a fraction or the whole split of a
+        run without the record: see split_volumes)."""
+        if self.training_set is not None:
+            return len(self.training_set["volumes"])
+        volumes = self.train_set_options()["train_volumes"]
+        return volumes if isinstance(volumes, int) and not isinstance(volumes, bool) \
+            else None
+
+    @property
+    def split_volumes(self):
+        """The number of volumes of its training split (train_volumes.json), or None."""
+        count = (self.training_set or {}).get("split_volumes")
+        return count if isinstance(count, int) and not isinstance(count, bool) else None
+
     @property
     def evaluated(self):
         return bool(self.evaluations)
@@ -118,7 +145,8 @@ class Run:
 def _identity(folder, config):
     """identity.json of the run when it is readable, else the identity options of its
     config.yaml (every option except the runtime ones; ``tuning`` and the LoRA options
-    only for a lora run, as run_seg_tuning.py writes identities)."""
+    only for a lora run, the training-set size only for a subset, as run_seg_tuning.py
+    writes identities)."""
     try:
         identity = folder.read_identity()
     except UserError:
@@ -126,8 +154,11 @@ def _identity(folder, config):
     if isinstance(identity, dict):
         return identity
     lora = tuning_of(config) == "lora"
+    whole = all(config.get(name, OPTION_BY_NAME[name].default) ==
+                OPTION_BY_NAME[name].default for name in TRAIN_SET_OPTIONS)
     return {name: value for name, value in config.items() if name not in RUNTIME_OPTIONS
-            and (lora or name not in ("tuning", *LORA_OPTIONS))}
+            and (lora or name not in ("tuning", *LORA_OPTIONS))
+            and not (whole and name in TRAIN_SET_OPTIONS)}
 
 
 # ----------------------------------------------------------------------------- finding
@@ -186,6 +217,7 @@ def read_run(run_dir):
         run.status = f"not used: unreadable {CONFIG} ({first})"
         return run
     run.identity = _identity(folder, config)
+    run.training_set = folder.read_train_volumes(run.notes)
     run.log = folder.read_log(run.notes)
     _note_training(run)
     run.evaluations = read_evaluations(run.path, run.notes)
