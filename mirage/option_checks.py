@@ -31,6 +31,9 @@ def check_config(config):
     if config["infer_only"] and not config["test"]:
         raise UserError("--infer_only needs --test (predict the test split of the run's "
                         "best checkpoint)")
+    if config["tta"] != "none" and not config["infer_only"]:
+        raise UserError(f"--tta {config['tta']} changes written predictions only: give it "
+                        "with --infer_only --test (score them with run_seg_eval.py)")
     if config["test"] and config["resume"]:
         raise UserError(f"--resume {config['resume']} continues training, but --test"
                         f"{' --infer_only' if config['infer_only'] else ''} uses the run's "

@@ -196,6 +196,10 @@ OPTIONS = (
            "bool", group="runtime", names_run=False),
     Option("test", False, "Test the run's best checkpoint instead of training.", "bool",
            group="runtime", names_run=False),
+    Option("tta", "none", "Test-time augmentation of --infer_only --test: 'flip' averages "
+           "the class probabilities of each B-scan and of its left-right mirror image "
+           "(flipped back) before the argmax; 'none' predicts once.",
+           choices=("none", "flip"), group="runtime", names_run=False),
     Option("fp16", True, "Mixed precision on CUDA in --amp_dtype (default float16 with a "
            "grad scaler); --no_fp16 trains in float32. CPU runs are always float32.", "bool",
            group="runtime"),

@@ -44,8 +44,12 @@ def predict_parser():
         description="Predict B-scans with a trained run: one mask PNG of INFO.json values "
                     "per input (<stem>.png, the input's size), optionally the class "
                     "probabilities and colour overlays.")
-    parser.add_argument("--run_dir", required=True, metavar="RUN_DIR", type=_user_path,
-                        help="the trained run: <output>/<version>/<dataset>/<run name>/")
+    parser.add_argument("--run_dir", required=True, nargs="+", metavar="RUN_DIR",
+                        type=_user_path,
+                        help="the trained run: <output>/<version>/<dataset>/<run name>/; "
+                             "several runs (same classes and input size, e.g. the seeds "
+                             "of one model) predict as an ensemble: their probabilities "
+                             "averaged")
     parser.add_argument("-i", "--input", nargs="+", required=True, metavar="IN",
                         type=_user_path,
                         help="folders of B-scans (PNG, TIFF, BMP, JPEG; 8/16-bit, gray or "
@@ -59,6 +63,10 @@ def predict_parser():
     parser.add_argument("--overlays", action="store_true",
                         help="also write <stem>_overlay.png: the B-scan with the predicted "
                              "classes tinted")
+    parser.add_argument("--tta", default="none", choices=("none", "flip"),
+                        help="test-time augmentation: 'flip' averages the probabilities "
+                             "of each B-scan and of its left-right mirror image (flipped "
+                             "back) before the argmax (default: none)")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA if present), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--batch_size", type=int, default=None, metavar="N",
@@ -144,10 +152,11 @@ def predict(argv=None):
     out = Path(args.output)
     check_output_folder(out, set(files), args.overlays)
     from mirage.train.predictor import load_run  # deferred: torch, timm
-    predictor = load_run(args.run_dir, device=args.device, weights=args.weights,
-                         batch_size=args.batch_size)
-    print(f">> {predictor.run_dir.name} (checkpoint of epoch {predictor.epoch}) on "
-          f"{predictor.device}: {len(files)} B-scans -> {out}", flush=True)
+    runs = args.run_dir[0] if len(args.run_dir) == 1 else args.run_dir
+    predictor = load_run(runs, device=args.device, weights=args.weights,
+                         batch_size=args.batch_size, tta=args.tta)
+    print(f">> {predictor.describe()} on {predictor.device}: {len(files)} B-scans -> "
+          f"{out}", flush=True)
     write_predictions(predictor, files, out, args.probabilities, args.overlays)
     print(f">> wrote {len(files)} masks{' + probabilities' if args.probabilities else ''}"
           f"{' + overlays' if args.overlays else ''} to {out}", flush=True)
@@ -187,8 +196,13 @@ def write_predictions(predictor, files, out, probabilities=False, overlays=False
                 write_png_rgb(staging / f"{stem}{OVERLAY_SUFFIX}.png",
                               class_overlay(read_gray(path), labels, classes))
                 written.append(f"{stem}{OVERLAY_SUFFIX}.png")
-        record = {"run_dir": str(predictor.run_dir.resolve()), "epoch": predictor.epoch,
-                  "classes": classes.entries(),
+        # "runs": every run and checkpoint that predicted (several: an ensemble), "tta";
+        # "run_dir" and "epoch" as before for a single run
+        made_by = predictor.record()
+        record = {**({"run_dir": made_by["runs"][0]["run_dir"],
+                      "epoch": made_by["runs"][0]["epoch"]}
+                     if len(made_by["runs"]) == 1 else {}),
+                  **made_by, "classes": classes.entries(),
                   "inputs": {stem: str(Path(path).resolve()) for stem, path in files.items()},
                   "files": sorted(written)}
         write_text(staging / RECORD, json.dumps(record, indent=1) + "\n")

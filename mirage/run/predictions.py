@@ -8,7 +8,9 @@ previous ``preds/`` untouched, never a mix. The manifest records
 - the checkpoint (file name, epoch, SHA-256) and its class table,
 - the data predicted: the test split's folder, the class table file's SHA-256 and, per
   B-scan, its file size and SHA-256,
-- every prediction file's size and SHA-256.
+- every prediction file's size and SHA-256,
+- the test-time augmentation (``tta``: 'none' or 'flip'; manifests written before it
+  existed are 'none').
 
 ``run_seg_eval.py`` calls :func:`check_predictions` and refuses a folder whose manifest is
 missing or from an earlier version, whose files were changed, added or removed, whose
@@ -49,10 +51,11 @@ def _prediction_files(folder):
             and not p.name.startswith(".")}
 
 
-def write_manifest(folder, checkpoint, epoch, classes, slice_ids, data=None):
+def write_manifest(folder, checkpoint, epoch, classes, slice_ids, data=None, tta="none"):
     """``manifest.json`` for predictions of ``checkpoint`` (a path) over ``slice_ids``,
     sealing every file now in ``folder``; ``data``: :func:`data_record` of the B-scans
-    predicted (None: not recorded, so scoring cannot check which data was predicted)."""
+    predicted (None: not recorded, so scoring cannot check which data was predicted);
+    ``tta``: the test-time augmentation they were predicted with."""
     checkpoint = Path(checkpoint)
     manifest = {
         "format": FORMAT,
@@ -64,6 +67,7 @@ def write_manifest(folder, checkpoint, epoch, classes, slice_ids, data=None):
         "files": {name: file_entry(path)
                   for name, path in sorted(_prediction_files(folder).items())},
         "data": data,
+        "tta": tta,
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     write_text(Path(folder) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
@@ -125,13 +129,20 @@ def changed_data(manifest, data):
     return None
 
 
-def up_to_date(folder, checkpoint, slice_ids, classes, data):
+def prediction_tta(manifest):
+    """The test-time augmentation a manifest (or ``prediction_record.json``) records:
+    'none' for one written before TTA existed."""
+    return str((manifest or {}).get("tta") or "none")
+
+
+def up_to_date(folder, checkpoint, slice_ids, classes, data, tta="none"):
     """True when ``folder`` holds, unchanged, ``checkpoint``'s predictions of exactly
-    ``slice_ids`` in ``classes``, made from ``data`` (a :func:`data_record`)."""
+    ``slice_ids`` in ``classes``, made from ``data`` (a :func:`data_record`) with the
+    test-time augmentation ``tta``."""
     manifest = read_manifest(folder)
     if manifest is None or manifest.get("checkpoint_sha256") != file_sha256(checkpoint):
         return False
-    return (sorted(slice_ids) == manifest["slices"]
+    return (sorted(slice_ids) == manifest["slices"] and prediction_tta(manifest) == tta
             and manifest.get("classes") == classes.entries()
             and (manifest.get("data") or {}).get("bscans") == data["bscans"]
             and (manifest.get("data") or {}).get("class_table_sha256")

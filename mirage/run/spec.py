@@ -189,11 +189,13 @@ class SpeedSpec:
 @dataclass(frozen=True)
 class TaskSpec:
     """What the job does: train (both False), ``test`` the best checkpoint, or with
-    ``infer_only`` write its predictions; ``test_data_path``: another dataset to test."""
+    ``infer_only`` write its predictions; ``test_data_path``: another dataset to test;
+    ``tta``: the test-time augmentation of written predictions ('none' or 'flip')."""
 
     test: bool
     infer_only: bool
     test_data_path: Optional[str]
+    tta: str = "none"
 
     @classmethod
     def from_options(cls, config):

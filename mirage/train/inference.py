@@ -30,22 +30,47 @@ def predict(run, loader, out_dir):
     """Write ``<out_dir>/<slice_id>.png`` for every B-scan of the loader's dataset with the
     RunContext's model.
 
-    Logits are resized bilinearly to the B-scan's original size before the argmax; the
-    PNG holds INFO.json values (uint8, or uint16 if a value exceeds 255).
+    Logits are resized bilinearly to the B-scan's original size before the argmax (with
+    ``--tta flip``, the argmax of the flip-averaged probabilities: :func:`class_scores`);
+    the PNG holds INFO.json values (uint8, or uint16 if a value exceeds 255).
     """
-    model, device, classes = run.model, run.runtime.device, run.spec.classes
-    model.eval()
+    device, classes = run.runtime.device, run.spec.classes
+    run.model.eval()
     dataset = loader.dataset
     values = torch.from_numpy(classes.index_to_value().astype(np.int32)).to(device)
     dtype = classes.index_to_value().dtype
     for batch in progress(loader, desc=f"predicting -> {out_dir.name}/", dynamic_ncols=True):
-        with run.precision.autocast():
-            logits = model(batch["image"].to(device, non_blocking=True))
-        for logit, index in zip(logits.float(), batch["index"].tolist()):
-            files = dataset.slices[index]
-            height, width = dataset.original_size(index)
-            pred = labels_of(logits_at_size(logit, (height, width)), values, dtype)
-            write_png(out_dir / f"{files.slice_id}.png", pred)
+        indices = batch["index"].tolist()
+        sizes = [dataset.original_size(index) for index in indices]
+        scores, _ = class_scores(run, batch["image"].to(device, non_blocking=True), sizes,
+                                 run.spec.task.tta)
+        for score, index in zip(scores, indices):
+            write_png(out_dir / f"{dataset.slices[index].slice_id}.png",
+                      labels_of(score, values, dtype))
+
+
+TTA_CHOICES = ("none", "flip")
+
+
+def class_scores(run, batch, sizes, tta="none"):
+    """Per image of ``batch`` (N, C, h, w, on the model's device), the (K, H, W) float32
+    class scores at its original size ``sizes[i]``, and whether they are probabilities.
+
+    tta "none": the logits resized bilinearly (not probabilities: the argmax of the logits
+    is the prediction, as always). tta "flip": the softmax of the image's resized logits
+    and the softmax of its horizontally flipped copy's resized logits, flipped back,
+    averaged (probabilities, not logits, are averaged).
+    """
+    with run.precision.autocast():
+        logits = run.model(batch)
+    scores = [logits_at_size(logit, size) for logit, size in zip(logits.float(), sizes)]
+    if tta == "none":
+        return scores, False
+    with run.precision.autocast():
+        mirrored = run.model(torch.flip(batch, dims=(-1,)))
+    return [(torch.softmax(score, dim=0)
+             + torch.flip(torch.softmax(logits_at_size(flip, size), dim=0), dims=(-1,))) / 2
+            for score, flip, size in zip(scores, mirrored.float(), sizes)], True
 
 
 def logits_at_size(logit, size):
@@ -91,7 +116,7 @@ def test_or_infer(spec, runtime):
     data = predictions.data_record(split_dir, {s.slice_id: s.bscan for s in slices},
                                    target.class_table.source)
     if task.infer_only and predictions.up_to_date(
-            out_dir, best, [s.slice_id for s in slices], classes, data):
+            out_dir, best, [s.slice_id for s in slices], classes, data, task.tta):
         log(f">> {out_dir} already holds the predictions of {best.name}: skipping")
         return folder.path
     foreign = predictions.foreign_entries(out_dir) if task.infer_only else []
@@ -127,7 +152,8 @@ def write_predictions(run, test_set, out_dir, data):
     spec, log = run.spec, run.runtime.log
     best, classes = spec.folder.best_checkpoint, spec.classes
     epoch = load_for_inference(run.model, best, checkpoint_meta(spec, classes, run.model))
-    log(f">> {best.name} (epoch {epoch}) on {len(test_set)} B-scans of {data['split']}")
+    tta = f", test-time augmentation {spec.task.tta}" if spec.task.tta != "none" else ""
+    log(f">> {best.name} (epoch {epoch}) on {len(test_set)} B-scans of {data['split']}{tta}")
     earlier = (predictions.read_manifest(out_dir) or {}).get("data") or {}
     if earlier.get("split") and earlier["split"] != data["split"]:
         log(f">> note: {out_dir.name}/ held predictions of {earlier['split']}; replacing "
@@ -137,7 +163,8 @@ def write_predictions(run, test_set, out_dir, data):
         predict(run, loader, staging)
         write_text(staging / predictions.INFERENCE_RECORD, yaml_text(spec.options))
         predictions.write_manifest(staging, best, epoch, classes,
-                                   [s.slice_id for s in test_set.slices], data)
+                                   [s.slice_id for s in test_set.slices], data,
+                                   tta=spec.task.tta)
     log(f">> wrote {len(test_set)} predictions to {out_dir}")
 
 
