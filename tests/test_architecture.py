@@ -31,7 +31,8 @@ ALLOWED = {
     "entry": {"ground", "data", "models", "registry", "config", "run", "train", "evaluate",
               "report", "grid"},  # mirage/cli.py, mirage/demo.py, mirage/report_cli.py
 }
-ENTRY = {"mirage.cli", "mirage.demo", "mirage.report_cli", "mirage.predict_cli"}
+ENTRY = {"mirage.cli", "mirage.demo", "mirage.report_cli", "mirage.predict_cli",
+         "mirage.prepare_cli"}
 
 
 def stage_of(module):

@@ -14,7 +14,8 @@ PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 def test_console_scripts_resolve_to_functions():
     scripts = PROJECT["project"]["scripts"]
     assert set(scripts) == {"run_seg_tuning", "run_seg_eval", "run_seg_report",
-                            "mirage_runner", "run_seg_predict", "run_seg_check_data"}
+                            "mirage_runner", "run_seg_predict", "run_seg_check_data",
+                            "run_seg_prepare_data"}
     for target in scripts.values():
         module, function = target.split(":")
         assert callable(getattr(importlib.import_module(module), function)), target
@@ -37,7 +38,8 @@ def test_eval_choices_match_the_evaluation_code():
 
 
 @pytest.mark.parametrize("script", ["run_seg_tuning.py", "run_seg_eval.py", "run_seg_report.py",
-                                    "run_seg_predict.py", "run_seg_check_data.py", "runner"])
+                                    "run_seg_predict.py", "run_seg_check_data.py",
+                                    "run_seg_prepare_data.py", "runner"])
 def test_help_does_not_import_torch(script):
     code = ("import runpy, sys\n"
             f"sys.argv = [{script!r}, '-h']\n"
