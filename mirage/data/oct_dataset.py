@@ -224,8 +224,10 @@ def build_dataset(sources, target, layers=None, fluids=None, split=(0.6, 0.2, 0.
                 if plan is None:
                     plan = _plan(volume, layers, fluids)
                 counts = _write_volume(volume, plan, pool, source.stem)
-            except UserError as err:
-                text = str(err)
+            except (UserError, Exception) as err:  # noqa: BLE001: any failure is the file's
+                text = str(err) if isinstance(err, UserError) else (
+                    f"{source.reader} read it, but its annotations could not be converted: "
+                    f"{type(err).__name__}: {' '.join(str(err).split())[:300]}")
                 problems.append(text if text.startswith(str(source.path))
                                 else f"{source.path}: {text}")
                 shutil.rmtree(pool / source.stem, ignore_errors=True)
