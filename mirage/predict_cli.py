@@ -24,6 +24,8 @@ from mirage.argparsing import ArgumentParser
 from mirage.errors import UserError, exit_on_user_error
 
 RECORD = "prediction_record.json"  # what run_seg_predict.py wrote into OUT, and from what
+# (= mirage.run.predictions.PREDICTION_RECORD, read by prediction_source; not imported
+# here, which would load OpenCV before -h answers)
 OVERLAY_SUFFIX = "_overlay"
 # The overlays' colour legend: never a mask (<stem>.png) nor an overlay (<stem>_overlay.png)
 # of an input, as input stems are refused when they would collide with it.

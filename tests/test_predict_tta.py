@@ -135,6 +135,16 @@ def test_an_ensemble_averages_its_runs_probabilities(trained, second_run, tmp_pa
     assert [r["checkpoint_sha256"] for r in record["runs"]] == [
         file_sha256(d / "checkpoint-best.pth") for d in (run_dir, second_run)]
     assert predictions.prediction_tta(record) == "flip"
+    import run_seg_predict  # noqa: F401
+    from mirage.predict_cli import RECORD
+    assert RECORD == predictions.PREDICTION_RECORD
+    source = predictions.prediction_source(out)  # as the catalog and scoring read it
+    assert source["ensemble"] and source["tta"] == "flip" and source["runs"] == record["runs"]
+    assert predictions.prediction_source(run_dir / "preds") == {
+        "runs": [{"run_dir": str(run_dir.resolve()), "checkpoint": "checkpoint-best.pth",
+                  "checkpoint_sha256": file_sha256(run_dir / "checkpoint-best.pth"),
+                  "epoch": 0}], "tta": "none", "ensemble": False}
+    assert predictions.prediction_source(tmp_path) is None
 
 
 def test_runs_with_other_classes_or_input_sizes_are_refused(trained, tiny_dataset,

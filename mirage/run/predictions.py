@@ -28,6 +28,8 @@ from mirage.fileio import file_sha256, write_text
 MANIFEST = "manifest.json"
 INFERENCE_RECORD = "config_infer.yaml"  # the options of the inference, inside its folder
 FORMAT = 2  # 1: slice list only (no file or data hashes)
+# run_seg_predict.py's record of its output folder (mirage/predict_cli.py spells it too)
+PREDICTION_RECORD = "prediction_record.json"
 
 
 def file_entry(path):
@@ -133,6 +135,34 @@ def prediction_tta(manifest):
     """The test-time augmentation a manifest (or ``prediction_record.json``) records:
     'none' for one written before TTA existed."""
     return str((manifest or {}).get("tta") or "none")
+
+
+def prediction_source(folder):
+    """What made a prediction folder, read leniently (None when neither record is
+    readable): ``{"runs": [{run_dir, checkpoint, checkpoint_sha256, epoch}], "tta",
+    "ensemble"}`` from the ``manifest.json`` of ``--infer_only --test`` (the run is the
+    folder's parent) or the ``prediction_record.json`` of ``run_seg_predict.py`` (several
+    runs: an ensemble; a record written before ensembles existed names one run).
+    For the catalog and scoring, so that a score says what it scores."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        runs = [{"run_dir": str(folder.resolve().parent),
+                 "checkpoint": manifest.get("checkpoint"),
+                 "checkpoint_sha256": manifest.get("checkpoint_sha256"),
+                 "epoch": manifest.get("epoch")}]
+        return {"runs": runs, "tta": prediction_tta(manifest), "ensemble": False}
+    try:
+        record = json.loads((folder / PREDICTION_RECORD).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    runs = record.get("runs")
+    if not isinstance(runs, list):
+        runs = ([{"run_dir": record["run_dir"], "epoch": record.get("epoch")}]
+                if "run_dir" in record else [])
+    return {"runs": runs, "tta": prediction_tta(record), "ensemble": len(runs) > 1}
 
 
 def up_to_date(folder, checkpoint, slice_ids, classes, data, tta="none"):
