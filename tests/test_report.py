@@ -96,11 +96,12 @@ def test_run_report_shows_the_run_its_scores_curves_and_gallery(study):
     run_dir = runs[("MIRAGE-Tiny", 1)]
     page = parse(run_dir / "report.html")
     assert_self_contained(run_dir / "report.html", page)
-    assert page.headings[:4] == ["Run", "Test scores: Synth_OCT",
+    assert page.headings[:5] == ["Run", "Test scores: Synth_OCT", "Layer boundaries",
                                  "Best, median and worst B-scans by Dice", "Training"]
     assert "Configuration (config.yaml)" in page.headings
-    # box plots, 3 gallery overlays, training curves, per-class validation IoU
-    assert len(page.images) == 6
+    # box plots, boundary box plot, 3 gallery overlays, training curves, per-class
+    # validation IoU
+    assert len(page.images) == 7
     scores = {row[0]: row for row in page.tables[1][1:]}
     assert page.tables[1][0] == ["class", "volumes", "Dice (%)", "IoU (%)", "HD95 (px)",
                                  "Dice 95% CI", "IoU 95% CI", "HD95 95% CI"]
@@ -122,7 +123,8 @@ def test_grid_report_tables_heat_maps_and_links(study):
     page = parse(report)
     assert_self_contained(report, page)
     assert page.headings[:3] == ["Overview", "Heat map of mean Dice", "Tables"]
-    assert len(page.images) == 3  # Dice heat maps: all classes, layers, lesions
+    # Dice heat maps: all classes, layers, lesions; the boundary box plot
+    assert len(page.images) == 4
     # every run's report and every output file is linked
     linked = {(report.parent / unquote(h)).resolve() for h in page.links}
     assert {(runs[k] / "report.html").resolve() for k in runs} <= linked
@@ -165,13 +167,13 @@ def test_eval_writes_the_report_and_report_only_rewrites_it(study, tmp_path, cap
     run_seg_eval.main(["-m", str(run_dir), "-d", str(root / "datasets")])
     assert f"wrote {run_dir / 'report.html'}" in capsys.readouterr().out
     page = parse(run_dir / "report.html")
-    assert len(page.images) == 6
+    assert len(page.images) == 7
     record = json.loads((run_dir / "evaluation.json").read_text())
     assert record["Synth_OCT"]["empty_volume"] == "zero"
     (run_dir / "report.html").unlink()
     run_seg_eval.main(["-m", str(run_dir), "--report_only", "-d", str(tmp_path / "nowhere")])
     page = parse(run_dir / "report.html")
-    assert len(page.images) == 6  # the datasets folder recorded at evaluation is used
+    assert len(page.images) == 7  # the datasets folder recorded at evaluation is used
 
 
 def test_report_of_an_unevaluated_run_says_so(study, tmp_path):

@@ -186,8 +186,10 @@ def test_run_and_grid_reports_render_without_console_errors(browser, tmp_path):
     _, output, runs = make_grid(tmp_path)
     write_run_report(runs[("MIRAGE-Tiny", 1)])
     files = write_study([output], tmp_path / "study", quiet=True, run_reports="none")
-    for path, expected_images in ((files["report.html"], 3),
-                                  (runs[("MIRAGE-Tiny", 1)] / "report.html", 6)):
+    # heat maps and the boundary box plot; the run's box plots, boundary box plot, gallery
+    # and curves
+    for path, expected_images in ((files["report.html"], 4),
+                                  (runs[("MIRAGE-Tiny", 1)] / "report.html", 7)):
         problems, images, broken = browser.load(path.as_uri())
         assert problems == [], f"{path}: {problems}"
         assert (images, broken) == (expected_images, 0), path
@@ -216,7 +218,7 @@ def test_a_six_by_six_study_report_fits_a_1280_pixel_screen(browser, tmp_path):
         png = browser.screenshot(tmp_path / "study_1280.png")
     finally:
         browser.call("Emulation.clearDeviceMetricsOverride", session=True)
-    assert problems == [] and broken == 0 and images == 3
+    assert problems == [] and broken == 0 and images == 3 + 6  # heat maps, boundary plots
     assert png.startswith(b"\x89PNG")
     # 15 model pairs x 6 datasets + pooled, per class group: every p-value in view
     assert layout["pCells"] >= 2 * 15 * 7

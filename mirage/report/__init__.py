@@ -6,6 +6,7 @@
     tensorboard_log.py      log.txt as TensorBoard event files
     study.py                runs grouped over seeds; summary statistics
     metric_columns.py       which metrics, their units and direction; a row's intervals
+    boundaries.py           layer boundary errors (run_seg_eval.py's file) in the reports
     labels.py               readable row labels (model + what differs, in words)
     significance.py         paired Wilcoxon tests with Holm-Bonferroni
     label_efficiency.py     the score against the training volumes: curves, AUC, tests

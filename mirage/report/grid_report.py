@@ -10,6 +10,7 @@ import pandas as pd
 
 from mirage.report import htmlpage as H
 from mirage.report import plots
+from mirage.report.boundaries import study_boundary_parts
 from mirage.report.metric_columns import PERCENT_METRICS
 from mirage.report.tables import MISSED_MARK, ci_caption, document_layout
 
@@ -153,6 +154,9 @@ def render_grid_report(study, tables, significance, runs_frame, run_links, files
                                        f"{MISSED_MARK}).", cls="muted"))
         table_parts.append(_paper_table_html(table, rows, notes))
     sections.append(H.section("Tables", *table_parts, anchor="tables"))
+    boundary_parts = study_boundary_parts(study)
+    if boundary_parts:
+        sections.append(H.section("Layer boundaries", *boundary_parts, anchor="boundaries"))
     sections.append(H.section(
         f"Paired Wilcoxon tests ({metric})",
         H.paragraph(f"Per dataset and class group, every pair of models: two-sided Wilcoxon "

@@ -7,6 +7,7 @@ built with ``matplotlib.figure.Figure`` (no pyplot state, no display needed).
     training_curves(log)            losses, validation mIoU and learning rate per epoch
     class_iou_curves(log)           per-class validation IoU per epoch
     box_plots(rows)                 per-volume Dice and HD95 per class
+    boundary_box_plots(values, t)   per-volume boundary errors per boundary (and model)
     heat_map(values, rows, cols)    e.g. mean Dice, model x dataset
     colour_limits(values, span)     a heat map's colour scale, never narrower than span
     class_colors(K)                 class colours (no red: red marks errors)
@@ -215,6 +216,41 @@ def box_plots(rows):
         ax.set_xlim(0.4, len(classes) + 0.6)
         ax.set_title(f"{metric} per volume ({unit})")
         ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def boundary_box_plots(values, title):
+    """Per-volume values per layer boundary: {boundary: {model label: values}}, one box
+    per model side by side at each boundary (one model: the label ""), NaN left out."""
+    boundaries = list(values)
+    labels = list(dict.fromkeys(label for by_label in values.values() for label in by_label))
+    width = 0.8 / max(1, len(labels))
+    fig = Figure(figsize=(min(14, max(6, (0.5 + 0.35 * len(labels)) * len(boundaries) + 2)),
+                          3.6 + 0.25 * (len(labels) > 1) * len(labels)), layout="constrained")
+    ax = fig.subplots()
+    colors = class_colors(max(1, len(labels)))
+    for k, label in enumerate(labels):
+        data, positions = [], []
+        for i, boundary in enumerate(boundaries):
+            found = np.asarray(values[boundary].get(label, []), dtype=float)
+            found = found[np.isfinite(found)]
+            if found.size:
+                data.append(found)
+                positions.append(i + 1 + (k - (len(labels) - 1) / 2) * width)
+        if data:
+            parts = ax.boxplot(data, positions=positions, widths=0.9 * width, showmeans=True,
+                               patch_artist=len(labels) > 1)
+            for box in parts["boxes"] if len(labels) > 1 else []:
+                box.set_facecolor((*colors[k], 0.45))
+            if len(labels) > 1:
+                parts["boxes"][0].set_label(label)
+    ax.set_xticks(range(1, len(boundaries) + 1))
+    ax.set_xticklabels(boundaries, rotation=30, ha="right", fontsize=8)
+    ax.set_xlim(0.4, len(boundaries) + 0.6)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    if len(labels) > 1:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 

@@ -17,6 +17,7 @@ import pandas as pd
 
 from mirage.report import htmlpage as H
 from mirage.report import plots
+from mirage.report.boundaries import KIND as BOUNDARIES, read_boundaries, run_boundary_parts
 from mirage.errors import UserError
 from mirage.evaluate.intervals import (BOOTSTRAP_RESAMPLES, BCA, check_resamples,
                                        metric_columns, rows_interval)
@@ -167,6 +168,9 @@ def _evaluation_section(run, evaluation, datasets_path, with_gallery, quiet,
     facts = (f"{evaluation.rows['ID'].nunique()} volumes; files "
              f"{', '.join(p.name for p in evaluation.files)}. Dice and IoU in %, HD95 in "
              f"pixels; means over volumes, NaN left out. Scoring: {scoring_rules(evaluation)}.")
+    microns = [m for m in metric_columns(evaluation.rows) if unit_of(m) == "µm"]
+    if microns:
+        facts += f" {' and '.join(microns)} in micrometres (a spacing was known)."
     if bootstrap:
         facts += (f" 95% CI: BCa bootstrap confidence interval of the mean, the test volumes "
                   f"resampled ({bootstrap} resamples, fixed random state).")
@@ -184,6 +188,7 @@ def _evaluation_section(run, evaluation, datasets_path, with_gallery, quiet,
                          f"per-volume scores on {evaluation.dataset}",
                          "Per-volume Dice and HD95 of each class (box: quartiles; "
                          "whiskers: 1.5 IQR; triangle: mean)."))
+    parts += _boundary_parts(run, evaluation)
     if with_gallery:
         root, tried = _datasets_path(run, evaluation, datasets_path)
         if root is None:
@@ -202,6 +207,17 @@ def _evaluation_section(run, evaluation, datasets_path, with_gallery, quiet,
     parts.append(_overlays_note(run, evaluation))
     anchor = f"test-{evaluation.dataset}"
     return H.section(title, *parts, anchor=anchor)
+
+
+def _boundary_parts(run, evaluation):
+    """The boundary table and box plot when run_seg_eval.py measured the layer boundaries
+    (their file is in the run folder), else []."""
+    notes = []
+    frame = read_boundaries(run.path, evaluation.external, notes)
+    if frame is None:
+        return [H.notes_list(notes)]
+    name = RunFolder(run.path).measurement_file(BOUNDARIES, evaluation.external).name
+    return run_boundary_parts(frame, name) + [H.notes_list(notes)]
 
 
 def _overlays_note(run, evaluation):

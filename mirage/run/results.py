@@ -145,9 +145,9 @@ def _read_results(dataset, external, by_group, options, notes):
 
 
 def read_results_csv(path):
-    """(DataFrame ID, Class, Dice, IoU, HD95, truth_pixels, pred_pixels, missed; problem
-    text or "") of one results file. Older files without the last three read as NaN counts
-    and nothing missed.
+    """(DataFrame ID, Class, Dice, IoU, HD95, truth_pixels, pred_pixels, missed, then any
+    later numeric metric column such as HD95_um; problem text or "") of one results file.
+    Older files without the counts and missed read as NaN counts and nothing missed.
 
     Lines starting with '#' before the header are comments (kept out of the table).
     """
@@ -167,7 +167,11 @@ def read_results_csv(path):
             frame[column] = np.nan
     if MISSED not in frame.columns:
         frame[MISSED] = False
-    frame = frame[["ID", "Class", *METRICS, *COUNT_COLUMNS, MISSED]].copy()
+    # Later metrics after these (HD95_um, ASSD_um where a spacing was known): every other
+    # numeric column, kept for the summaries (text columns such as spacing_um are not).
+    known = ("ID", "Class", *METRICS, *COUNT_COLUMNS, MISSED)
+    later = [c for c in frame.columns if c not in known and frame[c].dtype.kind in "fiu"]
+    frame = frame[[*known, *later]].copy()
     for metric in (*METRICS, *COUNT_COLUMNS):
         frame[metric] = pd.to_numeric(frame[metric], errors="coerce").astype(float)
     frame[MISSED] = frame[MISSED].astype(str).str.strip().str.lower().isin(("true", "1"))
