@@ -33,7 +33,8 @@ def boundary_rows(index_map, layer_indices):
     is the first row holding layer k or a layer below it; row n one past the last row of
     layer n - 1; NaN where a column has none (module docstring). Whole-array numpy, no
     loop: the map is looked up once (class -> depth in the stack, 0 for other classes),
-    transposed so that columns are contiguous, and compared with every depth at once.
+    its band of rows holding layers transposed so that columns are contiguous, and
+    compared with every depth at once.
     """
     labels = np.asarray(index_map)
     height, width = labels.shape
@@ -47,15 +48,21 @@ def boundary_rows(index_map, layer_indices):
     depth_of[list(layer_indices)] = np.arange(1, n + 1)
     # OpenCV's table look-up and transpose are ~4x and ~10x faster than numpy's here.
     depth = cv2.LUT(labels, depth_of) if labels.dtype == np.uint8 else depth_of[labels]
-    columns = cv2.transpose(depth)  # (W, H): one A-scan per row
+    # Only the band of rows holding any layer is searched (the retina, not the vitreous
+    # or the choroid); rows are counted from the image top again below.
+    layered = np.flatnonzero(depth.max(axis=1))
+    if layered.size == 0:
+        return np.full((n + 1, width), np.nan)
+    top, end = int(layered[0]), int(layered[-1]) + 1
+    columns = cv2.transpose(np.ascontiguousarray(depth[top:end]))  # (W, rows): A-scans
     # deeper[j, k, i]: row i of column j holds layer k or one below it; its first True
     # is the top of layer k (argmax gives 0 where there is none: checked after).
     deeper = columns[:, None, :] >= np.arange(1, n + 1, dtype=np.uint8)[None, :, None]
     first = np.argmax(deeper, axis=2)  # (W, n)
     found = np.take_along_axis(deeper, first[:, :, None], axis=2)[:, :, 0]
-    rows = np.where(found, first, np.nan).T  # (n, W)
+    rows = np.where(found, first + top, np.nan).T  # (n, W)
     # bottom of the last layer: one past its last row (present where its top is)
-    bottom = height - np.argmax(columns[:, ::-1] == n, axis=1)
+    bottom = end - np.argmax(columns[:, ::-1] == n, axis=1)
     return np.vstack([rows, np.where(found[:, -1], bottom, np.nan)[None]])
 
 
