@@ -454,3 +454,25 @@ def test_run_seg_eval_takes_bootstrap(tmp_path, capsys):
     assert "Dice 95% CI" in page and "3000 resamples" in page
     code, _, err = run_cli(["-d", datasets, "-m", run_dir, "--bootstrap", "-1"], capsys)
     assert code == 2 and "--bootstrap -1" in err
+
+
+def test_the_run_summary_takes_a_metric_the_results_gain(tmp_path):
+    """run_seg_eval.py --summary with a spacing: HD95_um and ASSD_um get their columns and
+    intervals after the others, and the file is still recognised as a summary."""
+    from mirage.evaluate.outputs import write_summary
+    evaluations = F.run_evaluations()
+    for ev in evaluations:
+        ev.rows["HD95_um"] = 3.87 * ev.rows["HD95"]
+        ev.rows["ASSD_um"] = 1.5 * ev.rows["HD95"]
+    path = tmp_path / "summary.csv"
+    table = write_summary(evaluations, path)
+    assert list(table.columns[28:]) == [f"{m}{part}" for m in ("HD95_um", "ASSD_um") for part
+                                        in ("", "_mean", "_std", "_ci_low", "_ci_high",
+                                            "_ci_method")]
+    row = table[(table["run"] == "A_s1") & (table["group"] == "all")].iloc[0]
+    rows = evaluations[0].rows
+    assert row["HD95_um_mean"] == pytest.approx(rows["HD95_um"].mean(), rel=1e-12)
+    expected = scipy_interval(per_volume(rows, "HD95_um"), ratio, paired=True)
+    assert (row["HD95_um_ci_low"], row["HD95_um_ci_high"]) == pytest.approx(expected,
+                                                                             rel=1e-12)
+    write_summary(evaluations, path)  # recognised as its own: replaced
