@@ -4,8 +4,9 @@ Labels are compared lower-cased and stripped. Background-like classes are left o
 ``--no_ignore_bg``; "invalid" truth pixels are never scored; lesion classes are reported
 apart from layers. The layer stack (the layers whose boundaries and thicknesses are
 measured, top to bottom) is the layer classes in INFO.json order, less the regions around
-the layers (background-like, "Elsewhere", "Under BM", "Below BM"). A model tested on a dataset with another class table is scored through
-a known label translation (docs/segmentation_benchmark.md).
+the layers (background-like, "Elsewhere", "Under BM", "Below BM"). A model tested on a
+dataset with another class table is scored through a known label translation
+(docs/segmentation_benchmark.md).
 """
 from dataclasses import dataclass
 
