@@ -255,3 +255,15 @@ def test_the_layer_stack_of_the_benchmark_class_tables(labels, stack):
     for ignore_bg in (True, False):
         plan = plan_classes(table, ignore_bg=ignore_bg)
         assert [plan.labels[c] for c in plan.layer_stack] == stack
+
+
+def test_worker_processes_give_the_same_measurements(tmp_path):
+    datasets, run = write_case(tmp_path, {"axial_um": 4.0, "lateral_um": 10.0,
+                                          "bscan_um": 100.0})
+    one = evaluate_run(run, datasets, quiet=True, workers=1)
+    two = evaluate_run(run, datasets, quiet=True, workers=2)
+    assert list(one.measurements) == list(two.measurements) == [
+        "layer_boundaries", "layer_thickness", "lesion_areas", "lesion_volumes"]
+    for kind, frame in one.measurements.items():
+        pd.testing.assert_frame_equal(frame, two.measurements[kind], check_exact=True)
+    pd.testing.assert_frame_equal(one.rows, two.rows, check_exact=True)
