@@ -217,6 +217,24 @@ def test_training_serves_only_the_chosen_volumes(data, tmp_path, capsys, served)
     assert "8 training / 2 validation B-scans" in out
 
 
+@pytest.mark.parametrize("tuning", ["frozen", "fully_frozen", "linear_probe", "lora",
+                                    "full"])
+def test_every_protocol_trains_on_the_subset(data, tmp_path, served, tuning):
+    dataset, weights = data
+    extra = ("--output_adapter", "linear") if tuning == "linear_probe" else ()
+    command = argv(dataset, weights, tmp_path, "--epochs", 1, "--tuning", tuning,
+                   "--train_volumes", 1, "--subset_seed", 3)
+    if extra:  # linear_probe brings its own decoder: the base options' one is dropped
+        command = command[:command.index("--output_adapter")] + \
+            command[command.index("--output_adapter") + 2:]
+    run_dir = run(*command)
+    (chosen,) = choose_volumes([f"trainvol{i}" for i in range(VOLUMES)], size=1, seed=3)
+    assert {s.rsplit("_", 1)[0] for s in served["train"]} == {chosen}
+    assert len(served["train"]) == 4
+    named = "linear_probe" if tuning == "fully_frozen" else tuning  # the linear decoder
+    assert "_v1_ss3_s42_" in run_dir.name and f"_{named}_linear_" in run_dir.name
+
+
 def test_a_whole_split_run_records_every_volume(data, tmp_path, capsys):
     dataset, weights = data
     run_dir = run(*argv(dataset, weights, tmp_path, "--epochs", 1))

@@ -196,10 +196,10 @@ def _volumes_of(group, split):
 
 # ----------------------------------------------------------------------------- rows
 def _row_key(group):
-    """What one curve holds fixed: everything of the group's key but the size."""
-    key = group.key
-    protocol = tuple((k, v) for k, v in key.protocol if k not in (*SIZE_ENTRIES, SUBSET_SEED))
-    return (key.column, key.model, key.weights, key.decoder, key.loss, key.tuning, protocol)
+    """What one curve holds fixed: the group's key (GroupKey) without the size."""
+    protocol = tuple((k, v) for k, v in group.key.protocol
+                     if k not in (*SIZE_ENTRIES, SUBSET_SEED))
+    return replace(group.key, protocol=protocol)
 
 
 def _rows(groups):
@@ -238,7 +238,10 @@ def _row_labels(rows, labels):
         label_groups(copies, user)
         return copies
 
-    copies = label(None)
+    try:
+        copies = label(None)
+    except UserError:  # rows the labelling rules cannot tell apart: the groups' own labels
+        return [members[0].label for _, _, members in rows]
     names = set()
     for copy in copies:
         weights = PurePath(str(copy.members[0].run.config.get("weights") or "")) \
