@@ -14,6 +14,14 @@ symlink is followed: the folder it points to is replaced and the link stays. An 
 is a mount point cannot be swapped: the outputs are written inside it, and an earlier
 output there is replaced file by file once every new file is written
 (:func:`mirage.fileio.atomic_folder`). Paths may start with ``~``, even quoted.
+
+Volume files (any file eyepy opens, by suffix, and ``.npy`` B-scan stacks (N, H, W)) are
+read and predicted one at a time: ``<volume stem>_<i>.png`` per B-scan ``i`` (eyepy's
+order) and, when the run's classes hold layers (the evaluation's layer stack,
+mirage.evaluate.class_plan), ``<stem>.eye`` (predicted boundaries as eyepy layer
+annotations, lesions as pixel annotations), ``<stem>_thickness.csv`` and an en-face map
+``<stem>_thickness_<layer>.png`` per layer; boundaries by
+mirage.evaluate.layers.boundary_rows, the evaluation's one definition.
 """
 import json
 import os
@@ -55,7 +63,9 @@ def predict_parser():
     parser.add_argument("-i", "--input", nargs="+", required=True, metavar="IN",
                         type=_user_path,
                         help="folders of B-scans (PNG, TIFF, BMP, JPEG; 8/16-bit, gray or "
-                             "RGB; any size) and/or single image files")
+                             "RGB; any size), single image files, and/or OCT volume files "
+                             "(.eye .vol .xml .e2e .mat .fda through eyepy; .npy (N, H, W) "
+                             "uint8/uint16 stacks), predicted one volume at a time")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", type=_user_path,
                         help="output folder: new, empty, or an earlier output of this "
                              "command (replaced whole; a mount point is written into)")
@@ -83,15 +93,28 @@ def predict_parser():
 def input_files(inputs):
     """``{stem: path}`` of the images given (folders are listed, not recursively); every
     header is read, so a bad file stops the command before the model loads."""
+    return split_inputs(inputs)[0]
+
+
+def split_inputs(inputs):
+    """``({stem: image path}, {stem: volume path})`` of ``-i``: image files and folders'
+    images (not recursively); volume files (mirage.data.volume_inputs.VOLUME_SUFFIXES),
+    given or in a folder. Every image header and .npy header is read, and eyepy checked
+    for eyepy's files, so that a bad file stops the command before the model loads."""
+    from mirage.data.volume_inputs import (VOLUME_SUFFIXES,  # deferred: numpy, eyepy
+                                           check_volume_file, is_volume_file)
     from mirage.fileio import IMAGE_SUFFIXES, image_size, list_images  # deferred: OpenCV
-    found = {}
+    found, volumes = {}, {}
     for given in map(Path, inputs):
         if given.is_dir():
             files = list_images(given)
-            if not files:
-                raise UserError(f"-i {given}: no images in it ({', '.join(IMAGE_SUFFIXES)})")
+            volume_files = sorted(p for p in given.iterdir()
+                                  if p.is_file() and is_volume_file(p))
+            if not files and not volume_files:
+                raise UserError(f"-i {given}: no images in it ({', '.join(IMAGE_SUFFIXES)}) "
+                                f"nor volume files ({', '.join(VOLUME_SUFFIXES)})")
         elif given.is_file():
-            files = [given]
+            files, volume_files = ([], [given]) if is_volume_file(given) else ([given], [])
         else:
             raise UserError(f"-i {given}: no such file or folder")
         for path in files:
@@ -102,9 +125,17 @@ def input_files(inputs):
                 raise UserError(f"{path}: its mask would be named {OVERLAY_LEGEND}, the "
                                 "overlays' colour legend; rename the file")
             found[path.stem] = path
+        for path in volume_files:
+            if path.stem in volumes:
+                raise UserError(f"{volumes[path.stem]} and {path} share the name "
+                                f"'{path.stem}', and their outputs are named after it; "
+                                "rename or leave out one of them")
+            volumes[path.stem] = path
     for path in found.values():
         image_size(path)  # UserError naming the file: empty, not an image, truncated
-    return found
+    for path in volumes.values():
+        check_volume_file(path)  # .npy header; eyepy installed (else its install line)
+    return found, volumes
 
 
 def check_output_folder(out, stems, overlays):
@@ -150,54 +181,174 @@ def predict(argv=None):
     args = predict_parser().parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError("--batch_size must be at least 1")
-    files = input_files(args.input)
+    files, volumes = split_inputs(args.input)
     out = Path(args.output)
     check_output_folder(out, set(files), args.overlays)
     from mirage.train.predictor import load_run  # deferred: torch, timm
     runs = args.run_dir[0] if len(args.run_dir) == 1 else args.run_dir
     predictor = load_run(runs, device=args.device, weights=args.weights,
                          batch_size=args.batch_size, tta=args.tta)
-    print(f">> {predictor.describe()} on {predictor.device}: {len(files)} B-scans -> "
-          f"{out}", flush=True)
-    write_predictions(predictor, files, out, args.probabilities, args.overlays)
-    print(f">> wrote {len(files)} masks{' + probabilities' if args.probabilities else ''}"
+    given = f"{len(files)} B-scans" + (f" + {len(volumes)} volumes" if volumes else "")
+    print(f">> {predictor.describe()} on {predictor.device}: {given} -> {out}", flush=True)
+    write_predictions(predictor, files, out, args.probabilities, args.overlays,
+                      volumes=volumes)
+    of_volumes = f" (and those of {len(volumes)} volumes)" if volumes else ""
+    print(f">> wrote {len(files)} masks{of_volumes}"
+          f"{' + probabilities' if args.probabilities else ''}"
           f"{' + overlays' if args.overlays else ''} to {out}", flush=True)
     return out
 
 
-def write_predictions(predictor, files, out, probabilities=False, overlays=False):
-    """``<stem>.png`` (INFO.json values), ``<stem>.npz`` and ``<stem>_overlay.png`` for
-    ``files`` ({stem: path}) into ``out``, written aside and swapped in whole, with
-    ``prediction_record.json``."""
+class _Outputs:
+    """The files written into the staging folder, by name; a name given twice (two inputs
+    whose outputs collide) is one line naming it."""
+
+    def __init__(self, staging):
+        self.staging, self.names = staging, []
+        self._taken = set()
+
+    def claim(self, name):
+        if name in self._taken or name == RECORD:
+            raise UserError(f"two outputs would be named {name}; rename one of the inputs")
+        self._taken.add(name)
+        self.names.append(name)
+        return self.staging / name
+
+
+def _write_bscan(outputs, classes, stem, labels, probs, gray=None):
+    """``<stem>.png``, and ``<stem>.npz`` / ``<stem>_overlay.png`` when asked (``probs``
+    given; ``gray``: a callable returning the B-scan, given for overlays)."""
     import numpy as np
 
     # deferred: OpenCV, matplotlib
-    from mirage.fileio import atomic_folder, atomic_path, read_gray, write_png, write_text
-    from mirage.progress import progress  # deferred: tqdm, with the rest
-    from mirage.report.overlays import (class_overlay, prediction_legend_png,  # deferred
-                                        write_png_rgb)
+    from mirage.fileio import atomic_path, write_png
+    from mirage.report.overlays import class_overlay, write_png_rgb  # deferred
+    write_png(outputs.claim(f"{stem}.png"), labels)
+    if probs is not None:
+        with atomic_path(outputs.claim(f"{stem}.npz")) as tmp, open(tmp, "wb") as handle:
+            np.savez_compressed(handle, probabilities=probs,
+                                values=np.asarray(classes.values),
+                                labels=np.asarray(classes.labels))
+    if gray is not None:
+        write_png_rgb(outputs.claim(f"{stem}{OVERLAY_SUFFIX}.png"),
+                      class_overlay(gray(), labels, classes))
+
+
+def layer_plan(classes):
+    """The ClassPlan of a run's classes when they hold layers (the evaluation's layer
+    stack: mirage.evaluate.class_plan), else None."""
+    from mirage.evaluate.class_plan import plan_classes  # deferred: numpy
+    try:
+        plan = plan_classes(classes)
+    except UserError:  # nothing to score: no layers either
+        return None
+    return plan if plan.layer_stack else None
+
+
+def file_label(text):
+    """A class label as a file name part: runs of other characters than letters, digits,
+    ``.``, ``+`` and ``-`` become ``_`` (``ILM-IPL/INL`` -> ``ILM-IPL_INL``)."""
+    import re
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "layer"
+
+
+def write_volume(predictor, outputs, stem, path, plan, options):
+    """Predict one volume file and write its outputs (module docstring); returns its
+    entry of the prediction record. ``options``: (probabilities, overlays, desc)."""
+    import csv
+    import io
+
+    import numpy as np
+
+    from mirage.data.oct_files import import_eyepy  # deferred: eyepy's install line
+    from mirage.data.volume_inputs import read_bscans, write_annotated_eye  # deferred
+    from mirage.evaluate.thickness import (THICKNESS_COLUMNS,  # deferred: OpenCV
+                                           VolumeLayers, thickness_rows_csv)
+    from mirage.fileio import write_text  # deferred: OpenCV
+    from mirage.progress import progress  # deferred: tqdm
+    from mirage.report.thickness_maps import thickness_map_png  # deferred: matplotlib
+    probabilities, overlays, desc = options
     classes = predictor.classes
-    written = []
+    volume = read_bscans(path)
+    images = volume.images
+    entry = {"path": str(Path(path).resolve()), "bscans": int(images.shape[0]),
+             "bscan_size": list(images.shape[1:]), "intensities": volume.how,
+             "spacing_um": volume.spacing}
+    layers = VolumeLayers(classes.labels, plan.layer_stack) if plan else None
+    lesions = ({classes.labels[c]: np.zeros(images.shape, bool) for c in plan.lesion_classes}
+               if plan else {})
+    to_index = classes.value_to_index()
+    results = predictor.iter_predictions(images, probabilities, np.float16)
+    for i, (labels, probs) in progress(enumerate(results), total=len(images),
+                                       unit="B-scan", desc=f"{stem} -> {desc}"):
+        _write_bscan(outputs, classes, f"{stem}_{i}", labels, probs,
+                     (lambda i=i: images[i]) if overlays else None)
+        if layers is not None:
+            index = to_index[labels]
+            layers.add(index)
+            for c in plan.lesion_classes:
+                lesions[classes.labels[c]][i] = index == c
+    if layers is None:
+        return entry
+    thickness = layers.thickness()
+    axial = volume.spacing.get("axial_um")
+    unit = "um" if axial else "px"
+    text = io.StringIO()
+    writer = csv.DictWriter(text, THICKNESS_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(thickness_rows_csv(stem, layers.layers, thickness, axial))
+    write_text(outputs.claim(f"{stem}_thickness.csv"), text.getvalue())
+    maps = {}
+    for layer, values in zip(layers.layers, thickness):
+        name, k = f"{stem}_thickness_{file_label(layer)}.png", 1
+        while name in maps.values():
+            k += 1
+            name = f"{stem}_thickness_{file_label(layer)}_{k}.png"
+        maps[layer] = name
+        shown = values * axial if axial else values
+        outputs.claim(name).write_bytes(
+            thickness_map_png(shown, f"{stem}: {layer}", unit, volume.spacing))
+    entry.update(thickness_unit=unit, layers=layers.layers, boundaries=layers.boundaries,
+                 lesions=list(lesions), thickness_maps=maps, eye=None)
+    try:
+        import_eyepy()
+    except UserError as err:  # a .npy stack without eyepy: everything but the .eye file
+        print(f"note: {stem}.eye not written: {err}", flush=True)
+        return entry
+    write_annotated_eye(outputs.claim(f"{stem}.eye"), volume,
+                        dict(zip(layers.boundaries, layers.heights())), lesions)
+    entry["eye"] = f"{stem}.eye"
+    return entry
+
+
+def write_predictions(predictor, files, out, probabilities=False, overlays=False,
+                      volumes=None):
+    """``<stem>.png`` (INFO.json values), ``<stem>.npz`` and ``<stem>_overlay.png`` for
+    ``files`` ({stem: path}) and each B-scan of ``volumes`` ({stem: volume file}, with
+    their layer files: :func:`write_volume`) into ``out``, written aside and swapped in
+    whole, with ``prediction_record.json``."""
+    import numpy as np
+
+    # deferred: OpenCV, matplotlib
+    from mirage.fileio import atomic_folder, read_gray, write_text
+    from mirage.progress import progress  # deferred: tqdm, with the rest
+    from mirage.report.overlays import prediction_legend_png  # deferred: matplotlib
+    classes = predictor.classes
+    volumes = volumes or {}
     with atomic_folder(out) as staging:
+        outputs = _Outputs(staging)
         if overlays:  # which colour is which class
-            (staging / OVERLAY_LEGEND).write_bytes(prediction_legend_png(classes))
-            written.append(OVERLAY_LEGEND)
+            outputs.claim(OVERLAY_LEGEND).write_bytes(prediction_legend_png(classes))
         results = predictor.iter_predictions(files.values(), probabilities, np.float16)
         for (stem, path), (labels, probs) in progress(zip(files.items(), results),
                                                       total=len(files), unit="B-scan",
                                                       desc=f"predicting -> {out.name}/"):
-            write_png(staging / f"{stem}.png", labels)
-            written.append(f"{stem}.png")
-            if probs is not None:
-                with atomic_path(staging / f"{stem}.npz") as tmp, open(tmp, "wb") as handle:
-                    np.savez_compressed(handle, probabilities=probs,
-                                        values=np.asarray(classes.values),
-                                        labels=np.asarray(classes.labels))
-                written.append(f"{stem}.npz")
-            if overlays:
-                write_png_rgb(staging / f"{stem}{OVERLAY_SUFFIX}.png",
-                              class_overlay(read_gray(path), labels, classes))
-                written.append(f"{stem}{OVERLAY_SUFFIX}.png")
+            _write_bscan(outputs, classes, stem, labels, probs,
+                         (lambda path=path: read_gray(path)) if overlays else None)
+        plan = layer_plan(classes) if volumes else None
+        volume_entries = {stem: write_volume(predictor, outputs, stem, path, plan,
+                                             (probabilities, overlays, f"{out.name}/"))
+                          for stem, path in volumes.items()}
         # "runs": every run and checkpoint that predicted (several: an ensemble), "tta";
         # "run_dir" and "epoch" as before for a single run
         made_by = predictor.record()
@@ -206,7 +357,8 @@ def write_predictions(predictor, files, out, probabilities=False, overlays=False
                      if len(made_by["runs"]) == 1 else {}),
                   **made_by, "classes": classes.entries(),
                   "inputs": {stem: str(Path(path).resolve()) for stem, path in files.items()},
-                  "files": sorted(written)}
+                  **({"volumes": volume_entries} if volumes else {}),
+                  "files": sorted(outputs.names)}
         write_text(staging / RECORD, json.dumps(record, indent=1) + "\n")
     return out
 
