@@ -8,7 +8,12 @@ What is read (docs/segmentation_tuning.md, "Evaluation (run_seg_eval.py)")::
     <datasets_path>/<dataset>/INFO.json             class values and labels, and the
                                                     optional pixel spacing ("spacing")
     <datasets_path>/<dataset>/test/semseg/*.png     ground truth (or <external>/semseg/)
+
+or an output folder of run_seg_predict.py (an ensemble, or one run with --tta flip) as
+``<model_path>``: its PNGs are the predictions, its prediction_record.json names the runs
+(the dataset is theirs) and the B-scans predicted (prepare_prediction_folder).
 """
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +22,12 @@ from mirage.data.classes import ClassTable, Spacing, read_class_table, read_spac
 from mirage.data.layout import parse_slice_name
 from mirage.errors import UserError
 from mirage.evaluate.class_plan import ClassPlan, plan_classes
-from mirage.fileio import checked_image_size, list_images
+from mirage.fileio import checked_image_size, file_sha256, list_images
 from mirage.run.catalog import find_run_dirs
 from mirage.run.folder import CONFIG, RunFolder, runs_named
-from mirage.run.predictions import MANIFEST, check_predictions, data_record
+from mirage.run.predictions import (MANIFEST, PREDICTION_RECORD, changed_data,
+                                    check_predictions, data_record, file_entry,
+                                    prediction_source)
 
 _SHOW_MISSING = 5  # how many missing predictions an error message lists
 
@@ -111,6 +118,9 @@ def prepare_run(model_path, datasets_path, external=None, ignore_bg=True,
         raise UserError(f"run directory {run_dir} not found; pass -m/--model_path "
                         "<output>/<version>/<dataset>/<run name>/")
     run_dir = run_dir.resolve()
+    if (run_dir / PREDICTION_RECORD).is_file() and not (run_dir / CONFIG).is_file():
+        return prepare_prediction_folder(run_dir, datasets_path, external, ignore_bg,
+                                         foreign_predictions)
     if not (run_dir / CONFIG).is_file() and _looks_like_data(run_dir):
         raise UserError(f"{run_dir} is not a run folder (no {CONFIG}; it looks like a "
                         "dataset folder): pass -m <output>/<version>/<dataset>/<run name>/ "
@@ -201,9 +211,11 @@ class _Located:
     hint: str
 
 
-def _locate(run_dir, datasets_path, external):
-    """The folders and class tables of a run's evaluation; UserError naming a missing one."""
+def _locate(run_dir, datasets_path, external, pred_dir=None):
+    """The folders and class tables of a run's evaluation; UserError naming a missing one.
+    ``pred_dir``: the predictions, in place of the run's preds/ (or preds_<external>/)."""
     dataset = run_dir.parent.name
+    given_preds = pred_dir
     train_dir = datasets_path / dataset
     if not train_dir.is_dir():
         raise UserError(f"dataset folder {train_dir} not found (the dataset is the name of the "
@@ -226,6 +238,7 @@ def _locate(run_dir, datasets_path, external):
     if gt_dir is None:
         raise UserError(f"ground-truth folder {' or '.join(map(str, candidates))} not found; "
                         "only datasets with test masks can be evaluated")
+    pred_dir = Path(pred_dir) if given_preds else pred_dir
     if not pred_dir.is_dir():
         raise UserError(f"predictions folder {pred_dir} not found; {hint}")
     gt_info = eval_dir / "INFO.json"
@@ -332,3 +345,101 @@ def apply_spacing(prepared, spacing):
     for inputs in prepared:
         inputs.spacing = spacing
     return spacing
+
+
+def prepare_prediction_folder(folder, datasets_path, external=None, ignore_bg=True,
+                              foreign_predictions=False):
+    """RunInputs of an output folder of run_seg_predict.py scored as a run (``run_seg_eval.py
+    -m OUT``): its PNGs against the test masks of its runs' dataset (or ``external``).
+
+    UserError (one line) when its prediction_record.json names no runs, runs of different
+    datasets, a run whose checkpoint is not the one that predicted (its checkpoint-best.pth
+    changed since), or B-scans other than the ones of the split scored; unless
+    ``foreign_predictions``, which skips the checkpoint and data checks.
+    """
+    folder = Path(folder).resolve()
+    source = prediction_source(folder)
+    runs = [r for r in (source or {}).get("runs") or [] if isinstance(r, dict)]
+    if not runs or not all(r.get("run_dir") for r in runs):
+        raise UserError(f"{folder / PREDICTION_RECORD} names no runs that made the "
+                        "predictions; predict again with run_seg_predict.py --run_dir ...")
+    run_dirs = [Path(r["run_dir"]) for r in runs]
+    datasets = sorted({d.parent.name for d in run_dirs})
+    if len(datasets) > 1:
+        raise UserError(f"{folder}: its runs were trained on different datasets "
+                        f"({', '.join(datasets)}); score the predictions of one dataset's runs")
+    record = _read_record(folder)
+    found = _locate(run_dirs[0], Path(datasets_path).expanduser(), external, pred_dir=folder)
+    gt_table = read_class_table(found.gt_info)
+    train_table = read_class_table(found.train_info) if external else None
+    volumes, unscored = pair_slices(found.gt_dir, folder)
+    bscans = _bscans_of(found.gt_dir, volumes)
+    check_mask_sizes(volumes, bscans)
+    what = (f"ensemble of {len(runs)} runs ({', '.join(d.name for d in run_dirs)})"
+            if len(runs) > 1 else f"run {run_dirs[0].name}")
+    notes = [f"{what}, tta {source.get('tta') or 'none'}"]
+    if foreign_predictions:
+        notes.append("foreign predictions: not checked against the runs' checkpoints")
+    else:
+        notes += [n for n in (_check_member(folder, r) for r in runs) if n]
+        _check_inputs(folder, record, volumes, bscans, found.gt_info)
+        train_table = _prediction_classes(record, folder, gt_table, train_table)
+    plan = plan_classes(gt_table, train_table, ignore_bg)
+    return RunInputs(run_dir=folder, dataset=external or found.dataset,
+                     external=external or "", gt_dir=found.gt_dir, pred_dir=folder,
+                     plan=plan, volumes=volumes, unscored_predictions=unscored,
+                     note="; ".join(notes), spacing=read_spacing(found.gt_info))
+
+
+def _read_record(folder):
+    try:
+        record = json.loads((folder / PREDICTION_RECORD).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        record = None
+    return record if isinstance(record, dict) else {}
+
+
+def _check_member(folder, entry):
+    """UserError when a run's checkpoint changed since it predicted ``folder``; a note
+    (str) when it is gone, else ""."""
+    run_dir = Path(entry["run_dir"])
+    best = run_dir / str(entry.get("checkpoint") or "checkpoint-best.pth")
+    if not best.is_file():
+        return (f"{best.name} is no longer in {run_dir}: its checkpoint (epoch "
+                f"{entry.get('epoch')}) cannot be verified")
+    if file_sha256(best) != entry.get("checkpoint_sha256"):
+        raise UserError(f"{folder} holds predictions of an earlier {best.name} of run "
+                        f"{run_dir} (epoch {entry.get('epoch')}); that run has a newer one: "
+                        "predict again with run_seg_predict.py")
+    return ""
+
+
+def _check_inputs(folder, record, volumes, bscans, class_table_file):
+    """UserError unless the B-scans prediction_record.json says were predicted are the
+    scored split's (the same files, or files of the same bytes: changed_data)."""
+    inputs = record.get("inputs")
+    if not isinstance(inputs, dict) or bscans is None:
+        return  # an older record, or masks without B-scans: nothing to compare
+    scored = [mask.stem for slices in volumes.values() for _, mask, _ in slices]
+    unknown = [stem for stem in scored if stem not in inputs]
+    if unknown:
+        raise UserError(f"{folder}: {PREDICTION_RECORD} records no input B-scan for "
+                        f"{len(unknown)} scored slice(s), e.g. {unknown[0]}; predict the "
+                        "test split's bscan/ folder again with run_seg_predict.py")
+    differ = {stem: Path(inputs[stem]) for stem in scored if stem in bscans
+              and Path(inputs[stem]).resolve() != Path(bscans[stem]).resolve()}
+    if not differ:
+        return
+    gone = next((path for path in differ.values() if not path.is_file()), None)
+    if gone is not None:
+        raise UserError(f"{folder} was predicted from {gone}, which is gone: it cannot be "
+                        "checked to be the scored split's B-scan; predict the test split "
+                        "again with run_seg_predict.py")
+    split = bscans_dir(next(iter(volumes.values()))[0][1].parent).parent
+    sealed = {"data": {"split": f"the inputs in {PREDICTION_RECORD}",
+                       "bscans": {stem: file_entry(path) for stem, path in differ.items()}}}
+    problem = changed_data(sealed, data_record(split, {s: bscans[s] for s in differ},
+                                               class_table_file))
+    if problem:
+        raise UserError(f"{folder} was predicted from other data: {problem}; predict the "
+                        "test split of the dataset you score with run_seg_predict.py")

@@ -241,8 +241,14 @@ def label_groups(groups, labels=None):
                 automatic[id(group)] = rows[id(group)] + suffix[id(group)]
         notes.append("row labels: " + "; ".join(f"setting {n} = {text}" for text, n in
                                                 settings.items() if text))
+    for group in groups:  # an ensemble or a flip: a row of its own, said after the options
+        if group.key.variant:
+            rows[id(group)] += f", {group.key.variant}"
+            automatic[id(group)] = rows[id(group)] + suffix[id(group)]
     used = set()
     for group in groups:
+        if is_ensemble(group):
+            group.notes.append(ensemble_note(group))
         group.tuning_label = words[id(group)]
         group.label, group.model_label = _user_label(
             group, automatic[id(group)], rows[id(group)], suffix[id(group)], names, labels,
@@ -304,3 +310,21 @@ def _make_unique(groups, automatic):
                             f"{cell[2]}; give them different --label texts")
         cells[cell] = group.label
     return notes
+
+
+ENSEMBLE_NOTE = "one prediction of an ensemble"  # the start of ensemble_note
+
+
+def ensemble_note(group):
+    """The note (and table footnote) of an ensemble's row: what it is, and why it has no
+    ± std over seeds."""
+    run = group.members[0].run if group.members else None
+    seeds = ", ".join(map(str, (run.ensemble or {}).get("seeds", []))) if run else ""
+    return (f"{ENSEMBLE_NOTE} of {len((run.ensemble or {}).get('seeds', []))} runs (seeds "
+            f"{seeds}; their probabilities averaged): a row of its own, never averaged with "
+            "the runs' seeds, no ± std over seeds, not in the Wilcoxon tests")
+
+
+def is_ensemble(group):
+    """True for the row of one prediction of several runs (Run.variant "ensemble of ...")."""
+    return group.key.variant.startswith("ensemble")

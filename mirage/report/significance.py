@@ -17,7 +17,9 @@ the tie correction and no continuity correction. With fewer than MIN_PAIRS paire
 no p-value is given (the smallest possible two-sided p with 5 pairs is 0.0625).
 Correction: Holm-Bonferroni over all tested pairs of models in one family = (dataset,
 class group, metric). "All datasets (pooled)" repeats the test with the volumes of every
-dataset both models were evaluated on.
+dataset both models were evaluated on. An ensemble's row (one prediction of several runs,
+mirage.run.catalog.Run.ensemble) is left out of the tests: its runs are the seeds of a
+model of the table, so it is neither a model of its own nor independent of theirs.
 
 Beside each test, the 95% paired bootstrap interval of the mean difference A - B over the
 same paired volumes (mirage.evaluate.intervals.difference_interval: the volumes resampled
@@ -33,6 +35,7 @@ import pandas as pd
 from scipy import stats
 
 from mirage.evaluate.intervals import BOOTSTRAP_RESAMPLES, difference_interval
+from mirage.report.labels import is_ensemble
 from mirage.report.metric_columns import CI_RESAMPLES, lower_is_better, study_metrics
 from mirage.report.study import (missed_summary, seed_values, unscored_seeds_note,
                                  volume_scores)
@@ -188,6 +191,8 @@ def significance_table(study, metrics=None, alpha=0.05, min_pairs=MIN_PAIRS,
     rows = []
     by_dataset = {}
     for group in study.groups:
+        if is_ensemble(group):  # one prediction, not seeds of a model: left out
+            continue
         by_dataset.setdefault(group.key.column, []).append(group)
     for dataset, groups in by_dataset.items():
         groups = sorted(groups, key=lambda g: g.label)

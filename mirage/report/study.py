@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from mirage.evaluate.intervals import BOOTSTRAP_RESAMPLES, interval_columns
-from mirage.report.labels import label_groups
+from mirage.report.labels import is_ensemble, label_groups
 # The metrics' vocabulary lives in metric_columns; these names are also read from here.
 from mirage.report.metric_columns import (CI_RESAMPLES, LOWER_IS_BETTER,  # noqa: F401
                                           PERCENT_METRICS, lower_is_better, row_intervals,
@@ -51,6 +51,7 @@ class GroupKey:
     # "class table 2" where runs of this dataset were trained with several class tables
     # (identity.json "classes"), else "": see tag_class_tables
     class_table: str = ""
+    variant: str = ""  # "ensemble of seeds 0,1,2, flip" (Run.variant): a row of its own
 
     @property
     def dataset_label(self):
@@ -167,7 +168,8 @@ def build_study(runs, labels=None):
         for evaluation in run.evaluations:
             key = GroupKey(dataset=evaluation.dataset, trained_on=run.train_dataset,
                            model=run.model, weights=run.weights_id, decoder=run.decoder,
-                           loss=run.loss, protocol=run.protocol(), tuning=run.tuning)
+                           loss=run.loss, protocol=run.protocol(), tuning=run.tuning,
+                           variant=run.variant)
             by_key.setdefault(key, []).append(Member(run, evaluation))
     groups = []
     for key, members in by_key.items():
@@ -188,7 +190,7 @@ def build_study(runs, labels=None):
     notes += label_groups(groups, labels)
     for group in groups:
         _check_group(group)
-    _note_missing_seeds(groups)
+    _note_missing_seeds([g for g in groups if not is_ensemble(g)])
     groups.sort(key=lambda g: (g.key.dataset_label, g.key.column, g.label))
     return Study(runs=list(runs), groups=groups, notes=notes)
 

@@ -35,6 +35,7 @@ import numpy as np
 from mirage.protocol import TUNINGS
 from mirage.report import TABLE_COLUMNS
 from mirage.report.metric_columns import CI_RESAMPLES, lower_is_better, unit_of
+from mirage.report.labels import ENSEMBLE_NOTE
 from mirage.report.study import column_label
 
 GROUP_TITLES = {"all": "all scored classes", "layers": "layers", "lesions": "lesions"}
@@ -174,6 +175,9 @@ class PaperTable:
             prefix = f"{self.metric}: {cell.seeds} of {cell.runs} seeds scored"
             said = next((n for n in cell.notes if n.startswith(prefix)), prefix)
             return said[len(f"{self.metric}: "):]
+        ensemble = next((n for n in cell.notes if n.startswith(ENSEMBLE_NOTE)), "")
+        if ensemble:  # one prediction of several runs: no std over seeds, by design
+            return ensemble
         if cell.runs < self.seeds:
             return f"{cell.seeds} seed(s) only"
         return ""

@@ -1,12 +1,19 @@
 """Find run directories and read each one whole: options, training log, evaluations.
 
-    find_runs([root or run dir, ...])   -> [Run, ...] (every directory with a config.yaml)
+    find_runs([root or run dir, ...])   -> [Run, ...] (every directory with a config.yaml,
+                                           and every scored run_seg_predict.py output folder)
     find_run_dirs(root)                 -> [Path, ...] the same directories, not read
     read_run(run_dir)                   -> Run
 
 A Run never raises for a damaged or unfinished run directory: what cannot be read becomes
 a note (``run.notes``) or a status ("not evaluated: ..."), so a summary lists the run
 instead of dropping it or crashing.
+
+A scored output folder of ``run_seg_predict.py`` (``prediction_record.json`` and results
+CSVs, written by ``run_seg_eval.py -m OUT``) is a Run too: its model, dataset, decoder,
+loss and protocol are its member runs' (which must agree), ``ensemble`` says how many runs
+and which seeds, ``tta`` the test-time augmentation. A run whose ``preds/`` was made with
+``--tta flip`` has ``tta == "flip"``.
 """
 import json
 import os
@@ -20,7 +27,8 @@ import yaml
 from mirage.options import LORA_OPTIONS, OPTION_BY_NAME, RUNTIME_OPTIONS, TRAIN_SET_OPTIONS
 from mirage.protocol import tuning_of
 from mirage.errors import UserError
-from mirage.run.folder import CONFIG, PREDS, RunFolder
+from mirage.run.folder import CONFIG, PREDS, RESULTS_GLOB, RunFolder
+from mirage.run.predictions import PREDICTION_RECORD, prediction_source
 from mirage.run.results import read_evaluations
 
 DEFAULT_SEED = 42  # run_seg_tuning.py's default, for configs written without a seed
@@ -49,6 +57,12 @@ class Run:
     identity: dict = field(default_factory=dict)
     # train_volumes.json: the volumes the run trained on (None for runs before it existed)
     training_set: Optional[dict] = None
+    # the test-time augmentation of the scored predictions ("none" or "flip")
+    tta: str = "none"
+    # a scored run_seg_predict.py output folder of several runs: {"runs": count, "seeds":
+    # [seed, ...], "paths": [run dir, ...]}; None for a run folder
+    ensemble: Optional[dict] = None
+    trained_on: str = ""  # an ensemble's training dataset (its runs'); else the parent
 
     @property
     def name(self):
@@ -56,10 +70,23 @@ class Run:
 
     @property
     def train_dataset(self):
-        return self.path.parent.name
+        return self.trained_on or self.path.parent.name
+
+    @property
+    def variant(self):
+        """What the predictions were besides one run's plain argmax, in words ("" for
+        none): "ensemble of seeds 0,1,2", "flip", "ensemble of seeds 0,1,2, flip"."""
+        parts = []
+        if self.ensemble:
+            parts.append("ensemble of seeds " + ",".join(map(str, self.ensemble["seeds"])))
+        if self.tta and self.tta != "none":
+            parts.append(self.tta)
+        return ", ".join(parts)
 
     @property
     def seed(self):
+        if self.ensemble:  # one prediction of several seeds: its first seed stands for it
+            return self.ensemble["seeds"][0]
         seed = self.config.get("seed")
         if isinstance(seed, int) and not isinstance(seed, bool):
             return seed
@@ -192,13 +219,22 @@ def find_run_dirs(root):
 
 
 def _run_dirs(root):
-    """Directories holding config.yaml, not descending into a run directory."""
+    """Directories holding config.yaml (or a scored prediction_record.json), not
+    descending into a run directory."""
     for folder, subdirs, files in os.walk(root):
-        if CONFIG in files:
+        if CONFIG in files or is_scored_prediction_folder(Path(folder)):
             subdirs[:] = []
             yield Path(folder)
             continue
         subdirs[:] = sorted(d for d in subdirs if not d.startswith((".", PREDS)))
+
+
+def is_scored_prediction_folder(folder):
+    """True for an output folder of run_seg_predict.py (prediction_record.json, no
+    config.yaml) that run_seg_eval.py has scored (results*.csv)."""
+    folder = Path(folder)
+    return (folder / PREDICTION_RECORD).is_file() and not (folder / CONFIG).is_file() \
+        and any(folder.glob(RESULTS_GLOB))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -206,6 +242,8 @@ def read_run(run_dir):
     """Read one run directory into a Run; problems become notes, never exceptions."""
     run = Run(path=Path(run_dir).resolve())
     folder = RunFolder(run.path)
+    if is_scored_prediction_folder(run.path):
+        return _read_prediction_folder(run)
     config_path = folder.config_file
     try:
         config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
@@ -221,6 +259,7 @@ def read_run(run_dir):
     run.log = folder.read_log(run.notes)
     _note_training(run)
     run.evaluations = read_evaluations(run.path, run.notes)
+    run.tta = (prediction_source(folder.preds_dir()) or {}).get("tta") or "none"
     if run.evaluations:
         run.status = "evaluated"
     elif not folder.preds_dir().is_dir():
@@ -236,4 +275,49 @@ def _note_training(run):
     if isinstance(wanted, int) and epochs and max(epochs) < wanted - 1:
         run.notes.append(f"training stopped after epoch {max(epochs) + 1} of {wanted}")
 
+
+
+
+# What the member runs of an ensemble must share, in words (the row of the study is theirs).
+_MEMBER_FIELDS = (("dataset", lambda r: r.train_dataset), ("model", lambda r: r.weights_id),
+                  ("decoder", lambda r: r.decoder), ("loss", lambda r: r.loss),
+                  ("protocol", lambda r: (r.tuning, r.protocol())))
+
+
+def _read_prediction_folder(run):
+    """A scored run_seg_predict.py output folder as a Run of its member runs' model,
+    dataset, decoder, loss and protocol; "not used: ..." when they cannot be read or
+    differ."""
+    source = prediction_source(run.path)
+    members = [entry.get("run_dir") for entry in (source or {}).get("runs") or []
+               if isinstance(entry, dict)]
+    if not members or not all(isinstance(m, str) for m in members):
+        run.status = f"not used: {PREDICTION_RECORD} names no runs"
+        return run
+    read = [read_run(member) for member in members]
+    broken = next((r for r in read if not r.config), None)
+    if broken is not None:
+        run.status = f"not used: its run {broken.path} is unreadable ({broken.status})"
+        return run
+    for name, value in _MEMBER_FIELDS:
+        if len({repr(value(r)) for r in read}) > 1:
+            run.status = f"not used: its runs differ in {name}"
+            run.notes.append(f"{PREDICTION_RECORD} names runs that differ in {name}: "
+                             + ", ".join(str(r.path) for r in read))
+            return run
+    first = read[0]
+    run.config = {k: v for k, v in first.config.items() if k != "seed"}
+    run.identity = {k: v for k, v in first.identity.items() if k != "seed"}
+    run.training_set = first.training_set
+    run.trained_on = first.train_dataset
+    run.tta = source.get("tta") or "none"
+    if len(read) > 1:
+        run.ensemble = {"runs": len(read), "seeds": sorted(r.seed for r in read),
+                        "paths": [str(r.path) for r in read]}
+    else:
+        run.config["seed"] = first.seed
+    run.evaluations = read_evaluations(run.path, run.notes, run.train_dataset)
+    run.status = "evaluated" if run.evaluations else \
+        "not evaluated: no results*.csv (run run_seg_eval.py -m on it)"
+    return run
 

@@ -78,8 +78,9 @@ def _split_results_name(stem):
     return ("all", rest[1:]) if rest.startswith("_") else (None, None)
 
 
-def read_evaluations(run_dir, notes):
-    """Every results*.csv of a run, one Evaluation per evaluated dataset."""
+def read_evaluations(run_dir, notes, dataset=None):
+    """Every results*.csv of a run, one Evaluation per evaluated dataset (``dataset``:
+    the run's own test set, default the name of the folder's parent)."""
     folder = RunFolder(run_dir)
     run_dir = folder.path
     record = folder.read_evaluation_record(notes)
@@ -104,8 +105,8 @@ def read_evaluations(run_dir, notes):
                          f"{external or 'the test set'}; using the newer, ignoring "
                          f"{', '.join(dropped)}")
             by_group = keep
-        dataset = external or run_dir.parent.name
-        evaluation = _read_results(dataset, external, by_group, record.get(dataset, {}), notes)
+        scored = external or dataset or run_dir.parent.name
+        evaluation = _read_results(scored, external, by_group, record.get(scored, {}), notes)
         if evaluation is not None:
             _note_stale(run_dir, evaluation, notes)
             evaluations.append(evaluation)
