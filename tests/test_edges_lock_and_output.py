@@ -225,7 +225,7 @@ def test_predict_paths_may_start_with_a_tilde(tmp_path, monkeypatch):
     args = run_seg_predict.build_parser().parse_args(
         ["--run_dir", "~/run", "-i", "~/a", "~/b.png", "-o=~/masks", "--weights", "~/w.pth"])
     assert (args.run_dir, args.input, args.output, args.weights) == (
-        str(tmp_path / "run"), [str(tmp_path / "a"), str(tmp_path / "b.png")],
+        [str(tmp_path / "run")], [str(tmp_path / "a"), str(tmp_path / "b.png")],
         str(tmp_path / "masks"), str(tmp_path / "w.pth"))
 
 
@@ -237,6 +237,14 @@ class FakePredictor:
         self.run_dir, self.epoch, self.device = run_dir, 3, "cpu"
         self.classes = SimpleNamespace(values=(0, 100), labels=("Background", "Layer"),
                                        entries=lambda: [[0, "Background"], [100, "Layer"]])
+
+    def describe(self):
+        return f"{self.run_dir.name} (checkpoint of epoch {self.epoch})"
+
+    def record(self):
+        return {"runs": [{"run_dir": str(self.run_dir), "checkpoint": "checkpoint-best.pth",
+                          "checkpoint_sha256": "0" * 64, "epoch": self.epoch}],
+                "tta": "none"}
 
     def iter_predictions(self, paths, probabilities, dtype):
         for path in paths:
