@@ -332,6 +332,7 @@ def write_predictions(predictor, files, out, probabilities=False, overlays=False
     # deferred: OpenCV, matplotlib
     from mirage.fileio import atomic_folder, read_gray, write_text
     from mirage.progress import progress  # deferred: tqdm, with the rest
+    from mirage.run.predictions import file_entry  # deferred, with the rest
     from mirage.report.overlays import prediction_legend_png  # deferred: matplotlib
     classes = predictor.classes
     volumes = volumes or {}
@@ -357,6 +358,9 @@ def write_predictions(predictor, files, out, probabilities=False, overlays=False
                      if len(made_by["runs"]) == 1 else {}),
                   **made_by, "classes": classes.entries(),
                   "inputs": {stem: str(Path(path).resolve()) for stem, path in files.items()},
+                  # [size, SHA-256] of each input as predicted: scoring checks the scored
+                  # split's B-scans against these, not against the files as they are now
+                  "input_files": {stem: file_entry(path) for stem, path in files.items()},
                   **({"volumes": volume_entries} if volumes else {}),
                   "files": sorted(outputs.names)}
         write_text(staging / RECORD, json.dumps(record, indent=1) + "\n")

@@ -5,6 +5,7 @@ output folder is what run_seg_predict.py leaves (PNGs + prediction_record.json),
 the real run_seg_eval.py code into that folder.
 """
 import json
+from pathlib import Path
 import shutil
 
 import numpy as np
@@ -85,6 +86,25 @@ def test_predictions_of_other_b_scans_are_refused(study_grid, tmp_path):
     (out / "prediction_record.json").write_text(json.dumps(record))
     with pytest.raises(UserError, match="predicted from other data"):
         evaluate_runs([out], datasets, quiet=True)
+
+
+def test_a_b_scan_changed_since_it_was_predicted_is_refused(study_grid, tmp_path):
+    """run_seg_predict.py records each input's size and SHA-256 as predicted: a B-scan
+    of the scored split that changed since (same path) is refused, not scored."""
+    from mirage.run.predictions import file_entry
+    _, datasets, _, runs, _ = study_grid
+    copied = tmp_path / "datasets"
+    shutil.copytree(datasets, copied)
+    out = make_ensemble(tmp_path, copied, [runs[(MODEL, s)] for s in SEEDS])
+    record = json.loads((out / "prediction_record.json").read_text())
+    record["input_files"] = {stem: file_entry(path) for stem, path in
+                             record["inputs"].items()}
+    (out / "prediction_record.json").write_text(json.dumps(record))
+    evaluate_runs([out], copied, quiet=True)  # as predicted: scored
+    bscan = Path(record["inputs"][sorted(record["inputs"])[0]])
+    bscan.write_bytes(bscan.read_bytes() + b"\0")  # replaced since, at the same path
+    with pytest.raises(UserError, match="predicted from other data"):
+        evaluate_runs([out], copied, quiet=True)
 
 
 def test_the_study_shows_the_ensemble_as_its_own_row(study_grid, tmp_path):

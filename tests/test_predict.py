@@ -90,6 +90,10 @@ def test_masks_equal_what_infer_only_test_writes(trained, tmp_path):
     record = json.loads((out / "prediction_record.json").read_text())
     assert record["files"] == sorted(p.name for p in preds)
     assert record["classes"] == [[0, "Background"], [100, "Layer"], [200, "Fluid"]]
+    import hashlib  # each input as predicted: its size and SHA-256, for scoring to check
+    assert record["input_files"] == {
+        stem: [path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()]
+        for stem, path in bscans.items()}
 
 
 def test_the_predictor_equals_the_command(trained, tmp_path):

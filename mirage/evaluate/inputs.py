@@ -416,7 +416,9 @@ def _check_member(folder, entry):
 
 def _check_inputs(folder, record, volumes, bscans, class_table_file):
     """UserError unless the B-scans prediction_record.json says were predicted are the
-    scored split's (the same files, or files of the same bytes: changed_data)."""
+    scored split's: each input's size and SHA-256 as it was predicted (``input_files``)
+    against the split's files now; a record written before those were kept, the input
+    files as they are now where they are not the split's own (changed_data)."""
     inputs = record.get("inputs")
     if not isinstance(inputs, dict) or bscans is None:
         return  # an older record, or masks without B-scans: nothing to compare
@@ -426,20 +428,25 @@ def _check_inputs(folder, record, volumes, bscans, class_table_file):
         raise UserError(f"{folder}: {PREDICTION_RECORD} records no input B-scan for "
                         f"{len(unknown)} scored slice(s), e.g. {unknown[0]}; predict the "
                         "test split's bscan/ folder again with run_seg_predict.py")
-    differ = {stem: Path(inputs[stem]) for stem in scored if stem in bscans
-              and Path(inputs[stem]).resolve() != Path(bscans[stem]).resolve()}
-    if not differ:
+    sealed = record.get("input_files")
+    if isinstance(sealed, dict):
+        predicted = {stem: sealed[stem] for stem in scored
+                     if stem in bscans and stem in sealed}
+    else:
+        differ = {stem: Path(inputs[stem]) for stem in scored if stem in bscans
+                  and Path(inputs[stem]).resolve() != Path(bscans[stem]).resolve()}
+        gone = next((path for path in differ.values() if not path.is_file()), None)
+        if gone is not None:
+            raise UserError(f"{folder} was predicted from {gone}, which is gone: it cannot "
+                            "be checked to be the scored split's B-scan; predict the test "
+                            "split again with run_seg_predict.py")
+        predicted = {stem: file_entry(path) for stem, path in differ.items()}
+    if not predicted:
         return
-    gone = next((path for path in differ.values() if not path.is_file()), None)
-    if gone is not None:
-        raise UserError(f"{folder} was predicted from {gone}, which is gone: it cannot be "
-                        "checked to be the scored split's B-scan; predict the test split "
-                        "again with run_seg_predict.py")
     split = bscans_dir(next(iter(volumes.values()))[0][1].parent).parent
-    sealed = {"data": {"split": f"the inputs in {PREDICTION_RECORD}",
-                       "bscans": {stem: file_entry(path) for stem, path in differ.items()}}}
-    problem = changed_data(sealed, data_record(split, {s: bscans[s] for s in differ},
-                                               class_table_file))
+    problem = changed_data(
+        {"data": {"split": f"the inputs in {PREDICTION_RECORD}", "bscans": predicted}},
+        data_record(split, {stem: bscans[stem] for stem in predicted}, class_table_file))
     if problem:
         raise UserError(f"{folder} was predicted from other data: {problem}; predict the "
                         "test split of the dataset you score with run_seg_predict.py")
