@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from mirage.evaluate.outputs import evaluate_runs
-from run_seg_eval import main
+from test_evaluation import run_cli  # run_seg_eval.py -> (code, out, err)
 from test_study import DATASET, make_run, write_synthetic_dataset
 
 
@@ -24,17 +24,6 @@ def run(tmp_path):
                             size=(48, 64), seed=3)
     run_dir = make_run(tmp_path / "output", datasets, "MIRAGE-Tiny", 1, 1, evaluate=False)
     return datasets, run_dir
-
-
-def run_cli(argv, capsys):
-    """run_seg_eval.py's main(argv) -> (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(err):

@@ -21,7 +21,7 @@ from mirage.data.classes import read_class_table, read_spacing
 from mirage.errors import UserError
 from mirage.evaluate.metrics import surface_distances
 from mirage.evaluate.outputs import evaluate_run
-from run_seg_eval import main
+from test_evaluation import run_cli  # run_seg_eval.py -> (code, out, err)
 
 from conftest import seal_predictions
 
@@ -30,14 +30,6 @@ monai_metrics = pytest.importorskip("monai.metrics", reason="MONAI is the distan
 INFO = {"0": {"value": 0, "label": "Background"}, "1": {"value": 40, "label": "ILM-IPL"},
         "2": {"value": 80, "label": "IPL-RPE"}, "3": {"value": 120, "label": "Fluid"}}
 SPACING = (3.87, 11.5)  # axial, lateral: anisotropic, as OCT
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def monai_um(pred, truth, spacing, one_empty=math.nan):
@@ -247,16 +239,6 @@ def test_empty_volume_nan_leaves_the_um_columns_out_too(tmp_path):
 
 
 # ----------------------------------------------------------------------------- where from
-def run_cli(argv, capsys):
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_spacing_option_overrides_info_json_and_is_recorded(tmp_path, capsys):
     info = dict(INFO, spacing={"axial_um": 1.0, "lateral_um": 1.0, "bscan_um": 1.0})
     datasets, run = write_fixed_case(tmp_path, info)

@@ -22,6 +22,7 @@ from mirage.option_checks import check_train_set
 from mirage.options import TRAIN_SET_OPTIONS, default_options
 from mirage.run.identity import identity_hash, option_identity, run_dir_for_argv
 from test_exact_resume import assert_identical, interrupted, kill_in_epoch
+from test_run_identity import fails_with
 from test_training import argv, run
 
 IDS = [f"patient{i:02d}" for i in range(12)]
@@ -37,17 +38,6 @@ def data(tmp_path_factory):
                                                       "test": 3})
     weights = write_mirage_checkpoint(root / "MIRAGE-Tiny.pth", MirageTiny(), input_size=64)
     return dataset, weights
-
-
-def fails_with(capsys, *args):
-    """Run, expect exit 2 with one 'error: ...' line; return that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        run(*args)
-    err = capsys.readouterr().err
-    assert stop.value.code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
 
 
 # ----------------------------------------------------------------------------- choosing

@@ -84,9 +84,13 @@ def foreign_entries(folder):
     if not folder.is_dir():
         return []
     sealed = set((read_manifest(folder) or {}).get("files") or {})
-    return sorted(p.name for p in folder.iterdir()
-                  if p.name not in (MANIFEST, INFERENCE_RECORD) and p.name not in sealed
-                  and not (not sealed and p.is_file() and p.suffix.lower() == ".png"))
+
+    def written_by_inference(path):
+        if path.name in (MANIFEST, INFERENCE_RECORD) or path.name in sealed:
+            return True
+        return not sealed and path.is_file() and path.suffix.lower() == ".png"
+
+    return sorted(p.name for p in folder.iterdir() if not written_by_inference(p))
 
 
 def read_manifest(folder):
